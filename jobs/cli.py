@@ -1,0 +1,36 @@
+"""The `salgl` command. Each subcommand lives in its own module exposing
+``register(subparsers) -> None``; the parser imports them lazily so ``salgl --help`` stays fast
+and a broken optional command cannot break the others."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> module that defines it (module.register(subparsers) adds the parser and sets
+# `func` on it, which receives the parsed namespace and returns an exit code).
+COMMANDS: dict[str, str] = {
+    "prepare": "jobs.prepare_cmd",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="salgl", description="Scene-Aware Label Graph Learning pipeline")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
