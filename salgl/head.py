@@ -1,0 +1,113 @@
+"""The SALGL head: from region tokens to label logits, usable on tokens alone.
+
+Notation: B batch, m regions, n labels, K scenes, d = d_I token dim, d_L label-embedding dim.
+
+    tokens (B, m, d) -> [token encoder] -> scene probs pi (B, K)                       eq. 4-6
+                                        -> label features f (B, n, d)                 eq. 1-3
+    counts C (K, n, n) -> P^k -> P^I (B, n, n)                                         eq. 7-8, 12
+    f, P^I -> gated propagation h^T (B, n, d) -> Phi_c([f, h^T]) -> logits (B, n)     eq. 13-16
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from salgl.config import HeadConfig
+from salgl.graph import (
+    CountSync,
+    conditional_probabilities,
+    local_count_delta,
+    scene_weights_for_counting,
+    select_graph,
+)
+from salgl.layers import (
+    GatedPropagation,
+    PerLabelClassifier,
+    SceneClassifier,
+    SemanticAttention,
+    build_phi_c,
+    build_token_encoder,
+)
+
+
+class HeadOutput(NamedTuple):
+    logits: Tensor  # (B, n)
+    scene_probs: Tensor  # (B, K), pi
+    attention: Tensor  # (B, n, m), alpha
+    graph: Tensor  # (B, n, n), P^I used for this batch
+
+
+class SALGLHead(nn.Module):
+    """Semantic attention, scene detection, per-scene counts, gated propagation, classifier.
+
+    The label embeddings (n, d_L) and the counts (K, n, n, float64) are persistent buffers: both
+    are saved in checkpoints, neither takes gradients. Fill the embeddings with
+    ``salgl.model.load_label_embeddings`` (never done here, so construction stays cheap and pure).
+    """
+
+    def __init__(self, cfg: HeadConfig, *, num_labels: int, token_dim: int, label_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("label_embeddings", torch.zeros(num_labels, label_dim))  # (n, d_L)
+        self.register_buffer(
+            "counts", torch.zeros(cfg.num_scenes, num_labels, num_labels, dtype=torch.float64)
+        )  # (K, n, n)
+        self.token_encoder = (
+            build_token_encoder(token_dim, heads=cfg.encoder_heads, ffn=cfg.encoder_ffn, dropout=cfg.encoder_dropout)
+            if cfg.token_encoder
+            else None
+        )
+        self.scenes = SceneClassifier(token_dim, cfg.num_scenes)
+        self.attention = SemanticAttention(
+            token_dim, label_dim, attn_dim=cfg.attn_dim, hidden_dim=cfg.attn_hidden, chunk_mb=cfg.attn_chunk_mb
+        )
+        self.propagation = GatedPropagation(token_dim, steps=cfg.steps, message=cfg.message)
+        # With T = 0 there is no h^T to concatenate (released: Phi_c then takes f alone).
+        self.phi_c = build_phi_c(2 * token_dim if cfg.steps > 0 else token_dim, token_dim, cfg.phi_c)
+        self.classifier = PerLabelClassifier(num_labels, token_dim, bias=cfg.classifier_bias)
+
+    @property
+    def num_labels(self) -> int:
+        return self.counts.shape[-1]
+
+    def forward(
+        self, tokens: Tensor, targets: Tensor | None = None, *, sync: CountSync = local_count_delta
+    ) -> HeadOutput:
+        """tokens (B, m, d); targets (B, n) multi-hot, counted only in training mode.
+
+        ``sync`` sums the batch's count delta over workers (the default is the single-process one),
+        so every replica applies the same update and the counts never diverge.
+        """
+        if self.token_encoder is not None:
+            tokens = self.token_encoder(tokens)  # (B, m, d)
+        scene_probs = self.scenes(tokens)  # (B, K)
+        features, alpha = self.attention(tokens, self.label_embeddings.to(tokens.dtype))  # (B, n, d), (B, n, m)
+
+        counting = self.training and targets is not None
+        if counting and self.cfg.count_before_use:
+            self.update_counts(scene_probs, targets, sync)
+        graph = self.label_graph(scene_probs)  # (B, n, n)
+        if counting and not self.cfg.count_before_use:
+            self.update_counts(scene_probs, targets, sync)
+
+        h = self.propagation(features, graph)  # (B, n, d)
+        fused = torch.cat([features, h], dim=-1) if self.cfg.steps > 0 else features  # (B, n, 2d)
+        logits = self.classifier(self.phi_c(fused))  # (B, n)
+        return HeadOutput(logits, scene_probs, alpha, graph)
+
+    def label_graph(self, scene_probs: Tensor) -> Tensor:
+        """P^I for each image (eq. 8, 12) from the current counts."""
+        probs = conditional_probabilities(
+            self.counts, self_loops=self.cfg.self_loops, row_normalize=self.cfg.row_normalize
+        )  # (K, n, n) float64
+        return select_graph(probs, scene_probs, self.cfg.selection)
+
+    @torch.no_grad()
+    def update_counts(self, scene_probs: Tensor, targets: Tensor, sync: CountSync = local_count_delta) -> None:
+        """Eq. 7: C^s += y y^T (hard) or C^k += pi_k y y^T (soft), summed over workers by ``sync``."""
+        weights = scene_weights_for_counting(scene_probs, self.cfg.counting)  # (B, K) float64
+        delta = sync(weights, targets.detach().to(torch.float64))  # (K, n, n)
+        self.counts.add_(delta.to(self.counts.device))
