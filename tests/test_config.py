@@ -1,0 +1,72 @@
+"""The config tree: presets, flattening round trip, overrides, errors that name the key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from salgl.config import Config, ConfigError, from_flat, load, parse_overrides, preset, to_flat, with_overrides
+
+
+def test_flat_round_trip_through_json_strings() -> None:
+    cfg = preset("official", {"K": 4, "optim.lr": 3e-4})
+    flat = to_flat(cfg)
+    assert flat["model.head.num_scenes"] == 4 and flat["model.head.message"] == "both"
+    as_strings = {k: str(v) for k, v in json.loads(json.dumps(flat)).items()}  # MLflow params are strings
+    assert from_flat(as_strings) == cfg
+
+
+def test_presets_differ_only_in_numbers() -> None:
+    paper, official = preset("paper"), preset("official")
+    assert paper.model.head.message == "out" and not paper.model.head.self_loops
+    assert official.model.head.token_encoder and official.loss.reduction == "released"
+    assert official.loss.balance_scale == 100.0
+    assert preset("tiny").model.backbone.name == "test_resnet"
+
+
+def test_aliases_and_cli_overrides() -> None:
+    cfg = with_overrides(Config(), parse_overrides(["K=2", "lambda=0.5", "T=0", "model.head.self_loops=true"]))
+    assert (cfg.model.head.num_scenes, cfg.loss.entropy_weight, cfg.model.head.steps) == (2, 0.5, 0)
+    assert cfg.model.head.self_loops is True
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"K": 0}, "model.head.num_scenes"),
+        ({"T": -1}, "model.head.steps"),
+        ({"model.backbone.name": "no_such_net"}, "model.backbone.name"),
+        ({"model.head.message": "sideways"}, "model.head.message"),
+        ({"model.head.selection": "fuzzy"}, "model.head.selection"),
+        ({"loss.reduction": "median"}, "loss.reduction"),
+        ({"ema.counts": "frozen"}, "ema.counts"),
+        ({"model.head.num_scenes": "six"}, "model.head.num_scenes"),
+        ({"model.head.nope": 1}, "model.head.nope"),
+        ({"model.head": 1}, "model.head"),
+    ],
+)
+def test_invalid_values_name_the_key(overrides: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        with_overrides(Config(), overrides)
+    assert str(err.value).startswith(key + ":")
+
+
+def test_yaml_style_tree_with_preset() -> None:
+    cfg = load({"preset": "official", "model": {"head": {"num_scenes": 3}}}, {"T": 1})
+    assert cfg.model.head.num_scenes == 3 and cfg.model.head.steps == 1 and cfg.model.head.token_encoder
+    with pytest.raises(ConfigError, match="^preset:"):
+        load({"preset": "nonsense"})
+
+
+def test_configs_are_frozen() -> None:
+    with pytest.raises(Exception):
+        Config().model.head.num_scenes = 3  # type: ignore[misc]
+
+
+def test_import_salgl_loads_no_ray_mlflow_or_pyarrow() -> None:
+    code = "import sys, salgl, salgl.official, salgl.metrics; print([m for m in ('ray', 'mlflow', 'pyarrow') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
