@@ -1,0 +1,252 @@
+"""The on-disk dataset format: parquet shards plus a JSON manifest (SPEC section 4).
+
+A dataset is a folder::
+
+    DIR/manifest.json
+    DIR/rejects.jsonl                      # bad input rows, one JSON object a line (may be empty)
+    DIR/<split>/part-00000.parquet ...     # one row per image
+
+Row columns: ``image`` (binary, the encoded bytes as stored on disk), ``labels`` (list<int32>,
+sorted label indices), ``id`` (string, unique per split), ``ignore`` (list<int32>, label indices
+excluded from that image's AP; always present, empty when none) and any extra columns the manifest
+lists in ``extra_columns`` (the mosaic's ``scene``, int32).
+
+Writing is deterministic: rows keep their input order, the parquet writer settings are fixed here
+and nothing time-dependent goes into a file, so the same input gives byte-identical shards and
+checksums (for a given pyarrow version, which parquet stamps into every file).
+
+This module is plain pyarrow: no Ray, so converters and tests run anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+DEFAULT_SHARD_ROWS = 2048
+# Rows per parquet row group: a reader decodes one row group at a time, so this bounds the memory
+# of both writer and reader (256 JPEGs of ~100 KB is ~25 MB) independently of the shard size.
+ROW_GROUP_ROWS = 256
+
+BASE_SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()),
+        ("labels", pa.list_(pa.int32())),
+        ("id", pa.string()),
+        ("ignore", pa.list_(pa.int32())),
+    ]
+)
+# Types of the optional columns a converter may add; the manifest names the ones present.
+EXTRA_COLUMN_TYPES: dict[str, pa.DataType] = {"scene": pa.int32()}
+
+
+def dataset_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
+    """The row schema: the four base columns, then ``extra_columns`` in the given order."""
+    schema = BASE_SCHEMA
+    for name in extra_columns:
+        schema = schema.append(pa.field(name, EXTRA_COLUMN_TYPES[name]))
+    return schema
+
+
+def _writer_options(schema: pa.Schema) -> dict[str, Any]:
+    """Fixed writer settings, so output bytes depend only on the rows.
+
+    Images are already compressed (JPEG/PNG), so their column is stored as is; the small columns
+    get zstd. Statistics are off: min/max of image bytes would only bloat the footer.
+    """
+    compression = {}
+    for field in schema:
+        path = f"{field.name}.list.element" if pa.types.is_list(field.type) else field.name
+        compression[path] = "none" if field.name == "image" else "zstd"
+    return dict(
+        compression=compression,
+        use_dictionary=False,
+        write_statistics=False,
+        write_page_index=False,
+        version="2.6",
+        data_page_version="1.0",
+    )
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Streams rows of one split into ``root/<split>/part-NNNNN.parquet`` shards.
+
+    At most ``shard_rows`` rows go in a shard and at most ``row_group_rows`` rows are held in
+    memory at once. ``close()`` returns the shard entries for the manifest; a split with no rows
+    still gets one empty shard so readers always find a file carrying the schema.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str,
+        *,
+        shard_rows: int = DEFAULT_SHARD_ROWS,
+        schema: pa.Schema = BASE_SCHEMA,
+        row_group_rows: int = ROW_GROUP_ROWS,
+    ) -> None:
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        self.root = Path(root)
+        self.split = split
+        self.shard_rows = shard_rows
+        self.schema = schema
+        self.row_group_rows = max(1, min(row_group_rows, shard_rows))
+        self.rows = 0
+        self._options = _writer_options(schema)
+        self._buffer: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._writer: pq.ParquetWriter | None = None
+        self._shard_rows_written = 0
+        self._shards: list[dict[str, Any]] = []
+        (self.root / split).mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Append one row (a mapping with every schema column)."""
+        for name, column in self._buffer.items():
+            column.append(row[name])
+        self.rows += 1
+        buffered = len(self._buffer["id"])
+        if buffered >= self.row_group_rows or self._shard_rows_written + buffered >= self.shard_rows:
+            self._flush()
+
+    def close(self) -> list[dict[str, Any]]:
+        """Flush what is buffered, close the last shard and return ``[{file, rows, sha256}]``."""
+        self._flush()
+        if not self._shards and self._writer is None:
+            self._open_shard()  # empty split: one empty shard
+        self._close_shard()
+        return list(self._shards)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._writer is not None:  # on error: release the file, the caller discards the folder
+            self._writer.close()
+            self._writer = None
+
+    def _flush(self) -> None:
+        if not self._buffer["id"]:
+            return
+        if self._writer is None:
+            self._open_shard()
+        table = pa.table(self._buffer, schema=self.schema)
+        self._writer.write_table(table, row_group_size=self.row_group_rows)
+        self._shard_rows_written += table.num_rows
+        self._buffer = {name: [] for name in self.schema.names}
+        if self._shard_rows_written >= self.shard_rows:
+            self._close_shard()
+
+    def _shard_file(self) -> str:
+        return f"{self.split}/part-{len(self._shards):05d}.parquet"
+
+    def _open_shard(self) -> None:
+        self._writer = pq.ParquetWriter(self.root / self._shard_file(), self.schema, **self._options)
+        self._shard_rows_written = 0
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        file = self._shard_file()
+        entry = {"file": file, "rows": self._shard_rows_written, "sha256": file_sha256(self.root / file)}
+        self._shards.append(entry)
+
+
+def write_manifest(root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
+    """Write ``root/manifest.json`` (key order kept, no timestamps, so it is reproducible)."""
+    path = Path(root) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and sanity-check ``root/manifest.json``."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a prepared dataset (run `salgl prepare ...`)")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def shard_paths(root: str | os.PathLike[str], split: str) -> list[str]:
+    """Absolute paths of the shards of ``split``, in row order."""
+    manifest = read_manifest(root)
+    if split not in manifest["splits"]:
+        raise KeyError(f"split {split!r} not in {Path(root)}; it has {sorted(manifest['splits'])}")
+    base = Path(root).resolve()
+    return [str(base / shard["file"]) for shard in manifest["splits"][split]["shards"]]
+
+
+def verify_checksums(root: str | os.PathLike[str]) -> None:
+    """Raise ``ValueError`` naming the first shard whose sha256 differs from the manifest."""
+    manifest = read_manifest(root)
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            if file_sha256(Path(root) / shard["file"]) != shard["sha256"]:
+                raise ValueError(f"{Path(root) / shard['file']}: checksum differs from the manifest")
+
+
+def check_destination(out: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse an existing, non-empty destination unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success move it to ``out``, on error delete it.
+
+    The temporary folder is a sibling so the final move is a rename on the same file system: a
+    reader sees either no dataset or a complete one, never a partial one.
+    """
+    out = Path(out)
+    check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield staging
+        check_destination(out, overwrite)  # something may have appeared while we worked
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace(staging: Path, out: Path) -> None:
+    if not out.exists():
+        staging.rename(out)
+        return
+    # Move the old dataset aside first so there is no moment with neither dataset in place
+    # for longer than two renames.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
