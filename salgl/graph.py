@@ -46,13 +46,16 @@ def scene_weights_for_counting(scene_probs: Tensor, mode: str) -> Tensor:
 def conditional_probabilities(
     counts: Tensor, *, self_loops: bool, row_normalize: bool, eps: float = DIAG_EPS
 ) -> Tensor:
-    """Eq. 8: P^k_ij = C^k_ij / C^k_ii (probability of label j given label i within scene k).
+    """Eq. 8: P^k_ij = C^k_ji / C^k_ii (probability of label j given label i within scene k).
 
     Released options: zero the diagonal (``self_loops=False``; eq. 13 sums over j != i) and divide
     each row by its sum (``row_normalize``). Computed in float64; shape (K, n, n).
     """
-    diag = torch.diagonal(counts, dim1=-2, dim2=-1).unsqueeze(-1)  # (K, n, 1)
-    probs = counts / (diag + eps)  # (K, n, n)
+    # Counting y y^T keeps C symmetric, so C_ji = C_ij; reading C^T as released keeps a loaded
+    # checkpoint's (possibly asymmetric) counts giving exactly the released graph.
+    counts_t = counts.transpose(-2, -1)  # (K, n, n)
+    diag = torch.diagonal(counts_t, dim1=-2, dim2=-1).unsqueeze(-1)  # (K, n, 1)
+    probs = counts_t / (diag + eps)  # (K, n, n)
     if not self_loops:
         probs = probs * (1.0 - torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device))
     if row_normalize:

@@ -73,3 +73,38 @@ def test_conversion_is_exhaustive() -> None:
     ref, ours = _pair(ReleasedFlags())
     converted = convert_released_head(ref.state_dict())
     assert set(converted) == set(ours.state_dict())
+
+
+def test_released_full_checkpoint_loads_into_the_official_preset() -> None:
+    import timm
+
+    from salgl.config import preset
+    from salgl.model import build_model
+    from salgl.official import load_released_checkpoint
+
+    torch.manual_seed(0)
+    cnn = timm.create_model("resnet18", num_classes=0, global_pool="").eval()
+    ref = ReleasedHead(num_labels=5, dim=512, label_dim=768, num_scenes=6, ffn=64, att_dim=32).eval()
+    ref.comatrix.copy_(torch.randint(0, 4, ref.comatrix.shape).float())
+    released = {f"backbone.{k}": v for k, v in cnn.state_dict().items()}
+    released.update(ref.state_dict())
+    released = {f"module.{k}": v for k, v in released.items()}  # as an EMA checkpoint stores it
+
+    cfg = preset("official", {"model.backbone.name": "resnet18", "model.backbone.weights": "none"}).model
+    cfg = type(cfg)(cfg.backbone, cfg.labels, type(cfg.head)(**{**cfg.head.__dict__, "attn_dim": 32, "attn_hidden": 32, "encoder_ffn": 64}))
+    model = build_model(cfg, num_labels=5, label_dim=768).eval()
+    report = load_released_checkpoint(model, released)
+    assert all(k.startswith("backbone.model.fc") for k in report.missing + report.unexpected)
+
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = cnn.forward_features(images).flatten(2).transpose(1, 2)
+        expected = ref(tokens)
+        got = model(images)
+    torch.testing.assert_close(got.logits, expected["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.scene_probs, expected["scene_probs"], atol=1e-5, rtol=1e-5)
+
+    broken = dict(released)
+    broken.pop("module.attention.linear1.weight")
+    with pytest.raises(KeyError, match="attention.region_proj.weight"):
+        load_released_checkpoint(build_model(cfg, num_labels=5, label_dim=768), broken)
