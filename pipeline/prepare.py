@@ -1,0 +1,290 @@
+"""What every converter shares: validate examples, record rejects, write shards and the manifest.
+
+A converter only lists its input as :class:`Example` objects (label *names*, a file path or encoded
+bytes) per split and hands them to :func:`write_dataset`. This module then, in input order:
+
+- reads each image and checks it decodes with PIL (a small thread pool does the reading and
+  decoding; results come back in input order, so the output does not depend on timing),
+- maps label names to vocabulary indices,
+- rejects bad rows (missing file, unreadable or corrupt image, unknown label, empty label set,
+  duplicate id, malformed record) into ``rejects.jsonl`` with split, row, id and reason, or stops
+  at the first one when ``strict``,
+- counts rows a converter skips on purpose (COCO images without annotations, NUS-WIDE images
+  without labels) as ``dropped``, so nothing disappears without a count,
+- streams accepted rows into shards inside a staging folder that is moved into place at the end.
+
+Memory is bounded by the thread pool's window of images plus one row group per split writer; the
+only state that grows with the dataset is the set of seen ids (needed to detect duplicates).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.shards import (
+    DEFAULT_SHARD_ROWS,
+    REJECTS_NAME,
+    SCHEMA_VERSION,
+    ShardWriter,
+    check_destination,
+    dataset_schema,
+    staged_output,
+    write_manifest,
+)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Reasons a row is rejected (written to rejects.jsonl) and reasons a converter drops a row on
+# purpose (counted in the manifest's `dropped`). Fixed strings so they can be counted and grepped.
+MISSING_FILE = "missing file"
+UNREADABLE_FILE = "unreadable file"
+CORRUPT_IMAGE = "corrupt image"
+UNKNOWN_LABEL = "unknown label"
+EMPTY_LABELS = "empty label set"
+DUPLICATE_ID = "duplicate id"
+MALFORMED = "malformed record"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input row before validation.
+
+    ``labels`` and ``ignore`` are label names. Exactly one of ``path`` (a file read as is) and
+    ``image`` (already-encoded bytes) is set, unless ``error`` says why the record is unusable.
+    ``dropped`` marks a row the converter skips on purpose, with the reason.
+    """
+
+    id: str
+    labels: Sequence[str] = ()
+    ignore: Sequence[str] = ()
+    path: str | None = None
+    image: bytes | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    dropped: str | None = None
+
+
+@dataclass
+class SplitStats:
+    rows: int = 0
+    rejects: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    reject_reasons: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`write_dataset` produced: the final folder, its manifest and per-split counts."""
+
+    out: Path
+    manifest: dict[str, Any]
+    stats: dict[str, SplitStats]
+
+    def summary(self) -> str:
+        lines = [f"{self.manifest['source']['converter']} -> {self.out}"]
+        for split, stats in self.stats.items():
+            shards = len(self.manifest["splits"][split]["shards"])
+            line = f"  {split}: {stats.rows} rows in {shards} shard(s), {stats.rejects} rejected"
+            if stats.reject_reasons:
+                line += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(stats.reject_reasons.items())) + ")"
+            dropped = sum(stats.dropped.values())
+            line += f", {dropped} dropped"
+            if dropped:
+                line += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(stats.dropped.items())) + ")"
+            lines.append(line)
+        if any(s.rejects for s in self.stats.values()):
+            lines.append(f"  rejected rows and reasons: {self.out / REJECTS_NAME}")
+        return "\n".join(lines)
+
+
+class RejectedInput(Exception):
+    """Raised in strict mode at the first bad row; carries the reject record."""
+
+    def __init__(self, record: Mapping[str, Any]) -> None:
+        self.record = dict(record)
+        where = f"split {record['split']!r}, row {record['row']}, id {record['id']!r}"
+        super().__init__(f"bad input ({where}): {record['reason']}")
+
+
+def check_image(data: bytes) -> str | None:
+    """Return ``None`` when ``data`` is a complete, decodable image, else the reason it is not.
+
+    ``verify()`` checks the container; a full ``load()`` catches truncated pixel data, which
+    ``verify()`` alone misses for JPEG. JPEGs decode in draft mode (DCT scaling), which still reads
+    every entropy-coded byte but costs a fraction of a full decode.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return f"{CORRUPT_IMAGE}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _load(example: Example) -> tuple[bytes | None, str | None]:
+    """Read and check one example's image: (bytes, None) or (None, reason)."""
+    if example.error is not None or example.dropped is not None:
+        return None, None
+    data = example.image
+    if data is None:
+        if example.path is None:
+            return None, f"{MALFORMED}: no image path"
+        try:
+            data = Path(example.path).read_bytes()
+        except FileNotFoundError:
+            return None, f"{MISSING_FILE}: {example.path}"
+        except OSError as exc:
+            return None, f"{UNREADABLE_FILE}: {example.path}: {exc.strerror or exc}"
+    reason = check_image(data)
+    return (None, reason) if reason else (data, None)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int) -> Iterator[R]:
+    """``map(fn, items)`` on a thread pool, results in input order, at most ``window`` in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pending: list[Future[R]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+def _label_indices(names: Sequence[str], index: Mapping[str, int]) -> tuple[list[int] | None, str | None]:
+    unknown = sorted({n for n in names if n not in index})
+    if unknown:
+        return None, f"{UNKNOWN_LABEL}: " + ", ".join(repr(n) for n in unknown)
+    return sorted({index[n] for n in names}), None
+
+
+@dataclass
+class _SplitWriter:
+    """Validates and writes the rows of one split; collects its counts and label frequencies."""
+
+    split: str
+    writer: ShardWriter
+    index: Mapping[str, int]
+    rejects: Any  # the open rejects.jsonl
+    strict: bool
+    stats: SplitStats = field(default_factory=SplitStats)
+    seen: set[str] = field(default_factory=set)
+    frequencies: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.frequencies = [0] * len(self.index)
+
+    def add(self, row: int, example: Example, data: bytes | None, reason: str | None) -> None:
+        if example.dropped is not None:
+            self.stats.dropped[example.dropped] += 1
+            return
+        reason = example.error or reason
+        labels, ignore = None, None
+        if reason is None:
+            labels, reason = _label_indices(example.labels, self.index)
+        if reason is None:
+            ignore, reason = _label_indices(example.ignore, self.index)
+        if reason is None and not labels and not ignore:
+            reason = EMPTY_LABELS
+        if reason is None and example.id in self.seen:
+            reason = DUPLICATE_ID
+        if reason is not None:
+            self._reject(row, example, reason)
+            return
+        self.seen.add(example.id)
+        for i in labels:
+            self.frequencies[i] += 1
+        self.writer.write({"image": data, "labels": labels, "id": example.id, "ignore": ignore, **example.extra})
+        self.stats.rows += 1
+
+    def _reject(self, row: int, example: Example, reason: str) -> None:
+        record = {"split": self.split, "row": row, "id": example.id, "reason": reason}
+        if example.path is not None:
+            record["path"] = example.path
+        if self.strict:
+            raise RejectedInput(record)
+        self.rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stats.rejects += 1
+        self.stats.reject_reasons[reason.split(":")[0]] += 1
+
+
+def write_dataset(
+    out: str | os.PathLike[str],
+    splits: Mapping[str, Iterable[Example]],
+    *,
+    vocabulary: Sequence[str],
+    source: Mapping[str, Any],
+    description: str,
+    extra_columns: Sequence[str] = (),
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    totals: Mapping[str, int] | None = None,
+) -> PrepareResult:
+    """Validate and write ``splits`` (name -> examples, consumed once, in order) as a dataset.
+
+    ``source`` is ``{"converter": name, "parameters": {...}}``; ``totals`` (rows per split, when
+    known) only sizes the progress bars. Raises :class:`RejectedInput` in strict mode and
+    ``FileExistsError`` for an existing destination without ``overwrite``; either way no dataset
+    (and no partial one) is left at ``out``.
+    """
+    if len(set(vocabulary)) != len(vocabulary):
+        raise ValueError("vocabulary has repeated names")
+    out = Path(out)
+    check_destination(out, overwrite)  # fail before any work
+    workers = workers or min(8, os.cpu_count() or 1)
+    index = {name: i for i, name in enumerate(vocabulary)}
+    schema = dataset_schema(extra_columns)
+    manifest_splits, frequencies, stats = {}, {}, {}
+    with staged_output(out, overwrite=overwrite) as staging:
+        with open(staging / REJECTS_NAME, "w", encoding="utf-8") as rejects:
+            for split, examples in splits.items():
+                with ShardWriter(staging, split, shard_rows=shard_rows, schema=schema) as writer:
+                    target = _SplitWriter(split, writer, index, rejects, strict)
+                    bar = tqdm(
+                        total=(totals or {}).get(split), desc=f"prepare {split}", unit="img",
+                        disable=not progress, dynamic_ncols=True,
+                    )
+                    with bar:
+                        pairs = ordered_map(lambda e: (e, _load(e)), examples, workers=workers, window=4 * workers)
+                        for row, (example, (data, reason)) in enumerate(pairs):
+                            target.add(row, example, data, reason)
+                            bar.update()
+                    shards = writer.close()
+                manifest_splits[split] = {"rows": target.stats.rows, "shards": shards}
+                frequencies[split] = target.frequencies
+                stats[split] = target.stats
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "source": dict(source),
+            "description": description,
+            "vocabulary": list(vocabulary),
+            "splits": manifest_splits,
+            "label_frequencies": frequencies,
+            "rejects": {split: s.rejects for split, s in stats.items()},
+            "dropped": {split: dict(sorted(s.dropped.items())) for split, s in stats.items()},
+            "extra_columns": list(extra_columns),
+        }
+        write_manifest(staging, manifest)
+    return PrepareResult(out=out, manifest=manifest, stats=stats)
