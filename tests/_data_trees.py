@@ -146,6 +146,7 @@ def make_nuswide_tree(
 
 def write_generic_csv(path: Path, rows: Sequence[tuple[str, str]], photos: bool = True) -> Path:
     """A CSV with header ``path,labels``; writes a photo at each path (relative to the CSV)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "labels"])
@@ -158,6 +159,8 @@ def write_generic_csv(path: Path, rows: Sequence[tuple[str, str]], photos: bool 
 
 
 def write_generic_jsonl(path: Path, records: Sequence[dict], photos: bool = True) -> Path:
+    """A JSON-lines list; writes a photo at each path (relative to the list)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     if photos:
         for n, record in enumerate(records):
