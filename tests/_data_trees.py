@@ -167,3 +167,26 @@ def write_generic_jsonl(path: Path, records: Sequence[dict], photos: bool = True
             (path.parent / record["path"]).parent.mkdir(parents=True, exist_ok=True)
             (path.parent / record["path"]).write_bytes(photo_jpeg(n + 3))
     return path
+
+
+# --------------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _idx(data: np.ndarray) -> bytes:
+    """The idx format: magic 0x000008<ndim>, big-endian dims, uint8 values."""
+    header = (0x0800 + data.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in data.shape)
+    return header + data.astype(np.uint8).tobytes()
+
+
+def write_fake_fashion_mnist(folder: Path, train_value: int = 255, test_value: int = 0, per_class: int = 3) -> Path:
+    """The four Fashion-MNIST idx.gz files with flat 28x28 items: every train item has intensity
+    ``train_value`` and every t10k item ``test_value``, so a mosaic shows which file it drew from."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
+    for prefix, value in (("train", train_value), ("t10k", test_value)):
+        images = np.full((len(labels), 28, 28), value, np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images), mtime=0))
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels), mtime=0))
+    return folder

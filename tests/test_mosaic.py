@@ -1,0 +1,131 @@
+"""Scene mosaics from Fashion-MNIST (pipeline/mosaic.py)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.mosaic import (
+    DEFAULT_FASHION_MNIST_DIR,
+    FASHION_MNIST_CLASSES,
+    FashionMNISTNotFound,
+    MosaicConfig,
+    convert_mosaic,
+    fashion_mnist_files,
+    iter_mosaics,
+    load_fashion_mnist,
+    scene_design,
+)
+from pipeline.shards import read_manifest, shard_paths
+from tests._data_trees import write_fake_fashion_mnist
+
+TINY = MosaicConfig(train=40, test=16, canvas=48)
+real_files = pytest.mark.skipif(
+    not (DEFAULT_FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+def table(out: Path, split: str) -> pa.Table:
+    return pa.concat_tables(pq.read_table(p) for p in shard_paths(out, split))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+
+
+@real_files
+def test_real_items_scene_column_and_manifest(tmp_path: Path) -> None:
+    result = convert_mosaic(tmp_path / "m", TINY, progress=False)
+    manifest = read_manifest(tmp_path / "m")
+    assert manifest["vocabulary"] == list(FASHION_MNIST_CLASSES)
+    assert manifest["extra_columns"] == ["scene"]
+    assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 40, "test": 16}
+    description = manifest["description"]
+    for phrase in ("real Fashion-MNIST", "synthetic and ours", "not a benchmark", "`scene` column"):
+        assert phrase in description
+    assert manifest["source"]["parameters"]["seed"] == 0
+    assert len(manifest["source"]["parameters"]["scene_design"]) == TINY.scenes
+    train = table(tmp_path / "m", "train")
+    assert train.schema.field("scene").type == pa.int32()
+    assert set(train.column("scene").to_pylist()) <= set(range(TINY.scenes))
+    image = pixels(train.column("image")[0].as_py())
+    assert image.shape == (48, 48, 3) and image.dtype == np.uint8
+    assert all(1 <= len(labels) <= TINY.max_items for labels in train.column("labels").to_pylist())
+    assert result.stats["train"].rejects == 0
+
+
+@real_files
+def test_byte_identical_from_the_seed(tmp_path: Path) -> None:
+    a = convert_mosaic(tmp_path / "a", TINY, shard_rows=16, progress=False).manifest
+    b = convert_mosaic(tmp_path / "b", TINY, shard_rows=16, progress=False).manifest
+    assert a == b and len(a["splits"]["train"]["shards"]) == 3
+    assert (tmp_path / "a" / "train/part-00000.parquet").read_bytes() == (
+        tmp_path / "b" / "train/part-00000.parquet").read_bytes()
+    c = convert_mosaic(tmp_path / "c", MosaicConfig(train=40, test=16, canvas=48, seed=1), progress=False).manifest
+    assert c["splits"]["train"]["shards"][0]["sha256"] != a["splits"]["train"]["shards"][0]["sha256"]
+
+
+def test_train_uses_train_file_items_test_uses_t10k(fake_dir: Path, tmp_path: Path) -> None:
+    # Fake files: train items are solid white (255), t10k items are all 0 (fully transparent), so
+    # white pixels appear in a mosaic only if it drew from the train file.
+    convert_mosaic(tmp_path / "m", TINY, fashion_mnist=fake_dir, progress=False)
+    train = [pixels(b) for b in table(tmp_path / "m", "train").column("image").to_pylist()]
+    test = [pixels(b) for b in table(tmp_path / "m", "test").column("image").to_pylist()]
+    assert all(img.max() == 255 for img in train)
+    assert all(img.max() < 140 for img in test)  # only the tinted background
+
+
+def test_labels_follow_the_scenes(fake_dir: Path) -> None:
+    images, labels = load_fashion_mnist(fashion_mnist_files(fake_dir)["train"])
+    for in_scene, expected in ((0.9, 0.9 + 0.1 * 0.4), (0.0, 0.4)):
+        config = MosaicConfig(train=800, in_scene=in_scene, canvas=32)
+        design = scene_design(config)
+        hits = total = 0
+        per_scene = np.zeros((config.scenes, 10))
+        for mosaic in iter_mosaics(images, labels, design, config, "train"):
+            item_classes = labels[mosaic.items]
+            hits += np.isin(item_classes, design.classes[mosaic.scene]).sum()
+            total += len(item_classes)
+            assert mosaic.classes == sorted(set(item_classes.tolist()))
+            per_scene[mosaic.scene, mosaic.classes] += 1
+        # An item is in-scene with probability in_scene, or by chance (4 of 10 classes) otherwise.
+        assert abs(hits / total - expected) < 0.03
+        if in_scene:
+            for scene, cls in enumerate(design.classes):  # each scene's top labels are its own classes
+                assert set(np.argsort(-per_scene[scene])[: len(cls)]) == set(cls.tolist())
+
+
+def test_scene_design_covers_classes_and_differs_per_scene() -> None:
+    design = scene_design(MosaicConfig())
+    assert set(design.classes.ravel().tolist()) == set(range(10))
+    assert len({tuple(sorted(c)) for c in design.classes.tolist()}) == 4
+    assert np.allclose(design.weights.sum(axis=1), 1)
+    assert len({tuple(t) for t in design.tints.tolist()}) == 4
+
+
+def test_missing_files_say_how_to_get_them(tmp_path: Path) -> None:
+    with pytest.raises(FashionMNISTNotFound) as info:
+        convert_mosaic(tmp_path / "m", TINY, fashion_mnist=tmp_path / "nowhere", progress=False)
+    message = str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "t10k-labels-idx1-ubyte.gz" in message and "zalandoresearch/fashion-mnist" in message
+    assert not (tmp_path / "m").exists()
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ValueError):
+        MosaicConfig(min_items=3, max_items=2)
+    with pytest.raises(ValueError):
+        MosaicConfig(image_format="gif")
