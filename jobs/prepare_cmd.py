@@ -1,0 +1,113 @@
+"""``salgl prepare SOURCE ... --out DIR``: convert a dataset into parquet shards plus a manifest.
+
+Thin by design: parse, call the converter in ``pipeline`` (imported only when the command runs,
+so ``salgl --help`` stays fast), print the summary, turn expected failures into an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("voc2007", "coco2014", "nuswide", "generic", "mosaic")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="dataset folder to create")
+    parser.add_argument("--shard-rows", type=int, default=2048, help="rows per parquet shard (default 2048)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad input row; write nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    parser.add_argument("--workers", type=int, default=None, help="image-checking threads (default min(8, CPUs))")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _split_file(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {value!r}")
+    return name, Path(path)
+
+
+def _add_sources(sources: Any) -> None:
+    voc = sources.add_parser("voc2007", help="Pascal VOC 2007 (XML + ImageSets trainval/test)")
+    voc.add_argument("roots", nargs="+", type=Path, metavar="ROOT",
+                     help="VOCdevkit/VOC2007 folder(s) of the trainval and test archives")
+    coco = sources.add_parser("coco2014", help="MS-COCO 2014 (instances JSON, train2014 / val2014 as test)")
+    coco.add_argument("root", type=Path, metavar="ROOT", help="folder with annotations/, train2014/, val2014/")
+    nus = sources.add_parser("nuswide", help="NUS-WIDE (official lists, 81 concepts)")
+    nus.add_argument("root", type=Path, metavar="ROOT", help="folder with ImageList/, Groundtruth/, Concepts81.txt")
+    nus.add_argument("--images", type=Path, default=None, help="image folder (default ROOT/Flickr)")
+    gen = sources.add_parser("generic", help="your own images: CSV (path,labels) or JSON lines per split")
+    gen.add_argument("--train", type=Path, help="list file of the train split")
+    gen.add_argument("--test", type=Path, help="list file of the test split")
+    gen.add_argument("--split", type=_split_file, action="append", default=[], metavar="NAME=FILE",
+                     help="list file of another split (repeatable)")
+    gen.add_argument("--vocab", type=Path, default=None, help="label names, one a line (default: inferred, sorted)")
+    gen.add_argument("--image-root", type=Path, default=None, help="base of relative paths (default: the list's folder)")
+    mosaic = sources.add_parser("mosaic", help="built-in scene mosaics of real Fashion-MNIST items (offline)")
+    mosaic.add_argument("--fashion-mnist", type=Path, default=None,
+                        help="folder of the four idx files (default /usr/share/datasets/fashion-mnist)")
+    mosaic.add_argument("--scenes", type=int, default=4)
+    mosaic.add_argument("--classes-per-scene", type=int, default=4)
+    mosaic.add_argument("--items", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"), help="items per image")
+    mosaic.add_argument("--canvas", type=int, default=96, help="image side in pixels")
+    mosaic.add_argument("--scale", type=float, nargs=2, default=(0.3, 0.5), metavar=("MIN", "MAX"),
+                        help="item side as a fraction of the canvas")
+    mosaic.add_argument("--in-scene", type=float, default=0.9, help="probability an item comes from the scene")
+    mosaic.add_argument("--train", type=int, default=4000, help="train images")
+    mosaic.add_argument("--test", type=int, default=1000, help="test images")
+    mosaic.add_argument("--seed", type=int, default=0)
+    mosaic.add_argument("--format", choices=("png", "jpeg"), default="png", help="image encoding")
+    for parser in (voc, coco, nus, gen, mosaic):
+        _common(parser)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "prepare", help="convert a dataset into parquet shards + manifest",
+        description="Convert a dataset into parquet shards plus manifest.json (SPEC section 4).",
+    )
+    _add_sources(parser.add_subparsers(dest="source", metavar="SOURCE", required=True))
+    parser.set_defaults(func=run)
+
+
+def _convert(args: argparse.Namespace, options: dict[str, Any]) -> Any:
+    from pipeline import sources
+
+    if args.source == "voc2007":
+        return sources.convert_voc2007(args.roots, args.out, **options)
+    if args.source == "coco2014":
+        return sources.convert_coco2014(args.root, args.out, **options)
+    if args.source == "nuswide":
+        return sources.convert_nuswide(args.root, args.out, images=args.images, **options)
+    if args.source == "generic":
+        lists = {name: path for name, path in (("train", args.train), ("test", args.test)) if path}
+        lists.update(args.split)
+        return sources.convert_generic(lists, args.out, vocabulary=args.vocab, image_root=args.image_root, **options)
+    from pipeline.mosaic import MosaicConfig, convert_mosaic
+
+    config = MosaicConfig(
+        scenes=args.scenes, classes_per_scene=args.classes_per_scene, min_items=args.items[0],
+        max_items=args.items[1], canvas=args.canvas, min_scale=args.scale[0], max_scale=args.scale[1],
+        in_scene=args.in_scene, train=args.train, test=args.test, seed=args.seed, image_format=args.format,
+    )
+    return convert_mosaic(args.out, config, fashion_mnist=args.fashion_mnist, **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.prepare import RejectedInput
+
+    options = dict(shard_rows=args.shard_rows, strict=args.strict, overwrite=args.overwrite,
+                   workers=args.workers, progress=not args.no_progress)
+    try:
+        result = _convert(args, options)
+    except RejectedInput as exc:
+        print(f"salgl prepare: {exc}; --strict: nothing written", file=sys.stderr)
+        return 1
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"salgl prepare: error: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0

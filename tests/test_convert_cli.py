@@ -1,0 +1,70 @@
+"""`salgl prepare ...` through the real entry point (jobs/cli.py -> jobs/prepare_cmd.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from pipeline.shards import read_manifest
+from tests._data_trees import make_voc_tree, truncated_jpeg, write_fake_fashion_mnist, write_generic_csv
+
+TINY = ["--train", "24", "--test", "8", "--canvas", "32", "--no-progress"]
+
+
+def test_prepare_mosaic_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = write_fake_fashion_mnist(tmp_path / "fm")
+    out = tmp_path / "mosaic"
+    args = ["prepare", "mosaic", "--out", str(out), "--fashion-mnist", str(fake), "--shard-rows", "10", *TINY]
+    assert main(args) == 0
+    assert "train: 24 rows in 3 shard(s), 0 rejected" in capsys.readouterr().out
+    manifest = read_manifest(out)
+    assert manifest["extra_columns"] == ["scene"] and manifest["source"]["parameters"]["canvas"] == 32
+
+    assert main(args) == 1  # exists: refused
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--seed", "3"]) == 0
+    assert read_manifest(out)["source"]["parameters"]["seed"] == 3
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST not installed")
+def test_prepare_mosaic_default_location(tmp_path: Path) -> None:
+    assert main(["prepare", "mosaic", "--out", str(tmp_path / "m"), *TINY]) == 0
+    assert read_manifest(tmp_path / "m")["splits"]["test"]["rows"] == 8
+
+
+def test_prepare_mosaic_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["prepare", "mosaic", "--out", str(tmp_path / "m"), "--fashion-mnist", str(tmp_path), *TINY])
+    assert code == 1
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_prepare_voc_strict_fails_and_default_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    voc = make_voc_tree(tmp_path / "src", {"trainval": {"000001": [("dog", False)], "000002": [("cat", False)]},
+                                           "test": {"000003": [("cat", False)]}})
+    (voc / "JPEGImages" / "000002.jpg").write_bytes(truncated_jpeg())
+    out = tmp_path / "voc"
+    assert main(["prepare", "voc2007", str(voc), "--out", str(out), "--strict", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "row 1" in err and "'000002'" in err and "corrupt image" in err
+    assert not out.exists()
+    assert main(["prepare", "voc2007", str(voc), "--out", str(out), "--no-progress"]) == 0
+    assert "train: 1 rows in 1 shard(s), 1 rejected (corrupt image: 1)" in capsys.readouterr().out
+    assert read_manifest(out)["rejects"] == {"train": 1, "test": 0}
+
+
+def test_prepare_generic_named_splits(tmp_path: Path) -> None:
+    train = write_generic_csv(tmp_path / "train.csv", [("a.jpg", "cat|dog")])
+    val = write_generic_csv(tmp_path / "val" / "val.csv", [("b.jpg", "dog")])
+    (tmp_path / "vocab.txt").write_text("dog\ncat\n")
+    out = tmp_path / "out"
+    code = main(["prepare", "generic", "--train", str(train), "--split", f"val={val}",
+                 "--vocab", str(tmp_path / "vocab.txt"), "--out", str(out), "--no-progress"])
+    assert code == 0
+    manifest = read_manifest(out)
+    assert list(manifest["splits"]) == ["train", "val"] and manifest["vocabulary"] == ["dog", "cat"]
+    with pytest.raises(SystemExit):  # argparse: malformed NAME=FILE
+        main(["prepare", "generic", "--split", "nofile", "--out", str(tmp_path / "x")])
