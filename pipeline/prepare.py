@@ -22,14 +22,14 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.shards import (
@@ -132,6 +132,8 @@ def check_image(data: bytes) -> str | None:
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
+    except UnidentifiedImageError:  # its message holds an object address: not reproducible
+        return f"{CORRUPT_IMAGE}: not a recognised image format"
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         return f"{CORRUPT_IMAGE}: {type(exc).__name__}: {exc}"
     return None
@@ -160,14 +162,18 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, windo
     if workers <= 1:
         yield from map(fn, items)
         return
-    pending: list[Future[R]] = []
+    pending: deque[Future[R]] = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early (an error, strict mode): do not finish the queued work
+            for future in pending:
+                future.cancel()
 
 
 def _label_indices(names: Sequence[str], index: Mapping[str, int]) -> tuple[list[int] | None, str | None]:
@@ -227,6 +233,26 @@ class _SplitWriter:
         self.stats.reject_reasons[reason.split(":")[0]] += 1
 
 
+def _load_pair(example: Example) -> tuple[Example, tuple[bytes | None, str | None]]:
+    return example, _load(example)
+
+
+def _write_split(
+    staging: Path, split: str, examples: Iterable[Example], *, index: Mapping[str, int], schema: Any,
+    rejects: Any, strict: bool, shard_rows: int, workers: int, total: int | None, progress: bool,
+) -> tuple[list[dict[str, Any]], _SplitWriter]:
+    """Stream one split into its shards; returns the shard entries and the split's counts."""
+    with ShardWriter(staging, split, shard_rows=shard_rows, schema=schema) as writer:
+        target = _SplitWriter(split, writer, index, rejects, strict)
+        loaded = ordered_map(_load_pair, examples, workers=workers, window=4 * workers)
+        bar = tqdm(total=total, desc=f"prepare {split}", unit="img", disable=not progress, dynamic_ncols=True)
+        with bar:
+            for row, (example, (data, reason)) in enumerate(loaded):
+                target.add(row, example, data, reason)
+                bar.update()
+        return writer.close(), target
+
+
 def write_dataset(
     out: str | os.PathLike[str],
     splits: Mapping[str, Iterable[Example]],
@@ -255,36 +281,25 @@ def write_dataset(
     check_destination(out, overwrite)  # fail before any work
     workers = workers or min(8, os.cpu_count() or 1)
     index = {name: i for i, name in enumerate(vocabulary)}
-    schema = dataset_schema(extra_columns)
-    manifest_splits, frequencies, stats = {}, {}, {}
+    shards, targets = {}, {}
     with staged_output(out, overwrite=overwrite) as staging:
         with open(staging / REJECTS_NAME, "w", encoding="utf-8") as rejects:
             for split, examples in splits.items():
-                with ShardWriter(staging, split, shard_rows=shard_rows, schema=schema) as writer:
-                    target = _SplitWriter(split, writer, index, rejects, strict)
-                    bar = tqdm(
-                        total=(totals or {}).get(split), desc=f"prepare {split}", unit="img",
-                        disable=not progress, dynamic_ncols=True,
-                    )
-                    with bar:
-                        pairs = ordered_map(lambda e: (e, _load(e)), examples, workers=workers, window=4 * workers)
-                        for row, (example, (data, reason)) in enumerate(pairs):
-                            target.add(row, example, data, reason)
-                            bar.update()
-                    shards = writer.close()
-                manifest_splits[split] = {"rows": target.stats.rows, "shards": shards}
-                frequencies[split] = target.frequencies
-                stats[split] = target.stats
+                shards[split], targets[split] = _write_split(
+                    staging, split, examples, index=index, schema=dataset_schema(extra_columns),
+                    rejects=rejects, strict=strict, shard_rows=shard_rows, workers=workers,
+                    total=(totals or {}).get(split), progress=progress,
+                )
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "source": dict(source),
             "description": description,
             "vocabulary": list(vocabulary),
-            "splits": manifest_splits,
-            "label_frequencies": frequencies,
-            "rejects": {split: s.rejects for split, s in stats.items()},
-            "dropped": {split: dict(sorted(s.dropped.items())) for split, s in stats.items()},
+            "splits": {split: {"rows": t.stats.rows, "shards": shards[split]} for split, t in targets.items()},
+            "label_frequencies": {split: t.frequencies for split, t in targets.items()},
+            "rejects": {split: t.stats.rejects for split, t in targets.items()},
+            "dropped": {split: dict(sorted(t.stats.dropped.items())) for split, t in targets.items()},
             "extra_columns": list(extra_columns),
         }
         write_manifest(staging, manifest)
-    return PrepareResult(out=out, manifest=manifest, stats=stats)
+    return PrepareResult(out=out, manifest=manifest, stats={split: t.stats for split, t in targets.items()})

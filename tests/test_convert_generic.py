@@ -84,6 +84,7 @@ def test_every_bad_row_is_rejected_with_its_reason(bad_lists: dict[str, Path], t
         ("train", 6, "ok.jpg", "duplicate id"),
         ("test", 1, "<record 1>", "malformed record"),
     ]
+    assert rejects(out)[2]["reason"] == "corrupt image: not a recognised image format"
     assert [r["id"] for r in rows(out, "train")] == ["ok.jpg"]
     assert read_manifest(out)["rejects"] == {"train": 6, "test": 1}
     summary = result.summary()
