@@ -24,8 +24,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -229,7 +229,7 @@ def staged_output(out: str | os.PathLike[str], *, overwrite: bool = False) -> It
     out = Path(out)
     check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = _sibling(out, "tmp")
     try:
         yield staging
         check_destination(out, overwrite)  # something may have appeared while we worked
@@ -239,13 +239,25 @@ def staged_output(out: str | os.PathLike[str], *, overwrite: bool = False) -> It
         raise
 
 
+def _sibling(out: Path, tag: str) -> Path:
+    """A new empty folder ``.<name>.<tag>-<random>`` beside ``out``, with umask permissions
+    (``tempfile.mkdtemp`` would make it 0700, and the dataset would keep that after the move)."""
+    while True:
+        path = out.parent / f".{out.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 def _replace(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
         return
     # Move the old dataset aside first so there is no moment with neither dataset in place
     # for longer than two renames.
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = _sibling(out, "old")
     old.rmdir()
     out.rename(old)
     staging.rename(out)

@@ -94,6 +94,10 @@ def test_staged_output_moves_into_place_only_on_success(tmp_path: Path) -> None:
     with staged_output(out) as staging:
         (staging / "manifest.json").write_text("{}")
     assert (out / "manifest.json").is_file()
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert out.stat().st_mode == reference.stat().st_mode  # the umask's, not mkdtemp's 0700
+    reference.rmdir()
     with pytest.raises(FileExistsError, match="overwrite"):
         with staged_output(out):
             pass
