@@ -45,7 +45,8 @@ def _add_sources(sources: Any) -> None:
     gen.add_argument("--split", type=_split_file, action="append", default=[], metavar="NAME=FILE",
                      help="list file of another split (repeatable)")
     gen.add_argument("--vocab", type=Path, default=None, help="label names, one a line (default: inferred, sorted)")
-    gen.add_argument("--image-root", type=Path, default=None, help="base of relative paths (default: the list's folder)")
+    gen.add_argument("--image-root", type=Path, default=None,
+                     help="base of relative paths (default: the list's folder)")
     mosaic = sources.add_parser("mosaic", help="built-in scene mosaics of real Fashion-MNIST items (offline)")
     mosaic.add_argument("--fashion-mnist", type=Path, default=None,
                         help="folder of the four idx files (default /usr/share/datasets/fashion-mnist)")
