@@ -12,6 +12,7 @@ import sys
 # `func` on it, which receives the parsed namespace and returns an exit code).
 COMMANDS: dict[str, str] = {
     "prepare": "jobs.prepare_cmd",
+    "train": "jobs.cli_train",
 }
 
 

@@ -235,14 +235,17 @@ class RunConfig:
     storage: str = "runs"  # checkpoints (local folder, shared filesystem or s3://)
     tracking_uri: str = ""  # "" -> sqlite:///mlflow.db in the working directory
     experiment: str = "salgl"
-    eval_every: int = 1
+    stop_after_epoch: int = 0  # > 0: end cleanly after this epoch (resume later with --resume)
+    inject_failure: str = ""  # "EPOCH:RANK": that worker exits mid-epoch once (fault-tolerance tests)
 
     def validate(self) -> None:
         _at_least("workers", self.workers, 1)
+        _at_least("stop_after_epoch", self.stop_after_epoch, 0)
+        if self.inject_failure and not all(p.isdigit() for p in self.inject_failure.split(":", 1)):
+            raise ConfigError("inject_failure", f"expected EPOCH:RANK, got {self.inject_failure!r}")
         _at_least("checksum_every", self.checksum_every, 1)
         _at_least("keep_checkpoints", self.keep_checkpoints, 1)
         _at_least("max_failures", self.max_failures, 0)
-        _at_least("eval_every", self.eval_every, 1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,81 @@
+"""Training checkpoints: one folder with everything needed to continue exactly.
+
+``state.pt`` holds model, EMA, optimiser, scheduler, epoch, step and data seed; the counts (live
+and EMA) are in the two model state dicts. ``meta.json`` repeats epoch, step and metrics in plain
+text so tools can pick a checkpoint without loading tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    epoch: int  # epochs completed
+    step: int  # optimiser steps completed
+    data_seed: int
+
+
+def write_checkpoint(
+    folder: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    ema: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainingState,
+    config: Mapping[str, Any],
+    vocabulary: list[str],
+    metrics: Mapping[str, Any],
+) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "data_seed": state.data_seed,
+    }
+    torch.save(blob, folder / STATE_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps({"config": dict(config), "vocabulary": vocabulary}, indent=1))
+    meta = {"epoch": state.epoch, "step": state.step, "data_seed": state.data_seed, "metrics": _plain(metrics)}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def read_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a salgl checkpoint (no {STATE_FILE})")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_checkpoint_config(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
+    """The flat config and vocabulary a checkpoint was trained with."""
+    data = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    return data["config"], data["vocabulary"]
+
+
+def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            out[key] = value
+        elif isinstance(value, (list, tuple)):
+            out[key] = list(value)
+    return out

@@ -1,0 +1,295 @@
+"""The per-worker training recipe that Ray Train runs: setup, train, evaluate, report.
+
+Every rank runs the same steps (the same number of batches per epoch, the same collectives and
+the same ``report`` calls); rank 0 alone attaches a checkpoint. Metrics go to MLflow and the
+console from the driver side (``jobs.train.EpochReporter``), so the loop never checks ranks to log.
+Per step: forward (the batch's count delta summed across workers in one collective, inside the
+head), ASL + lambda L_en, backward with DDP's gradient all-reduce, optimiser, schedule, EMA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from jobs.checkpoints import TrainingState, read_checkpoint, write_checkpoint
+from jobs.distributed import check_counts_consistent, gather_objects, make_count_sync, world
+from salgl.config import Config, from_flat
+from salgl.ema import ModelEma
+from salgl.losses import salgl_loss
+from salgl.metrics import multilabel_metrics, scene_entropy, scene_occupancy
+from salgl.model import SALGL, build_model, load_label_embeddings
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the driver hands every worker (plain values, so Ray can ship it)."""
+
+    config: dict[str, Any]  # flat dotted keys
+    vocabulary: list[str]
+    label_embeddings: list[list[float]]
+    train_rows: int
+    threads: int = 1
+    run_dir: str = ""  # absolute folder of this run (fault-injection marker)
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> "WorkerSpec":
+        return WorkerSpec(**data)
+
+
+def step_seed(seed: int, *parts: int | str) -> int:
+    """A reproducible seed per (run seed, rank, epoch, ...): restarts replay the same numbers."""
+    digest = hashlib.blake2b("/".join(map(str, (seed, *parts))).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class Recipe:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.cfg: Config = from_flat(spec.config)
+        self.world = world()
+        self.num_labels = len(spec.vocabulary)
+        self.per_worker_batch = max(1, self.cfg.optim.batch_size // self.world.size)
+        rows_per_worker = spec.train_rows // self.world.size
+        self.steps_per_epoch = rows_per_worker // self.per_worker_batch  # micro-batches
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"optim.batch_size={self.cfg.optim.batch_size} is larger than a worker's share of the "
+                f"{spec.train_rows} training images; lower it or use fewer workers"
+            )
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, checkpoint_dir: str | None) -> None:
+        import ray.train.torch
+
+        torch.set_num_threads(self.spec.threads)
+        torch.manual_seed(self.cfg.run.seed)  # same init everywhere (DDP also broadcasts it)
+        embeddings = torch.tensor(self.spec.label_embeddings, dtype=torch.float32)
+        model = build_model(self.cfg.model, num_labels=self.num_labels, label_dim=embeddings.shape[1])
+        load_label_embeddings(model, embeddings)
+        restored = read_checkpoint(checkpoint_dir) if checkpoint_dir else None
+        if restored is None:
+            from salgl.backbone import load_backbone_weights
+
+            load_backbone_weights(model.backbone, self.cfg.model.backbone.weights)
+        else:
+            model.load_state_dict(restored["model"])
+        self.device = ray.train.torch.get_device()
+        # The counts are summed across workers explicitly; DDP must never overwrite them from rank 0.
+        self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+        self.ema = ModelEma(self.unwrapped, self.cfg.ema) if self.cfg.ema.enabled else None
+        self.optimizer = torch.optim.AdamW(
+            self.unwrapped.parameters(), lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay
+        )
+        total_steps = self.cfg.optim.epochs * self.optimizer_steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=self.cfg.optim.lr, total_steps=total_steps, pct_start=self.cfg.optim.pct_start
+        )
+        self.sync = make_count_sync(self.per_worker_batch)
+        self.state = TrainingState(epoch=0, step=0, data_seed=self.cfg.run.seed)
+        if restored is not None:
+            self._restore(restored)
+        self.use_amp = self.cfg.optim.amp and self.device.type == "cuda"
+
+    @property
+    def unwrapped(self) -> SALGL:
+        return getattr(self.model, "module", self.model)
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return self.steps_per_epoch // self.cfg.optim.grad_accum
+
+    def _restore(self, restored: Mapping[str, Any]) -> None:
+        if self.ema is not None and restored.get("ema") is not None:
+            self.ema.load_state_dict(restored["ema"])
+        self.optimizer.load_state_dict(restored["optimizer"])
+        self.scheduler.load_state_dict(restored["scheduler"])
+        self.state = TrainingState(restored["epoch"], restored["step"], restored["data_seed"])
+
+    # ------------------------------------------------------------------ train
+    def train_epoch(self, batches: Iterator[dict[str, Any]], epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        torch.manual_seed(step_seed(cfg.run.seed, "dropout", self.world.rank, epoch))
+        self.model.train()
+        totals = np.zeros(4)
+        images_seen, start = 0, time.perf_counter()
+        accum = cfg.optim.grad_accum
+        for micro, batch in enumerate(_take(batches, self.optimizer_steps_per_epoch * accum)):
+            self._maybe_inject_failure(epoch, micro)
+            last_micro = (micro + 1) % accum == 0
+            terms = self._forward_backward(batch, sync_grads=last_micro)
+            totals += [t.item() for t in terms]
+            images_seen += batch["image"].shape[0]
+            if last_micro:
+                self._optimizer_step()
+                if self.state.step % cfg.run.checksum_every == 0:
+                    check_counts_consistent(self.unwrapped.head.counts, step=self.state.step)
+        check_counts_consistent(self.unwrapped.head.counts, step=self.state.step)
+        seconds = time.perf_counter() - start
+        n = max(1, micro + 1)
+        return {
+            "loss": totals[0] / n,
+            "loss_cls": totals[1] / n,
+            "loss_sample_entropy": totals[2] / n,
+            "loss_balance_entropy": totals[3] / n,
+            "images_per_s": images_seen * self.world.size / max(seconds, 1e-9),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+
+    def _maybe_inject_failure(self, epoch: int, micro: int) -> None:
+        """``run.inject_failure=EPOCH:RANK``: that rank's process dies half-way through that epoch,
+        once per run, as a crashed machine would (tests of FailureConfig recovery)."""
+        spec = self.cfg.run.inject_failure
+        if not spec or micro != self.steps_per_epoch // 2:
+            return
+        fail_epoch, fail_rank = (int(p) for p in spec.split(":"))
+        marker = Path(self.spec.run_dir or tempfile.gettempdir()) / ".salgl_failure_injected"
+        if (epoch, self.world.rank) == (fail_epoch, fail_rank) and not marker.exists():
+            marker.touch()
+            os._exit(1)
+
+    def _forward_backward(self, batch: dict[str, Any], *, sync_grads: bool) -> tuple[torch.Tensor, ...]:
+        images = batch["image"].to(self.device)
+        targets = batch["target"].to(self.device)
+        ignore = batch["ignore"].to(self.device)
+        no_sync = getattr(self.model, "no_sync", None)
+        grad_ctx = nullcontext() if sync_grads or no_sync is None else no_sync()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
+        with grad_ctx:
+            with amp:
+                out = self.model(images, targets, sync=self.sync)
+            terms = salgl_loss(out.logits.float(), out.scene_probs.float(), targets, self.cfg.loss, mask=ignore)
+            (terms.total / self.cfg.optim.grad_accum).backward()
+        return tuple(t.detach() for t in terms)
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.optim.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), self.cfg.optim.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.unwrapped)
+        self.state = TrainingState(self.state.epoch, self.state.step + 1, self.state.data_seed)
+
+    # ------------------------------------------------------------------ evaluate
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Score the test split with the live and the EMA model; gather every rank's rows."""
+        models = {"live": self.unwrapped}
+        if self.ema is not None:
+            models["ema"] = self.ema.module
+        for model in models.values():
+            model.eval()
+        parts: dict[str, list[np.ndarray]] = {f"{k}_{v}": [] for k in models for v in ("scores", "scenes")}
+        targets, ignores, ids = [], [], []
+        for batch in batches:
+            keep = batch["valid"].numpy().astype(bool) if "valid" in batch else np.ones(len(batch["id"]), bool)
+            images = batch["image"].to(self.device)
+            for name, model in models.items():
+                out = model(images)
+                parts[f"{name}_scores"].append(torch.sigmoid(out.logits.float()).cpu().numpy()[keep])
+                parts[f"{name}_scenes"].append(out.scene_probs.argmax(-1).cpu().numpy()[keep])
+            targets.append(batch["target"].numpy()[keep])
+            ignores.append(batch["ignore"].numpy()[keep])
+            ids.extend(i for i, k in zip(batch["id"], keep) if k)
+        local = {k: _concat(v) for k, v in parts.items()}
+        local.update(target=_concat(targets), ignore=_concat(ignores))
+        gathered = gather_objects(local)
+        merged = {k: np.concatenate([g[k] for g in gathered if len(g[k])]) for k in local}
+        num_scenes = self.cfg.model.head.num_scenes
+        results = {}
+        for name in models:
+            metrics = multilabel_metrics(merged[f"{name}_scores"], merged["target"], merged["ignore"])
+            scenes = merged[f"{name}_scenes"]
+            metrics["scene_entropy"] = scene_entropy(scenes, num_scenes)
+            metrics["occupancy"] = scene_occupancy(scenes, num_scenes).tolist()
+            results[name] = metrics
+        return results
+
+    # ------------------------------------------------------------------ report
+    def epoch_metrics(self, epoch: int, train: Mapping[str, float], evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"epoch": epoch, "step": self.state.step, **train}
+        for name, values in evals.items():
+            prefix = "" if name == "live" else f"{name}_"
+            for key, value in values.items():
+                if key == "occupancy":
+                    metrics.update({f"{prefix}occupancy_{k}": v for k, v in enumerate(value)})
+                elif isinstance(value, (int, float)):
+                    metrics[f"{prefix}{key}"] = value
+        metrics.setdefault("ema_mAP", metrics.get("mAP"))
+        return metrics
+
+    def write_checkpoint(self, folder: str, metrics: Mapping[str, Any]) -> None:
+        write_checkpoint(
+            folder,
+            model=self.unwrapped,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self.state,
+            config=self.spec.config,
+            vocabulary=self.spec.vocabulary,
+            metrics=metrics,
+        )
+
+    def finish_epoch(self, epoch: int) -> None:
+        self.state = TrainingState(epoch + 1, self.state.step, self.state.data_seed)
+
+
+def _take(iterator: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, Any]]:
+    """Exactly ``count`` batches: every rank runs the same number of steps (or collectives hang)."""
+    taken = 0
+    for batch in iterator:
+        if taken == count:
+            break
+        taken += 1
+        yield batch
+    if taken < count:
+        raise RuntimeError(f"the data shard ended after {taken} of {count} batches; ranks would fall out of step")
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros((0,))
+
+
+def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker."""
+    import ray.train
+
+    from pipeline.ingest import iter_eval_batches, iter_train_batches
+
+    spec = WorkerSpec.from_dict(spec_dict)
+    recipe = Recipe(spec)
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext() as ckpt_dir:
+        recipe.setup(ckpt_dir)
+    cfg = recipe.cfg
+    stop_after = cfg.run.stop_after_epoch or cfg.optim.epochs
+    train_shard = ray.train.get_dataset_shard("train")
+    test_shard = ray.train.get_dataset_shard("test")
+    for epoch in range(recipe.state.epoch, min(cfg.optim.epochs, stop_after)):
+        batches = iter_train_batches(
+            train_shard, batch_size=recipe.per_worker_batch, epoch=epoch, seed=cfg.run.seed, rank=recipe.world.rank
+        )
+        train_metrics = recipe.train_epoch(batches, epoch)
+        recipe.finish_epoch(epoch)
+        evals = recipe.evaluate(iter_eval_batches(test_shard, batch_size=recipe.per_worker_batch))
+        metrics = recipe.epoch_metrics(epoch + 1, train_metrics, evals)
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint_out = None
+            if recipe.world.is_main:
+                recipe.write_checkpoint(folder, metrics)
+                checkpoint_out = ray.train.Checkpoint.from_directory(folder)
+            # Every rank reports (the same metrics); only rank 0 attaches the checkpoint.
+            ray.train.report(dict(metrics), checkpoint=checkpoint_out)

@@ -1,0 +1,110 @@
+"""MLflow tracking behind one small interface, chosen once per process.
+
+The driver creates the run (so a restarted worker group and ``--resume`` log into the same run);
+per-epoch metrics are logged from Ray Train's controller, which sees rank 0's report, so no
+worker ever decides whether it should log.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_DB = "mlflow.db"
+
+
+class MlflowLogger:
+    """Logs into an existing run by id through the client API (safe from any process)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        for start in range(0, len(batch), 900):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 900])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifacts(self, folder: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, folder, artifact_path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """``""`` -> an absolute sqlite store in the working directory (workers run elsewhere)."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | None = None) -> str:
+    """The experiment's id, created with an absolute artifact location when it is new."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        root = Path(artifact_root or "mlruns").resolve()
+        location = (root / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(
+    tracking_uri: str,
+    experiment: str,
+    *,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    artifact_root: str | None = None,
+) -> str:
+    """Create a run (nested under ``parent_run_id`` if given), log params, return its id."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = ensure_experiment(tracking_uri, experiment, artifact_root)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 90):
+        client.log_batch(run.info.run_id, params=items[start : start + 90])
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+def run_page(tracking_uri: str, run_id: str) -> str:
+    """Where to look: the UI command for a local store, or the run's address on a server."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"run {run_id} in {tracking_uri} (view: mlflow ui --backend-store-uri {tracking_uri})"

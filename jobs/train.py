@@ -1,0 +1,346 @@
+"""Driver side of ``salgl train``: data, Ray, resources, MLflow run, TorchTrainer, final artifacts.
+
+Small functions, each one job; the per-worker loop is ``jobs.recipe``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from jobs.resources import ResourcePlan, plan_resources
+from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
+from salgl.config import Config, from_flat, to_flat, with_overrides
+
+RUN_FILE = "salgl_run.json"
+DEFAULT_DATA = "data/mosaic"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_name: str
+    run_dir: str
+    metrics: dict[str, Any]  # the last epoch's metrics
+    best_checkpoint: str | None  # folder of the best checkpoint by EMA mAP
+    best_metrics: dict[str, Any]
+    mlflow_run_id: str
+    tracking_uri: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def resolve_data(cfg: Config, *, prepare_default: bool = True) -> str:
+    """The dataset folder; the built-in mosaic data is prepared on first use."""
+    from pipeline.shards import read_manifest
+
+    path = Path(cfg.data.path or DEFAULT_DATA).expanduser().resolve()
+    if not (path / "manifest.json").is_file():
+        if cfg.data.path and cfg.data.path != DEFAULT_DATA:
+            raise FileNotFoundError(
+                f"data.path={cfg.data.path!r} holds no manifest.json: prepare it first, for example "
+                f"`salgl prepare voc2007 VOCdevkit/VOC2007 --out {cfg.data.path}`"
+            )
+        if not prepare_default:
+            raise FileNotFoundError(f"no dataset at {path}")
+        from pipeline.mosaic import convert_mosaic
+
+        print(f"[salgl] preparing the built-in mosaic dataset at {path} (first use)", flush=True)
+        convert_mosaic(path)
+    read_manifest(path)  # validates
+    return str(path)
+
+
+def dataset_facts(data_dir: str) -> tuple[list[str], int]:
+    from pipeline.shards import read_manifest
+
+    manifest = read_manifest(data_dir)
+    return list(manifest["vocabulary"]), int(manifest["splits"]["train"]["rows"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs on disk
+
+
+def new_run_name(prefix: str = "salgl") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def storage_root(cfg: Config) -> str:
+    """Absolute storage path (Ray workers run with another working directory); URIs pass through."""
+    if "://" in cfg.run.storage:
+        return cfg.run.storage
+    return str(Path(cfg.run.storage).expanduser().resolve())
+
+
+def write_run_file(run_dir: Path, record: Mapping[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(run_dir / RUN_FILE)
+
+
+def find_run(run: str, storage: str) -> Path:
+    """``--resume RUN``: a run name under the storage folder, or a run folder path."""
+    for candidate in (Path(run), Path(storage) / run):
+        if (candidate / RUN_FILE).is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"no salgl run named {run!r} (looked for {RUN_FILE} in {run} and {storage}/{run})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(address: str | None = None) -> None:
+    import ray
+    from ray.data import DataContext
+
+    # One line per epoch is the progress report; Ray Data's per-operator bars would bury it.
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, log_to_driver=True, configure_logging=False)
+
+
+def cluster_plan(workers: int) -> ResourcePlan:
+    import ray
+
+    return plan_resources(workers, ray.cluster_resources())
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and tracking on the controller
+
+
+def format_epoch_line(m: Mapping[str, Any], epochs: int) -> str:
+    def f(key: str, fmt: str = ".2f") -> str:
+        value = m.get(key)
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+    return (
+        f"[salgl] epoch {m.get('epoch')}/{epochs}  loss {f('loss', '.4f')}  mAP {f('mAP')}  "
+        f"EMA mAP {f('ema_mAP')}  scene entropy {f('ema_scene_entropy', '.3f')}  "
+        f"{f('images_per_s', '.1f')} img/s"
+    )
+
+
+def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int):
+    """A Ray Train UserCallback: one line per epoch and the metrics into MLflow (rank 0's report)."""
+    from ray.train import UserCallback
+
+    class EpochReporter(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if not metrics:
+                return
+            m = metrics[0]
+            print(format_epoch_line(m, epochs), flush=True)
+            if run_id:
+                MlflowLogger(tracking_uri, run_id).log_metrics(m, step=int(m.get("epoch", 0)))
+
+    return EpochReporter()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+def build_trainer(
+    cfg: Config,
+    *,
+    data_dir: str,
+    run_dir: Path,
+    run_name: str,
+    storage: str,
+    tracking_uri: str,
+    mlflow_run_id: str,
+    callbacks: Sequence[Any] = (),
+):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.recipe import WorkerSpec, train_loop_per_worker
+    from pipeline.ingest import build_datasets, data_config
+    from salgl.label_embeddings import label_embeddings
+
+    vocabulary, train_rows = dataset_facts(data_dir)
+    plan = cluster_plan(cfg.run.workers)
+    embeddings = label_embeddings(vocabulary, cfg.model.labels)
+    spec = WorkerSpec(
+        config=to_flat(cfg),
+        vocabulary=vocabulary,
+        label_embeddings=embeddings.tolist(),
+        train_rows=train_rows,
+        threads=plan.torch_threads,
+        run_dir=str(run_dir),
+    )
+    datasets = build_datasets(
+        data_dir, cfg.data, seed=cfg.run.seed, num_workers=plan.num_workers, num_cpus=plan.data_task_cpus
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec.__dict__,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker={"CPU": plan.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints,
+                checkpoint_score_attribute="ema_mAP",
+                checkpoint_score_order="max",
+            ),
+            callbacks=[make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs), *callbacks],
+        ),
+        datasets=datasets,
+        dataset_config=data_config(cpu=plan.data_cpus),
+    )
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    address: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    mlflow_run_name: str | None = None,
+    callbacks: Sequence[Any] = (),
+    log_model: bool = True,
+) -> TrainOutcome:
+    """Train end to end (or continue ``resume``) and record the outcome in MLflow."""
+    storage = storage_root(cfg)
+    if resume:
+        run_dir = find_run(resume, storage)
+        record = json.loads((run_dir / RUN_FILE).read_text())
+        base = from_flat(record["config"])
+        # A resumed run goes to the end of its schedule unless told to stop again.
+        cfg = with_overrides(base, {"run.stop_after_epoch": 0, **(overrides or {})})
+        run_name, data_dir = record["run_name"], record["data_dir"]
+        tracking_uri, run_id = record["tracking_uri"], record["mlflow_run_id"]
+        storage = str(run_dir.parent)
+    else:
+        data_dir = resolve_data(cfg)
+        run_name = cfg.run.name or new_run_name()
+        run_dir = Path(storage) / run_name
+        if run_dir.exists():
+            raise FileExistsError(
+                f"run {run_name!r} already exists in {storage}: Ray would silently resume it. "
+                f"Use `salgl train --resume {run_name}` to continue it, or another run.name"
+            )
+        tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
+        cfg = with_overrides(cfg, {"run.name": run_name, "data.path": data_dir})
+        run_id = start_run(
+            tracking_uri,
+            cfg.run.experiment,
+            run_name=mlflow_run_name or run_name,
+            params=to_flat(cfg),
+            tags={"salgl.run_dir": str(run_dir)},
+            parent_run_id=parent_run_id,
+        )
+        write_run_file(run_dir, {
+            "run_name": run_name, "data_dir": data_dir, "config": to_flat(cfg),
+            "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
+        })
+    init_ray(address)
+    trainer = build_trainer(
+        cfg, data_dir=data_dir, run_dir=run_dir, run_name=run_name, storage=storage,
+        tracking_uri=tracking_uri, mlflow_run_id=run_id, callbacks=callbacks,
+    )
+    print(f"[salgl] run {run_name}: {cfg.run.workers} workers, data {data_dir}, checkpoints in {run_dir}", flush=True)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    outcome = _outcome(result, cfg, run_name, run_dir, run_id, tracking_uri)
+    finished = outcome.metrics.get("epoch") == cfg.optim.epochs
+    record_final_artifacts(outcome, cfg, log_model=log_model and finished)
+    end_run(tracking_uri, run_id, "FINISHED" if finished else "KILLED")
+    print_summary(outcome, finished)
+    return outcome
+
+
+def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Path, run_id: str, tracking_uri: str) -> TrainOutcome:
+    best_path, best_metrics = None, {}
+    if result.best_checkpoints:
+        checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("ema_mAP") or -1.0)
+        best_path = checkpoint.path
+    last = dict(result.metrics or {})
+    return TrainOutcome(run_name, str(run_dir), last, best_path, dict(best_metrics), run_id, tracking_uri)
+
+
+def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool) -> None:
+    """Resolved config, metrics JSON, scene pictures, the best checkpoint and the MLflow model."""
+    from jobs.artifacts import write_occupancy_chart, write_scene_heatmaps, write_scene_rankings
+    from jobs.checkpoints import read_checkpoint
+
+    logger = MlflowLogger(outcome.tracking_uri, outcome.mlflow_run_id)
+    logger.log_text(json.dumps(to_flat(cfg), indent=1), "config/resolved_config.json")
+    logger.log_text(json.dumps({"last": outcome.metrics, "best": outcome.best_metrics}, indent=1, default=str), "metrics/final_metrics.json")
+    if not outcome.best_checkpoint:
+        return
+    state = read_checkpoint(outcome.best_checkpoint)
+    model_state = state["ema"] if state.get("ema") else state["model"]
+    counts = model_state[_key(model_state, "head.counts")]
+    vocabulary = json.loads((Path(outcome.best_checkpoint) / "config.json").read_text())["vocabulary"]
+    occupancy = [outcome.best_metrics.get(f"ema_occupancy_{k}", 0.0) for k in range(cfg.model.head.num_scenes)]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_scene_heatmaps(counts, vocabulary, Path(tmp) / "scenes", self_loops=cfg.model.head.self_loops)
+        write_scene_rankings(counts, vocabulary, Path(tmp) / "scenes")
+        write_occupancy_chart(occupancy, Path(tmp) / "scenes" / "scene_occupancy.png")
+        logger.log_artifacts(str(Path(tmp) / "scenes"), "scenes")
+    logger.log_artifacts(outcome.best_checkpoint, "best_checkpoint")
+    if log_model:
+        log_pytorch_model(outcome, cfg, model_state, vocabulary)
+
+
+def _key(state: Mapping[str, Any], suffix: str) -> str:
+    return next(k for k in state if k.endswith(suffix))
+
+
+def log_pytorch_model(outcome: TrainOutcome, cfg: Config, model_state: Mapping[str, Any], vocabulary: list[str]) -> None:
+    """The EMA model as an MLflow PyTorch model, so it can be registered and served."""
+    import mlflow
+    import mlflow.pytorch
+
+    from salgl.model import build_model
+
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in model_state.items()}
+    label_dim = state["head.label_embeddings"].shape[1]
+    model = build_model(cfg.model, num_labels=len(vocabulary), label_dim=label_dim)
+    model.load_state_dict(state)
+    model.eval()
+    mlflow.set_tracking_uri(outcome.tracking_uri)
+    with mlflow.start_run(run_id=outcome.mlflow_run_id):
+        mlflow.pytorch.log_model(
+            # pickle: SALGL's forward takes optional targets and a sync callable, which the
+            # traced pt2 format cannot capture; loading needs the salgl package installed.
+            model, name="model", serialization_format="pickle",
+            pip_requirements=["torch==2.14.1", "timm==1.0.31", "salgl"],
+            metadata={"vocabulary": vocabulary},
+        )
+
+
+def print_summary(outcome: TrainOutcome, finished: bool) -> None:
+    m = outcome.best_metrics or outcome.metrics
+    keys = ["ema_mAP", "mAP", "ema_CF1", "ema_OF1", "ema_scene_entropy"]
+    print("[salgl] " + ("finished" if finished else f"stopped after epoch {outcome.metrics.get('epoch')}") + f": run {outcome.run_name}")
+    print("[salgl] best checkpoint: " + (outcome.best_checkpoint or "none"))
+    print("[salgl] " + "  ".join(f"{k} {m[k]:.2f}" for k in keys if isinstance(m.get(k), (int, float))))
+    print("[salgl] MLflow: " + run_page(outcome.tracking_uri, outcome.mlflow_run_id))
+    if not finished:
+        print(f"[salgl] continue with: salgl train --resume {outcome.run_name}")
+
