@@ -29,6 +29,7 @@ class TrainOutcome:
     metrics: dict[str, Any]  # the last epoch's metrics
     best_checkpoint: str | None  # folder of the best checkpoint by EMA mAP
     best_metrics: dict[str, Any]
+    last_checkpoint: str | None  # folder of the newest checkpoint (what a resume continues from)
     mlflow_run_id: str
     tracking_uri: str
 
@@ -232,7 +233,6 @@ def train(
         tracking_uri, run_id = record["tracking_uri"], record["mlflow_run_id"]
         storage = str(run_dir.parent)
     else:
-        data_dir = resolve_data(cfg)
         run_name = cfg.run.name or new_run_name()
         run_dir = Path(storage) / run_name
         if run_dir.exists():
@@ -240,6 +240,7 @@ def train(
                 f"run {run_name!r} already exists in {storage}: Ray would silently resume it. "
                 f"Use `salgl train --resume {run_name}` to continue it, or another run.name"
             )
+        data_dir = resolve_data(cfg)
         tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
         cfg = with_overrides(cfg, {"run.name": run_name, "data.path": data_dir})
         run_id = start_run(
@@ -279,7 +280,8 @@ def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Path, run_id: str
         checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("ema_mAP") or -1.0)
         best_path = checkpoint.path
     last = dict(result.metrics or {})
-    return TrainOutcome(run_name, str(run_dir), last, best_path, dict(best_metrics), run_id, tracking_uri)
+    last_path = result.checkpoint.path if result.checkpoint else None
+    return TrainOutcome(run_name, str(run_dir), last, best_path, dict(best_metrics), last_path, run_id, tracking_uri)
 
 
 def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool) -> None:

@@ -1,0 +1,240 @@
+"""Integration: real Ray Train on a local instance, real parquet, a real MLflow tracking server.
+
+Tiny sizes (a timm test backbone, 256 mosaic images of 64 px, 2 workers at half a CPU each); each
+fit takes tens of seconds on 2 cores. Every Ray test has a timeout: these failures hang.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.checkpoints import read_checkpoint
+from salgl.config import preset
+
+pytestmark = pytest.mark.integration
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def mosaic_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from pipeline.mosaic import MosaicConfig, convert_mosaic
+
+    out = tmp_path_factory.mktemp("data") / "mosaic"
+    convert_mosaic(out, MosaicConfig(train=256, test=64, canvas=64), progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` process; ready once /health answers (bounded wait)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)  # readiness polling of a child process, not test synchronisation
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _config(mosaic_dir: str, storage: Path, tracking_uri: str, **overrides):
+    base = {
+        "data.path": mosaic_dir, "data.img_size": 64, "optim.epochs": EPOCHS, "optim.batch_size": 16,
+        "run.workers": 2, "run.storage": str(storage), "run.tracking_uri": tracking_uri,
+        "run.checksum_every": 4, "run.keep_checkpoints": 1, "ema.decay": 0.9,
+    }
+    return preset("tiny", {**base, **overrides})
+
+
+def _live_counts(checkpoint: str) -> torch.Tensor:
+    return read_checkpoint(checkpoint)["model"]["head.counts"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, mosaic_dir, mlflow_server, tmp_path_factory):
+    from jobs.train import train
+
+    storage = tmp_path_factory.mktemp("runs")
+    return train(_config(mosaic_dir, storage, mlflow_server, **{"run.name": "straight"}), log_model=True)
+
+
+@pytest.mark.timeout(600)
+def test_training_reports_metrics_and_checkpoints(uninterrupted) -> None:
+    out = uninterrupted
+    assert out.metrics["epoch"] == EPOCHS
+    state = read_checkpoint(out.last_checkpoint)
+    assert state["epoch"] == EPOCHS and state["step"] == EPOCHS * (256 // 2 // 8)
+    counts = state["model"]["head.counts"]
+    assert counts.dtype == torch.float64 and counts.sum() > 0
+    assert torch.equal(counts, counts.round()), "counts must stay exact integers"
+    for key in ("mAP", "ema_mAP", "CF1", "OF1", "ema_scene_entropy", "images_per_s", "ema_occupancy_0"):
+        assert key in out.metrics, key
+    assert out.best_checkpoint is not None
+
+
+@pytest.mark.timeout(600)
+def test_mlflow_server_holds_params_metrics_and_artifacts(uninterrupted) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uninterrupted.tracking_uri)
+    run = client.get_run(uninterrupted.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.head.num_scenes"] == "3"
+    assert run.data.params["run.workers"] == "2"
+    history = client.get_metric_history(run.info.run_id, "ema_mAP")
+    assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "metrics", "scenes", "best_checkpoint"} <= top
+    scenes = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "scenes")}
+    assert {"scene_0_cooccurrence.png", "scene_occupancy.png", "top_labels_per_scene.json"} <= scenes
+    checkpoint_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
+    assert "state.pt" in checkpoint_files
+
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    with torch.no_grad():
+        out = model.eval()(torch.randn(2, 3, 64, 64))
+    assert out.logits.shape == (2, 10)
+
+
+@pytest.mark.timeout(600)
+def test_killed_worker_recovers_to_the_same_counts(uninterrupted, mosaic_dir, mlflow_server, tmp_path) -> None:
+    from jobs.train import train
+
+    cfg = _config(mosaic_dir, tmp_path, mlflow_server, **{"run.name": "crashy", "run.inject_failure": "1:1"})
+    out = train(cfg, log_model=False)
+    assert (Path(out.run_dir) / ".salgl_failure_injected").exists(), "the failure was not injected"
+    assert out.metrics["epoch"] == EPOCHS
+    torch.testing.assert_close(_live_counts(out.last_checkpoint), _live_counts(uninterrupted.last_checkpoint), rtol=0, atol=0)
+
+
+@pytest.mark.timeout(600)
+def test_stopped_run_resumes_to_the_uninterrupted_state(uninterrupted, mosaic_dir, mlflow_server, tmp_path) -> None:
+    from jobs.train import train
+
+    cfg = _config(mosaic_dir, tmp_path, mlflow_server, **{"run.name": "pausing", "run.stop_after_epoch": 1})
+    first = train(cfg, log_model=False)
+    assert first.metrics["epoch"] == 1
+    resumed = train(cfg, resume="pausing", log_model=False)
+    assert resumed.metrics["epoch"] == EPOCHS and resumed.mlflow_run_id == first.mlflow_run_id
+    a, b = read_checkpoint(resumed.last_checkpoint), read_checkpoint(uninterrupted.last_checkpoint)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    assert a["scheduler"]["_last_lr"] == b["scheduler"]["_last_lr"]
+    torch.testing.assert_close(a["model"]["head.counts"], b["model"]["head.counts"], rtol=0, atol=0)
+    torch.testing.assert_close(a["ema"]["module.head.counts"], b["ema"]["module.head.counts"], rtol=0, atol=0)
+
+
+@pytest.mark.timeout(600)
+def test_reusing_a_run_name_is_refused(uninterrupted) -> None:
+    from jobs.train import train
+
+    cfg = preset("tiny", {"run.storage": str(Path(uninterrupted.run_dir).parent), "run.name": "straight"})
+    with pytest.raises(FileExistsError, match="--resume straight"):
+        train(cfg)
+
+
+def _count_probe_loop(config: dict) -> None:
+    """A Ray Train worker loop built from the project's pieces that records every step's payload."""
+    import ray.train
+    import ray.train.torch
+
+    from jobs.distributed import make_count_sync
+    from pipeline.ingest import iter_train_batches
+    from salgl.losses import salgl_loss
+    from salgl.model import build_model
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = ray.train.torch.prepare_model(
+        build_model(cfg.model, num_labels=10, label_dim=16), parallel_strategy_kwargs={"broadcast_buffers": False}
+    )
+    head = getattr(model, "module", model).head
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sync = make_count_sync(8)
+    scenes, targets = [], []
+    for batch in iter_train_batches(ray.train.get_dataset_shard("train"), batch_size=8, epoch=0):
+        out = model(batch["image"], batch["target"], sync=sync)
+        salgl_loss(out.logits, out.scene_probs, batch["target"], cfg.loss).total.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scenes.append(out.scene_probs.argmax(-1).tolist())
+        targets.append(batch["target"].tolist())
+    ray.train.report({"counts": head.counts.tolist(), "scenes": scenes, "targets": targets})
+
+
+@pytest.mark.timeout(600)
+def test_two_workers_hold_identical_counts_equal_to_one_process_over_their_batches(ray_local, mosaic_dir, tmp_path) -> None:
+    import ray.train
+    from ray.train import UserCallback
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ingest import build_datasets, data_config
+    from salgl.graph import count_delta
+
+    record = tmp_path / "reports.json"
+
+    class Capture(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            record.write_text(json.dumps(metrics))
+
+    cfg = preset("tiny", {"data.img_size": 64})
+    trainer = TorchTrainer(
+        _count_probe_loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.49}),
+        run_config=ray.train.RunConfig(name="probe", storage_path=str(tmp_path), callbacks=[Capture()]),
+        datasets=build_datasets(mosaic_dir, cfg.data, seed=0, num_workers=2, eval_split=None),
+        dataset_config=data_config(["train"]),
+    )
+    trainer.fit()
+    reports = json.loads(record.read_text())
+    assert len(reports) == 2
+    counts = [torch.tensor(r["counts"], dtype=torch.float64) for r in reports]
+    assert torch.equal(counts[0], counts[1])
+    steps = {len(r["scenes"]) for r in reports}
+    assert steps == {256 // 2 // 8}, "every worker must run the same number of steps"
+    expected = torch.zeros_like(counts[0])
+    for r in reports:
+        for scene_ids, y in zip(r["scenes"], r["targets"]):
+            weights = torch.nn.functional.one_hot(torch.tensor(scene_ids), 3).double()
+            expected += count_delta(weights, torch.tensor(y, dtype=torch.float64))
+    assert torch.equal(counts[0], expected)
