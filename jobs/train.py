@@ -114,10 +114,10 @@ def init_ray(address: str | None = None) -> None:
     ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
-def cluster_plan(workers: int) -> ResourcePlan:
+def cluster_plan(workers: int, share: float = 1.0) -> ResourcePlan:
     import ray
 
-    return plan_resources(workers, ray.cluster_resources())
+    return plan_resources(workers, {k: v * share for k, v in ray.cluster_resources().items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def format_epoch_line(m: Mapping[str, Any], epochs: int) -> str:
     )
 
 
-def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int):
+def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int, *, quiet: bool = False):
     """A Ray Train UserCallback: one line per epoch and the metrics into MLflow (rank 0's report)."""
     from ray.train import UserCallback
 
@@ -145,7 +145,8 @@ def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int):
             if not metrics:
                 return
             m = metrics[0]
-            print(format_epoch_line(m, epochs), flush=True)
+            if not quiet:
+                print(format_epoch_line(m, epochs), flush=True)
             if run_id:
                 MlflowLogger(tracking_uri, run_id).log_metrics(m, step=int(m.get("epoch", 0)))
 
@@ -166,6 +167,8 @@ def build_trainer(
     tracking_uri: str,
     mlflow_run_id: str,
     callbacks: Sequence[Any] = (),
+    resource_share: float = 1.0,
+    quiet: bool = False,
 ):
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -175,7 +178,7 @@ def build_trainer(
     from salgl.label_embeddings import label_embeddings
 
     vocabulary, train_rows = dataset_facts(data_dir)
-    plan = cluster_plan(cfg.run.workers)
+    plan = cluster_plan(cfg.run.workers, resource_share)
     embeddings = label_embeddings(vocabulary, cfg.model.labels)
     spec = WorkerSpec(
         config=to_flat(cfg),
@@ -192,7 +195,8 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=spec.__dict__,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker={"CPU": plan.cpus_per_worker}
+            num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker={"CPU": plan.cpus_per_worker},
+            placement_strategy=cfg.run.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -203,7 +207,7 @@ def build_trainer(
                 checkpoint_score_attribute="ema_mAP",
                 checkpoint_score_order="max",
             ),
-            callbacks=[make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs), *callbacks],
+            callbacks=[make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet), *callbacks],
         ),
         datasets=datasets,
         dataset_config=data_config(cpu=plan.data_cpus),
@@ -220,8 +224,16 @@ def train(
     mlflow_run_name: str | None = None,
     callbacks: Sequence[Any] = (),
     log_model: bool = True,
+    extra_params: Mapping[str, Any] | None = None,
+    resource_share: float = 1.0,
+    quiet: bool = False,
 ) -> TrainOutcome:
-    """Train end to end (or continue ``resume``) and record the outcome in MLflow."""
+    """Train end to end (or continue ``resume``) and record the outcome in MLflow.
+
+    ``parent_run_id`` / ``mlflow_run_name`` / ``extra_params`` nest the run under a sweep;
+    ``resource_share`` is the fraction of the cluster this run may size itself from (several
+    trials at once); ``quiet`` drops the per-epoch console line (Tune prints its own table).
+    """
     storage = storage_root(cfg)
     if resume:
         run_dir = find_run(resume, storage)
@@ -247,7 +259,7 @@ def train(
             tracking_uri,
             cfg.run.experiment,
             run_name=mlflow_run_name or run_name,
-            params=to_flat(cfg),
+            params={**to_flat(cfg), **(extra_params or {})},
             tags={"salgl.run_dir": str(run_dir)},
             parent_run_id=parent_run_id,
         )
@@ -259,6 +271,7 @@ def train(
     trainer = build_trainer(
         cfg, data_dir=data_dir, run_dir=run_dir, run_name=run_name, storage=storage,
         tracking_uri=tracking_uri, mlflow_run_id=run_id, callbacks=callbacks,
+        resource_share=resource_share, quiet=quiet,
     )
     print(f"[salgl] run {run_name}: {cfg.run.workers} workers, data {data_dir}, checkpoints in {run_dir}", flush=True)
     try:
@@ -270,7 +283,8 @@ def train(
     finished = outcome.metrics.get("epoch") == cfg.optim.epochs
     record_final_artifacts(outcome, cfg, log_model=log_model and finished)
     end_run(tracking_uri, run_id, "FINISHED" if finished else "KILLED")
-    print_summary(outcome, finished)
+    if not quiet:
+        print_summary(outcome, finished)
     return outcome
 
 
@@ -287,17 +301,15 @@ def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Path, run_id: str
 def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool) -> None:
     """Resolved config, metrics JSON, scene pictures, the best checkpoint and the MLflow model."""
     from jobs.artifacts import write_occupancy_chart, write_scene_heatmaps, write_scene_rankings
-    from jobs.checkpoints import read_checkpoint
+    from jobs.checkpoints import load_model_from_checkpoint
 
     logger = MlflowLogger(outcome.tracking_uri, outcome.mlflow_run_id)
     logger.log_text(json.dumps(to_flat(cfg), indent=1), "config/resolved_config.json")
     logger.log_text(json.dumps({"last": outcome.metrics, "best": outcome.best_metrics}, indent=1, default=str), "metrics/final_metrics.json")
     if not outcome.best_checkpoint:
         return
-    state = read_checkpoint(outcome.best_checkpoint)
-    model_state = state["ema"] if state.get("ema") else state["model"]
-    counts = model_state[_key(model_state, "head.counts")]
-    vocabulary = json.loads((Path(outcome.best_checkpoint) / "config.json").read_text())["vocabulary"]
+    model, _, vocabulary = load_model_from_checkpoint(outcome.best_checkpoint)
+    counts = model.head.counts
     occupancy = [outcome.best_metrics.get(f"ema_occupancy_{k}", 0.0) for k in range(cfg.model.head.num_scenes)]
     with tempfile.TemporaryDirectory() as tmp:
         write_scene_heatmaps(counts, vocabulary, Path(tmp) / "scenes", self_loops=cfg.model.head.self_loops)
@@ -306,34 +318,27 @@ def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: boo
         logger.log_artifacts(str(Path(tmp) / "scenes"), "scenes")
     logger.log_artifacts(outcome.best_checkpoint, "best_checkpoint")
     if log_model:
-        log_pytorch_model(outcome, cfg, model_state, vocabulary)
+        log_checkpoint_model(outcome.best_checkpoint, outcome.tracking_uri, outcome.mlflow_run_id)
 
 
-def _key(state: Mapping[str, Any], suffix: str) -> str:
-    return next(k for k in state if k.endswith(suffix))
-
-
-def log_pytorch_model(outcome: TrainOutcome, cfg: Config, model_state: Mapping[str, Any], vocabulary: list[str]) -> None:
-    """The EMA model as an MLflow PyTorch model, so it can be registered and served."""
+def log_checkpoint_model(checkpoint: str, tracking_uri: str, run_id: str, *, artifact_name: str = "model") -> str:
+    """A checkpoint's EMA model (live if none) as an MLflow PyTorch model; returns its model URI."""
     import mlflow
     import mlflow.pytorch
 
-    from salgl.model import build_model
+    from jobs.checkpoints import load_model_from_checkpoint
 
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in model_state.items()}
-    label_dim = state["head.label_embeddings"].shape[1]
-    model = build_model(cfg.model, num_labels=len(vocabulary), label_dim=label_dim)
-    model.load_state_dict(state)
-    model.eval()
-    mlflow.set_tracking_uri(outcome.tracking_uri)
-    with mlflow.start_run(run_id=outcome.mlflow_run_id):
-        mlflow.pytorch.log_model(
+    model, _, vocabulary = load_model_from_checkpoint(checkpoint)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
             # pickle: SALGL's forward takes optional targets and a sync callable, which the
             # traced pt2 format cannot capture; loading needs the salgl package installed.
-            model, name="model", serialization_format="pickle",
+            model, name=artifact_name, serialization_format="pickle",
             pip_requirements=["torch==2.14.1", "timm==1.0.31", "salgl"],
             metadata={"vocabulary": vocabulary},
         )
+    return info.model_uri
 
 
 def print_summary(outcome: TrainOutcome, finished: bool) -> None:

@@ -237,9 +237,11 @@ class RunConfig:
     experiment: str = "salgl"
     stop_after_epoch: int = 0  # > 0: end cleanly after this epoch (resume later with --resume)
     inject_failure: str = ""  # "EPOCH:RANK": that worker exits mid-epoch once (fault-tolerance tests)
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK fills nodes, SPREAD spreads them
 
     def validate(self) -> None:
         _at_least("workers", self.workers, 1)
+        _choice("placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         _at_least("stop_after_epoch", self.stop_after_epoch, 0)
         if self.inject_failure and not all(p.isdigit() for p in self.inject_failure.split(":", 1)):
             raise ConfigError("inject_failure", f"expected EPOCH:RANK, got {self.inject_failure!r}")
