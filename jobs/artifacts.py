@@ -117,3 +117,27 @@ def write_scene_rankings(counts: torch.Tensor, vocabulary: Sequence[str], out_di
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def write_metric_by_k(rows: Sequence[dict], key: str, path: str | Path, *, ylabel: str, reference=None) -> Path:
+    """Scatter of a per-trial value against K (one point per trial, the mean per K joined by a line);
+    ``reference`` (e.g. ``math.log``) draws f(K) for comparison, such as the maximum entropy ln K."""
+    plt = _pyplot()
+    path = Path(path)
+    points = [(row["K"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if points:
+        ks, values = zip(*points)
+        ax.scatter(ks, values, alpha=0.7, label="trials")
+        means = {k: float(np.mean([v for kk, v in points if kk == k])) for k in sorted(set(ks))}
+        ax.plot(list(means), list(means.values()), "-o", color="tab:red", label="mean per K")
+        if reference is not None:
+            grid = sorted(set(ks))
+            ax.plot(grid, [reference(k) if k > 0 else 0.0 for k in grid], "--", color="gray", label="reference")
+    ax.set_xlabel("number of scenes K")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

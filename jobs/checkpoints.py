@@ -79,3 +79,32 @@ def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, (list, tuple)):
             out[key] = list(value)
     return out
+
+
+def load_model_from_checkpoint(folder: str | os.PathLike[str], *, which: str = "ema") -> tuple[Any, Any, list[str]]:
+    """(model in eval mode, Config, vocabulary) from a checkpoint folder; ``which`` is ``ema``
+    (the default, falling back to live weights when the run had no EMA) or ``live``."""
+    from salgl.config import from_flat
+    from salgl.model import build_model
+    from salgl.official import strip_module_prefix
+
+    if which not in ("ema", "live"):
+        raise ValueError(f"which must be 'ema' or 'live', got {which!r}")
+    state = read_checkpoint(folder)
+    flat, vocabulary = read_checkpoint_config(folder)
+    cfg = from_flat(flat)
+    weights = state["ema"] if which == "ema" and state.get("ema") else state["model"]
+    weights = strip_module_prefix(weights)
+    model = build_model(cfg.model, num_labels=len(vocabulary), label_dim=weights["head.label_embeddings"].shape[1])
+    model.load_state_dict(weights)
+    return model.eval(), cfg, vocabulary
+
+
+def best_checkpoint_in(run_dir: str | os.PathLike[str], metric: str) -> str | None:
+    """The checkpoint folder under a run with the highest ``metric`` in its meta.json."""
+    best, best_value = None, float("-inf")
+    for meta_path in sorted(Path(run_dir).glob(f"*/{META_FILE}")):
+        value = json.loads(meta_path.read_text()).get("metrics", {}).get(metric)
+        if isinstance(value, (int, float)) and value > best_value:
+            best, best_value = str(meta_path.parent), float(value)
+    return best

@@ -13,6 +13,12 @@ import sys
 COMMANDS: dict[str, str] = {
     "prepare": "jobs.prepare_cmd",
     "train": "jobs.cli_train",
+    "evaluate": "jobs.cli_evaluate",
+    "predict": "jobs.cli_predict",
+    "inspect": "jobs.cli_inspect",
+    "tune": "jobs.cli_tune",
+    "submit": "jobs.cli_submit",
+    "jobs": "jobs.cli_jobs",
 }
 
 

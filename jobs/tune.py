@@ -1,0 +1,330 @@
+"""``salgl tune``: ASHA over K, lambda and T (any config key can be searched), one MLflow child
+run per trial under a parent run per sweep, the best trial's best checkpoint registered.
+
+Each trial is a small function that runs the same ``jobs.train.train`` code path as
+``salgl train`` (its own TorchTrainer, reporting to Tune through ``TuneReportCallback``),
+wrapped with a token CPU request so the trial's Train workers and data tasks get the CPUs
+(STACK.md: the Tune + Train pattern that works with Ray 2.60).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from jobs.resources import plan_resources
+from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
+from jobs.train import init_ray, new_run_name, resolve_data, storage_root
+from salgl.config import Config, from_flat, resolve_key, to_flat, with_overrides
+
+SWEEP_FILE = "salgl_sweep.json"
+METRIC = "ema_mAP"
+TRIAL_CPU = 0.01  # a trial's own process only waits on its TorchTrainer (0 is rejected by Tune)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space
+
+
+def default_space() -> dict[str, Any]:
+    from ray import tune
+
+    return {
+        "model.head.num_scenes": tune.choice([1, 2, 3, 4, 6, 8]),
+        "loss.entropy_weight": tune.loguniform(0.01, 10.0),
+        "model.head.steps": tune.choice([0, 1, 2, 3, 4, 5]),
+    }
+
+
+def parse_space_item(key: str, text: str) -> Any:
+    """``K=2,4,6`` -> choice; ``lambda=log:0.01:10`` -> log-uniform; ``optim.lr=uniform:1e-4:1e-3``;
+    ``K=grid:2,4`` -> every value (multiplies the trials); ``T=3`` -> a fixed value."""
+    from ray import tune
+
+    kind, _, rest = text.partition(":")
+    if kind in ("log", "loguniform"):
+        low, high = (float(x) for x in rest.split(":"))
+        return tune.loguniform(low, high)
+    if kind == "uniform":
+        low, high = (float(x) for x in rest.split(":"))
+        return tune.uniform(low, high)
+    if kind == "grid":
+        return tune.grid_search([_number(v) for v in rest.split(",") if v != ""])
+    if kind == "choice":
+        text = rest
+    values = [_number(v) for v in text.split(",") if v != ""]
+    if not values:
+        raise ValueError(f"{key}: empty search values")
+    return tune.choice(values) if len(values) > 1 else values[0]
+
+
+def _number(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_space(overrides: Mapping[str, str]) -> dict[str, Any]:
+    space = default_space()
+    for key, text in overrides.items():
+        space[resolve_key(key)] = parse_space_item(key, text)
+    return space
+
+
+def trial_label(flat: Mapping[str, Any], trial_id: str) -> str:
+    """``K6-lam1.0-T3-<trial>``: the MLflow child run's name."""
+    lam = float(f"{float(flat['loss.entropy_weight']):.3g}")  # 3 significant digits, printed as a float
+    return f"K{flat['model.head.num_scenes']}-lam{lam}-T{flat['model.head.steps']}-{trial_id}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """One Tune trial: ``salgl train``'s code path with the sampled values."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.train import RUN_FILE, train
+
+    base = dict(config["__base__"])
+    sampled = {k: v for k, v in config.items() if not k.startswith("__")}
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = with_overrides(from_flat(base), {**sampled, "run.name": f"trial-{trial_id}"})
+    flat = to_flat(cfg)
+    run_dir = Path(cfg.run.storage) / cfg.run.name
+    resume = cfg.run.name if (run_dir / RUN_FILE).is_file() else None  # a restored sweep continues the trial
+    train(
+        cfg,
+        resume=resume,
+        parent_run_id=config["__parent_run_id__"],
+        mlflow_run_name=trial_label(flat, trial_id),
+        extra_params={"K": flat["model.head.num_scenes"], "lambda": flat["loss.entropy_weight"], "T": flat["model.head.steps"], "trial_id": trial_id},
+        callbacks=[TuneReportCallback()],
+        log_model=False,
+        resource_share=float(config["__resource_share__"]),
+        quiet=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    sweep_dir: str
+    parent_run_id: str
+    tracking_uri: str
+    summary: list[dict[str, Any]]
+    best: dict[str, Any]
+    registered_model: str | None
+
+
+def trial_concurrency(cfg: Config, cluster: Mapping[str, float]) -> int:
+    """How many trials fit at once, each with its workers and a data share that does not starve."""
+    one = plan_resources(cfg.run.workers, cluster)
+    per_trial = one.cpus_per_worker * one.num_workers * 2  # workers plus as much again for data
+    if one.use_gpu:
+        return max(1, int(cluster.get("GPU", 0) // cfg.run.workers))
+    return max(1, min(int(cluster.get("CPU", 1) // max(per_trial, 1.0)), 64))
+
+
+def tune_sweep(
+    cfg: Config,
+    *,
+    samples: int,
+    max_epochs: int,
+    space_overrides: Mapping[str, str] | None = None,
+    grace_period: int = 1,
+    reduction_factor: int = 2,
+    register_as: str = "salgl",
+    address: str | None = None,
+    resume: str | None = None,
+) -> SweepOutcome:
+    """Run (or continue) a sweep; returns the summary and where everything went."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    init_ray(address)
+    if resume:
+        return _resume(resume, register_as)
+    storage = storage_root(cfg)
+    name = cfg.run.name or new_run_name("sweep")
+    sweep_dir = Path(storage) / name
+    if sweep_dir.exists():
+        raise FileExistsError(f"sweep {name!r} exists in {storage}: continue it with `salgl tune --resume {sweep_dir}`")
+    data_dir = resolve_data(cfg)
+    tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
+    base = with_overrides(cfg, {
+        "optim.epochs": max_epochs, "data.path": data_dir, "run.storage": str(sweep_dir / "trials"),
+        "run.tracking_uri": tracking_uri, "run.name": "",
+    })
+    space = build_space(space_overrides or {})
+    import ray
+
+    concurrency = trial_concurrency(base, ray.cluster_resources())
+    parent = start_run(tracking_uri, cfg.run.experiment, run_name=name, params={
+        "sweep.samples": samples, "sweep.max_epochs": max_epochs, "sweep.grace_period": grace_period,
+        "sweep.reduction_factor": reduction_factor, "sweep.concurrency": concurrency,
+        **{f"space.{k}": str(v) for k, v in space.items()},
+    }, tags={"salgl.sweep_dir": str(sweep_dir)})
+    sweep_dir.mkdir(parents=True)
+    record = {"name": name, "tracking_uri": tracking_uri, "parent_run_id": parent, "max_epochs": max_epochs,
+              "samples": samples, "base": to_flat(base)}
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=1))
+    param_space = {**space, "__base__": to_flat(base), "__parent_run_id__": parent, "__resource_share__": 1.0 / concurrency}
+    print(f"[salgl] sweep {name}: {samples} trials, ASHA on {METRIC} over {max_epochs} epochs, "
+          f"{concurrency} at a time; MLflow parent {parent}", flush=True)
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"CPU": TRIAL_CPU}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", num_samples=samples, max_concurrent_trials=concurrency,
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor),
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0),
+    )
+    return _finish(tuner.fit(), sweep_dir, record, register_as)
+
+
+def _resume(path: str, register_as: str) -> SweepOutcome:
+    from ray import tune
+
+    sweep_dir = Path(path).resolve()
+    record = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    print(f"[salgl] resuming sweep {record['name']} from {sweep_dir}", flush=True)
+    tuner = tune.Tuner.restore(
+        str(sweep_dir / "tune"), trainable=tune.with_resources(run_trial, {"CPU": TRIAL_CPU}),
+        resume_unfinished=True, resume_errored=True,
+    )
+    return _finish(tuner.fit(), sweep_dir, record, register_as)
+
+
+def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: str) -> SweepOutcome:
+    tracking_uri, parent = record["tracking_uri"], record["parent_run_id"]
+    summary = summarize(results, record["max_epochs"])
+    if results.num_terminated + results.num_errors < len(results):
+        # Interrupted (Ctrl-C): Tune saved its scheduler and searcher state; nothing is final yet.
+        print(f"[salgl] sweep interrupted with {results.num_terminated} of {len(results)} trials done; "
+              f"continue with: salgl tune --resume {sweep_dir}", flush=True)
+        return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, {}, None)
+    close_trial_runs(tracking_uri, parent, summary)
+    logger = MlflowLogger(tracking_uri, parent)
+    write_sweep_artifacts(summary, logger)
+    finished = [row for row in summary if row.get("best_ema_mAP") is not None]
+    best = max(finished, key=lambda r: r["best_ema_mAP"]) if finished else {}
+    registered = None
+    if best.get("best_checkpoint"):
+        logger.log_metrics({"best_ema_mAP": best["best_ema_mAP"]}, step=0)
+        registered = register_checkpoint(best["best_checkpoint"], tracking_uri, parent, register_as)
+    end_run(tracking_uri, parent, "FINISHED")
+    print_sweep(summary, best, registered, tracking_uri, parent)
+    return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, best, registered)
+
+
+def summarize(results: Any, max_epochs: int) -> list[dict[str, Any]]:
+    """One row per trial: its values, best and last EMA mAP, epochs run, and whether ASHA stopped it."""
+    from jobs.checkpoints import best_checkpoint_in
+
+    rows = []
+    for result in results:
+        config = {k: v for k, v in result.config.items() if not k.startswith("__")}
+        flat = {**result.config["__base__"], **config}
+        history = result.metrics_dataframe
+        epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
+        best_map = float(history[METRIC].max()) if history is not None and METRIC in history else None
+        trial_id = result.metrics.get("trial_id") or Path(result.path).name
+        run_dir = Path(flat["run.storage"]) / f"trial-{result.metrics.get('trial_id', '')}"
+        best_ckpt = best_checkpoint_in(run_dir, METRIC) if run_dir.is_dir() else None
+        rows.append({
+            "trial": trial_id,
+            "K": int(flat["model.head.num_scenes"]),
+            "lambda": float(flat["loss.entropy_weight"]),
+            "T": int(flat["model.head.steps"]),
+            **{k: v for k, v in config.items() if k not in ("model.head.num_scenes", "loss.entropy_weight", "model.head.steps")},
+            "epochs": epochs,
+            "stopped_early": bool(result.error is None and 0 < epochs < max_epochs),
+            "error": str(result.error)[:200] if result.error else None,
+            "best_ema_mAP": best_map,
+            "last_ema_mAP": result.metrics.get(METRIC),
+            "scene_entropy": result.metrics.get("ema_scene_entropy"),
+            "best_checkpoint": best_ckpt,
+        })
+    return sorted(rows, key=lambda r: (r["best_ema_mAP"] is None, -(r["best_ema_mAP"] or 0)))
+
+
+def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any]]) -> None:
+    """Child runs of trials that ASHA stopped stay RUNNING unless ended: mark and end them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    by_trial = {row["trial"]: row for row in summary}
+    for child in children:
+        row = by_trial.get(child.data.params.get("trial_id", ""))
+        if row is not None:
+            client.set_tag(child.info.run_id, "asha.stopped_early", str(row["stopped_early"]).lower())
+            client.set_tag(child.info.run_id, "asha.epochs", str(row["epochs"]))
+        if child.info.status == "RUNNING":
+            end_run(tracking_uri, child.info.run_id, "KILLED")
+
+
+def write_sweep_artifacts(summary: list[dict[str, Any]], logger: MlflowLogger) -> None:
+    """Summary table (CSV, JSON) and plots of best mAP and scene entropy against K on the parent."""
+    import csv
+
+    from jobs.artifacts import write_metric_by_k
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        keys = sorted({k for row in summary for k in row}, key=lambda k: (k not in _COLUMNS, _COLUMNS.index(k) if k in _COLUMNS else 0, k))
+        with open(folder / "summary.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(summary)
+        write_metric_by_k(summary, "best_ema_mAP", folder / "best_map_vs_K.png", ylabel="best EMA mAP (%)")
+        write_metric_by_k(summary, "scene_entropy", folder / "scene_entropy_vs_K.png", ylabel="scene entropy (nats)", reference=math.log)
+        stopped = [{"trial": r["trial"], "stopped_after_epoch": r["epochs"]} for r in summary if r["stopped_early"]]
+        (folder / "asha_stopped.json").write_text(json.dumps(stopped, indent=1))
+        logger.log_artifacts(str(folder), "sweep")
+
+
+_COLUMNS = ["trial", "K", "lambda", "T", "epochs", "stopped_early", "best_ema_mAP", "last_ema_mAP", "scene_entropy"]
+
+
+def register_checkpoint(checkpoint: str, tracking_uri: str, run_id: str, name: str) -> str:
+    """Log a checkpoint's EMA model on ``run_id`` and register it; returns ``models:/name/version``."""
+    import mlflow
+
+    from jobs.train import log_checkpoint_model
+
+    model_uri = log_checkpoint_model(checkpoint, tracking_uri, run_id, artifact_name="best_model")
+    mlflow.set_tracking_uri(tracking_uri)
+    version = mlflow.register_model(model_uri, name)
+    return f"models:/{name}/{version.version}"
+
+
+def print_sweep(summary: list[dict[str, Any]], best: Mapping[str, Any], registered: str | None, tracking_uri: str, parent: str) -> None:
+    print("[salgl] trial                 K   lambda     T  epochs  stopped  best EMA mAP  scene entropy")
+    for row in summary:
+        best_map = f"{row['best_ema_mAP']:.2f}" if row["best_ema_mAP"] is not None else "-"
+        entropy = f"{row['scene_entropy']:.3f}" if row.get("scene_entropy") is not None else "-"
+        print(f"[salgl] {row['trial']:<20} {row['K']:>2} {row['lambda']:>8.3g} {row['T']:>5} {row['epochs']:>7} "
+              f"{'yes' if row['stopped_early'] else 'no':>8} {best_map:>13} {entropy:>14}")
+    if best:
+        print(f"[salgl] best: trial {best['trial']} (K={best['K']}, lambda={best['lambda']:.3g}, T={best['T']}), "
+              f"checkpoint {best.get('best_checkpoint')}")
+    if registered:
+        print(f"[salgl] registered: {registered}")
+    print("[salgl] MLflow: " + run_page(tracking_uri, parent))
