@@ -1,0 +1,281 @@
+"""pipeline.ingest on a local Ray instance (2 CPUs) with 2 consumers, over real parquet and JPEGs.
+
+One Ray instance for the module; every Ray test has a timeout (these failures hang, not raise).
+The trainer tests run a real Train V2 ``TorchTrainer`` with 2 workers at half a CPU each, exactly
+as the training job does, and compare what each worker saw with the parquet rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ingest
+from salgl.config import DataConfig
+from tests.bench.ingest import write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_ROWS, TEST_ROWS, N_LABELS, SCENES = 150, 37, 6, 3
+BATCH, WORKERS, EPOCHS, IMG = 8, 2, 3, 32
+CFG = DataConfig(img_size=IMG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """150 train rows in 3 shards of 64 (row groups of 16), 37 test rows: odd, so it needs a pad."""
+    root = tmp_path_factory.mktemp("ingest") / "ds"
+    write_synthetic_dataset(
+        root, {"train": TRAIN_ROWS, "test": TEST_ROWS}, num_labels=N_LABELS, width=64, height=48,
+        unique_images=40, shard_rows=64, row_group_rows=16, scenes=SCENES, seed=1,
+    )
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def rows(data_dir: str) -> dict[str, dict[str, Any]]:
+    """id -> {"labels", "ignore", "scene"} straight from the parquet files."""
+    out = {}
+    for path in sorted(Path(data_dir).glob("*/part-*.parquet")):
+        for row in pq.read_table(path, columns=["id", "labels", "ignore", "scene"]).to_pylist():
+            out[row.pop("id")] = row
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # Workers import this test module's functions by reference: put the repository on their path.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# A real 2-worker Train V2 run that records what every worker saw
+
+
+def _record(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    image = batch["image"]
+    assert image.dtype.is_floating_point and tuple(image.shape[1:]) == (3, IMG, IMG)
+    return [
+        {
+            "id": id_,
+            "target": np.flatnonzero(batch["target"][i].numpy()).tolist(),
+            "target_dtype": str(batch["target"].dtype),
+            "ignore": np.flatnonzero(batch["ignore"][i].numpy()).tolist(),
+            "ignore_dtype": str(batch["ignore"].dtype),
+            "scene": int(batch["scene"][i]),
+            "pixels": float(image[i].double().sum()),
+            **({"valid": bool(batch["valid"][i])} if "valid" in batch else {}),
+        }
+        for i, id_ in enumerate(batch["id"])
+    ]
+
+
+# Datasets of the one fit: the training split twice with the same seed (two independent pipelines,
+# as two runs would build them), once with the global shuffle, and the evaluation split.
+TRAIN_SETS = {"train": (5, "local"), "again": (5, "local"), "global": (3, "global")}
+
+
+def _probe_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    out: dict[str, Any] = {}
+    for name, (seed, _) in TRAIN_SETS.items():
+        shard = ray.train.get_dataset_shard(name)
+        out[name] = [
+            [_record(b) for b in ingest.iter_train_batches(shard, batch_size=config["batch"], epoch=epoch, seed=seed, rank=rank)]
+            for epoch in range(config["epochs"])
+        ]
+    out["eval"] = [_record(b) for b in ingest.iter_eval_batches(ray.train.get_dataset_shard("test"), batch_size=config["batch"])]
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def ranks(ray_local, data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """One 2-worker fit: [rank] -> {dataset: [epoch][batch][row], "eval": [batch][row]}."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = tmp_path_factory.mktemp("fit")
+    datasets = {
+        name: ingest.train_dataset(data_dir, CFG, seed=seed, shuffle=shuffle) for name, (seed, shuffle) in TRAIN_SETS.items()
+    }
+    datasets["test"] = ingest.build_datasets(data_dir, CFG, seed=0, num_workers=WORKERS)["test"]
+    trainer = TorchTrainer(
+        _probe_loop,
+        train_loop_config={"epochs": EPOCHS, "batch": BATCH, "out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name="ingest-probe", storage_path=str(out / "storage")),
+        datasets=datasets,
+        dataset_config=ingest.data_config([*TRAIN_SETS, "test"]),
+    )
+    trainer.fit()
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORKERS)]
+
+
+def _ids(batches: list[list[dict[str, Any]]]) -> list[str]:
+    return [row["id"] for batch in batches for row in batch]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training split
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(TRAIN_SETS))
+def test_workers_get_equal_batch_counts_of_full_batches(ranks, name):
+    expected = (TRAIN_ROWS // WORKERS) // BATCH  # equal=True drops at most W - 1 rows, then drop_last
+    for epoch in range(EPOCHS):
+        assert [len(rank[name][epoch]) for rank in ranks] == [expected] * WORKERS
+        assert all(len(batch) == BATCH for rank in ranks for batch in rank[name][epoch])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(TRAIN_SETS))
+def test_workers_see_disjoint_samples_each_epoch(ranks, rows, name):
+    for epoch in range(EPOCHS):
+        seen = [_ids(rank[name][epoch]) for rank in ranks]
+        assert all(len(s) == len(set(s)) for s in seen), "no sample twice on one worker"
+        assert not set(seen[0]) & set(seen[1]), "no sample on two workers"
+        assert set(seen[0]) | set(seen[1]) <= {i for i in rows if i.startswith("train-")}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(TRAIN_SETS))
+def test_every_epoch_has_a_new_order_and_new_augmentations(ranks, name):
+    for rank in ranks:
+        assert len({tuple(_ids(epoch)) for epoch in rank[name]}) == EPOCHS, "each epoch in a different order"
+    # The same image in two epochs is (almost always) augmented differently.
+    pixels = [{row["id"]: row["pixels"] for rank in ranks for b in rank[name][e] for row in b} for e in range(2)]
+    common = set(pixels[0]) & set(pixels[1])
+    differ = sum(pixels[0][i] != pixels[1][i] for i in common)
+    assert len(common) > 100 and differ > 0.8 * len(common)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_same_seed_gives_the_same_orders_and_pixels_in_a_fresh_pipeline(ranks):
+    for rank in ranks:
+        for epoch in range(EPOCHS):
+            assert _ids(rank["train"][epoch]) == _ids(rank["again"][epoch])
+            assert [r["pixels"] for b in rank["train"][epoch] for r in b] == [r["pixels"] for b in rank["again"][epoch] for r in b]
+    assert _ids(ranks[0]["train"][0]) != _ids(ranks[0]["global"][0])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_global_shuffle_mixes_all_shards_into_the_first_batches(ranks):
+    for epoch in range(EPOCHS):
+        first = [i for rank in ranks for b in rank["global"][epoch][:3] for i in (r["id"] for r in b)]
+        assert len({int(i.split("-")[1]) // 64 for i in first}) == 3  # shards hold 64 rows each
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_targets_ignore_masks_and_scenes_match_the_parquet_rows(ranks, rows):
+    checked = 0
+    for rank in ranks:
+        batches = [b for name in TRAIN_SETS for epoch in rank[name] for b in epoch] + rank["eval"]
+        for row in (r for b in batches for r in b):
+            truth = rows[row["id"]]
+            assert row["target"] == sorted(truth["labels"]), row["id"]
+            assert row["ignore"] == sorted(truth["ignore"]), row["id"]
+            assert row["scene"] == truth["scene"]
+            assert (row["target_dtype"], row["ignore_dtype"]) == ("torch.float32", "torch.bool")
+            checked += 1
+    assert checked > len(TRAIN_SETS) * EPOCHS * TRAIN_ROWS * 0.9
+    assert any(r["ignore"] for r in rows.values()), "the fixture has ignore entries to check"
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation split
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_eval_covers_every_sample_exactly_once_with_marked_padding(ranks, rows):
+    assert len({len(rank["eval"]) for rank in ranks}) == 1, "every worker yields the same number of eval batches"
+    valid = collections.Counter(row["id"] for rank in ranks for b in rank["eval"] for row in b if row["valid"])
+    assert set(valid) == {i for i in rows if i.startswith("test-")}
+    assert set(valid.values()) == {1}
+    padded = [row["id"] for rank in ranks for b in rank["eval"] for row in b if not row["valid"]]
+    assert len(padded) == -TEST_ROWS % WORKERS and set(padded) <= set(valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two streaming_split consumers as Ray tasks, without Train
+
+
+def _consume(split: Any, epochs: int, seed: int, rank: int) -> list[list[str]]:
+    return [
+        [i for b in ingest.iter_train_batches(split, batch_size=BATCH, epoch=e, seed=seed, rank=rank) for i in b["id"]]
+        for e in range(epochs)
+    ]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_streaming_split_consumers_in_ray_tasks(ray_local, data_dir):
+    import ray
+
+    ds = ingest.train_dataset(data_dir, CFG, seed=3)
+    ds.context.execution_options.preserve_order = True
+    consume = ray.remote(num_cpus=0)(_consume)
+    seen = ray.get([consume.remote(s, 2, 3, r) for r, s in enumerate(ds.streaming_split(WORKERS, equal=True))], timeout=280)
+    for epoch in range(2):
+        a, b = seen[0][epoch], seen[1][epoch]
+        assert len(a) == len(b) == (TRAIN_ROWS // WORKERS) // BATCH * BATCH
+        assert not set(a) & set(b)
+    assert seen[0][0] != seen[0][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Without Ray
+
+
+def test_permute_rows_is_a_seeded_permutation():
+    table = pa.table({"id": [f"r{i}" for i in range(50)], "labels": [[i % 3] * (i % 4) for i in range(50)]})
+    a, b, c = (ingest.permute_rows(table, seed=s) for s in (1, 1, 2))
+    assert a.equals(b) and not a.equals(c)
+    assert sorted(a.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
+    assert a.schema == table.schema
+    row = dict(zip(table.column("id").to_pylist(), table.column("labels").to_pylist()))
+    assert all(row[i] == labels for i, labels in zip(a.column("id").to_pylist(), a.column("labels").to_pylist()))
+
+
+def test_epoch_seed_separates_streams_and_epochs():
+    seeds = {ingest.epoch_seed(0, e, s) for e in range(3) for s in ("files", "rows", "augment")}
+    assert len(seeds) == 9 and all(0 <= s < 2**32 for s in seeds)
+    assert ingest.epoch_seed(0, 1, "rows") == ingest.epoch_seed(0, 1, "rows")
+
+
+def test_data_config_splits_in_a_deterministic_order():
+    config = ingest.data_config(["train"], object_store_bytes=1 << 30)
+    options = config._resolve_execution_options("train")
+    assert config._datasets_to_split == ["train"]
+    assert options.preserve_order
+    assert options.resource_limits.object_store_memory == 1 << 30
+
+
+def test_unknown_shuffle_is_rejected(data_dir):
+    with pytest.raises(ValueError, match="shuffle"):
+        ingest.train_dataset(data_dir, CFG, seed=0, shuffle="perfect")  # type: ignore[arg-type]
