@@ -70,3 +70,14 @@ def test_import_salgl_loads_no_ray_mlflow_or_pyarrow() -> None:
     code = "import sys, salgl, salgl.official, salgl.metrics; print([m for m in ('ray', 'mlflow', 'pyarrow') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["default", "voc2007", "coco2014", "nuswide", "official", "tiny"])
+def test_bundled_run_configs_load(name: str) -> None:
+    from jobs.cli_train import load_config_file
+
+    cfg = load(load_config_file(name))
+    expected_k = {"voc2007": 3, "coco2014": 6, "nuswide": 2, "official": 6}
+    if name in expected_k:
+        assert cfg.model.head.num_scenes == expected_k[name]
+        assert (cfg.model.backbone.name, cfg.data.img_size, cfg.model.head.steps) == ("resnet101", 448, 3)
