@@ -106,5 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     sj.stream_logs(cluster, job_id)
     info = sj.wait_for_end(cluster, job_id, timeout_s=60)
-    print(f"[salgl] job {job_id} {info.status}" + (f": {info.message}" if info.message and str(info.status) != "SUCCEEDED" else ""))
+    # Ray's message on failure repeats the log's tail, already streamed above: keep its first line.
+    reason = (info.message or "").splitlines()[0] if str(info.status) != "SUCCEEDED" and info.message else ""
+    print(f"[salgl] job {job_id} {info.status}" + (f": {reason}" if reason else ""), flush=True)
     return sj.exit_code(str(info.status))

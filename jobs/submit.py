@@ -52,11 +52,12 @@ def dashboard_address(address: str | None, environ: Mapping[str, str] = os.envir
     chosen = address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS")
     if not chosen or chosen in ("auto", "local"):
         return DEFAULT_ADDRESS
+    chosen = chosen.rstrip("/")
     if chosen.startswith(("http://", "https://")):
-        return chosen.rstrip("/")
-    host = chosen.removeprefix("ray://").rstrip("/").rsplit(":", 1)[0]
-    if address:  # typed by the user without a scheme: keep the port they gave
-        return "http://" + chosen.removeprefix("ray://").rstrip("/")
+        return chosen
+    if address and not chosen.startswith("ray://"):  # --address names the dashboard: keep its port
+        return "http://" + chosen
+    host = chosen.removeprefix("ray://").rsplit(":", 1)[0]
     return f"http://{host}:{DASHBOARD_PORT}"
 
 

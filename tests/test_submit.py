@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (None, {}, "http://127.0.0.1:8265"),
     ("http://head:8265/", {}, "http://head:8265"),
     ("head:9000", {}, "http://head:9000"),
+    ("ray://head:10001", {}, "http://head:8265"),
     (None, {"RAY_ADDRESS": "10.0.0.5:6379"}, "http://10.0.0.5:8265"),
     (None, {"RAY_ADDRESS": "ray://10.0.0.5:10001"}, "http://10.0.0.5:8265"),
     (None, {"RAY_ADDRESS": "https://ray.example.com"}, "https://ray.example.com"),
