@@ -1,0 +1,55 @@
+"""``salgl predict CHECKPOINT PATHS... --out FILE.jsonl [--threshold 0.5] [--top-k 5] [--batch-size N]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from jobs.cli_checkpoint import add_checkpoint_arguments, load_from_args, reports_errors
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="labels, top-k scores and the scene of image files (one JSON line each)")
+    add_checkpoint_arguments(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="JSON lines output ('-' for stdout)")
+    p.add_argument("--threshold", type=float, default=0.5, help="score at which a label is predicted (default 0.5)")
+    p.add_argument("--top-k", type=int, default=5, help="best labels listed with their scores (default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+@reports_errors("predict")
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from jobs.predict import find_images, predict_files
+
+    model, cfg, vocabulary = load_from_args(args)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = find_images(args.paths)
+    if not paths:
+        print(f"[salgl] no image files in {' '.join(args.paths)}", file=sys.stderr)
+        return 1
+    predicted = failed = 0
+    if args.out != "-":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out = nullcontext(sys.stdout) if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    with out as stream:
+        records = predict_files(model.to(device), cfg.data, vocabulary, paths, batch_size=args.batch_size,
+                                threshold=args.threshold, top_k=args.top_k, progress=not args.no_progress)
+        for record in records:
+            stream.write(json.dumps(record) + "\n")
+            if "error" in record:
+                failed += 1
+                tqdm.write(f"[salgl] skipped {record['path']}: {record['error']}", file=sys.stderr)
+            else:
+                predicted += 1
+    print(f"[salgl] {predicted} image(s) predicted, {failed} skipped -> {args.out}", file=sys.stderr)
+    return 0 if predicted else 1

@@ -1,0 +1,109 @@
+"""``salgl predict``: labels, top-k and the detected scene for image files, in plain torch.
+
+Images are read, resized and normalised as the checkpoint's test transform does
+(``pipeline.transforms``), scored in batches, and turned into one JSON-able record each. A file
+that cannot be read or decoded gets a record with an ``error`` instead, and the rest go on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from jobs.inference import score_images
+from pipeline.transforms import decode_image, resize, to_normalized
+from salgl.config import DataConfig
+from salgl.model import SALGL
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+# What a broken or unreadable file raises: OSError covers missing files, PIL's
+# UnidentifiedImageError and truncated data; DecompressionBombError is a plain Exception.
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, and the image files under each folder (recursive, sorted).
+
+    A path that does not exist is kept, so that it is reported like any other unreadable file.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        else:
+            found.append(path)
+    return found
+
+
+def load_image(path: Path, cfg: DataConfig) -> Image.Image:
+    """The file as an S x S RGB image; raises one of ``READ_ERRORS`` when it cannot be read."""
+    img = decode_image(path.read_bytes())
+    img.load()  # PIL decodes lazily: force it here, where a truncated file can be caught
+    return resize(img, cfg.img_size)
+
+
+def prediction_record(
+    path: Path, probs: np.ndarray, scene_probs: np.ndarray, vocabulary: Sequence[str], *, threshold: float, top_k: int
+) -> dict[str, Any]:
+    """One image's JSON line: labels >= threshold (best first), the top-k with scores, the scene."""
+    order = np.argsort(-probs, kind="stable")  # (n,)
+    scene = int(scene_probs.argmax())
+    return {
+        "path": str(path),
+        "labels": [vocabulary[i] for i in order if probs[i] >= threshold],
+        "top_k": [{"label": vocabulary[i], "score": round(float(probs[i]), 6)} for i in order[:top_k]],
+        "scene": scene,
+        "scene_probability": round(float(scene_probs[scene]), 6),
+    }
+
+
+def error_record(path: Path, err: BaseException) -> dict[str, Any]:
+    # PIL names the in-memory buffer (`<_io.BytesIO object at 0x...>`), not the file: say it plainly.
+    reason = "cannot identify image file" if isinstance(err, UnidentifiedImageError) else str(err)
+    return {"path": str(path), "error": f"{type(err).__name__}: {reason}"}
+
+
+def predict_chunk(
+    model: SALGL, cfg: DataConfig, vocabulary: Sequence[str], paths: Sequence[Path], *, threshold: float, top_k: int
+) -> list[dict[str, Any]]:
+    """Records for ``paths`` in their order: the readable ones scored in one batch."""
+    images: dict[int, Image.Image] = {}
+    records: list[dict[str, Any] | None] = [None] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            images[i] = load_image(path, cfg)
+        except READ_ERRORS as err:
+            records[i] = error_record(path, err)
+    if images:
+        batch = torch.from_numpy(to_normalized(list(images.values()), cfg.normalize))  # (b, 3, S, S)
+        probs, scene_probs = score_images(model, batch)
+        for row, i in enumerate(images):
+            records[i] = prediction_record(paths[i], probs[row], scene_probs[row], vocabulary, threshold=threshold, top_k=top_k)
+    return [r for r in records if r is not None]
+
+
+def predict_files(
+    model: SALGL,
+    cfg: DataConfig,
+    vocabulary: Sequence[str],
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 32,
+    threshold: float = 0.5,
+    top_k: int = 5,
+    progress: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Records for every path, in order, ``batch_size`` images per model call, with a progress bar."""
+    from tqdm import tqdm
+
+    model.eval()
+    with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            yield from predict_chunk(model, cfg, vocabulary, chunk, threshold=threshold, top_k=top_k)
+            bar.update(len(chunk))
