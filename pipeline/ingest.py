@@ -17,9 +17,12 @@ How Ray 2.60 runs this (read from ``ray/train/_internal/data_config.py`` and
   ``DataContext`` (the execution index).
 - Every random step of the graph takes a ``RandomSeedConfig(seed, reseed_after_execution=True)``
   (or ``FileShuffleConfig(..., reseed_after_execution=True)``): Ray combines the seed with that
-  execution index, so every epoch gets a new order and new augmentations, and the same seed
-  replays the same sequence of epochs in a fresh run. Epoch e of a run is execution e of the
-  Dataset, counted from ``start_epoch`` (which only enters the seed, see ``epoch_seed``).
+  execution index, so every epoch gets a new shard order (or a new global permutation) and new
+  augmentations, and the same seed replays the same sequence of epochs in a fresh run. The
+  worker-side shuffle buffer is seeded by (seed, epoch, rank) explicitly. ``start_epoch`` (a run
+  resumed from a checkpoint) enters the base seed, so a resumed run does not replay the orders of
+  epochs 0, 1, ...; orders are reproducible for a given (seed, start_epoch). When Train restarts a
+  failed worker group inside one run, the coordinators are rebuilt and their count restarts.
 - ``equal=True`` hands every worker exactly ``floor(N / W)`` rows (at most W - 1 rows of an
   epoch are dropped, different ones every epoch); ``iter_train_batches`` then drops the last
   partial batch, so every worker yields exactly ``floor(floor(N / W) / b)`` batches and the
@@ -27,16 +30,16 @@ How Ray 2.60 runs this (read from ``ray/train/_internal/data_config.py`` and
 - ``preserve_order=True`` (set in ``data_config``) makes the block sequence, and so the split of
   rows among workers, independent of task timing: the same seed gives every worker the same rows
   in the same order in every run.
-- The evaluation split is padded on the driver to a multiple of W with copies of its first rows,
+- The evaluation split is padded, in the graph, to a multiple of W with copies of its first rows,
   marked ``valid = False``; with ``equal=True`` nothing is then dropped, every real row reaches
   exactly one worker once, and every worker yields the same number of batches.
 
-Memory: data tasks stream; Ray Data's backpressure keeps at most a few blocks per operator in the
-object store, capped by ``data_config(object_store_bytes=...)``. The default shuffle ("local")
-never holds more than a window of encoded rows per task, so memory does not grow with the dataset;
-the "global" shuffle is a full all-to-all of the encoded split through the object store every
-epoch (spilled to disk beyond its cap): a perfect permutation for datasets that fit, I/O-bound
-for ones that do not.
+Memory: data tasks stream; Ray Data's backpressure keeps a few blocks per operator in the object
+store, capped by ``data_config(object_store_bytes=...)``; each decode task holds ``MAP_BATCH_ROWS``
+rows and the local shuffle buffer a fixed number of rows, so with the default ``shuffle="local"``
+memory does not grow with the dataset (``tests/bench/ingest.py`` measures it). ``shuffle="global"``
+is a full all-to-all of the encoded split through the object store every epoch (spilled to disk
+beyond its cap): a perfect permutation for datasets that fit, I/O-bound for ones that do not.
 """
 
 from __future__ import annotations
@@ -54,11 +57,17 @@ from salgl.config import DataConfig
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "test"
 SHUFFLES = ("local", "global")
-# Rows per transform call: small enough that one output block (rows x 3 S^2 float32, 19 MB at
-# 448 px) stays far below Ray Data's 128 MB target block size and splits finely among workers.
-MAP_BATCH_ROWS = 8
-# Rows of encoded images permuted together by the "local" shuffle (~100 MB of JPEGs per task).
-SHUFFLE_WINDOW_ROWS = 1024
+# Rows per decode task: one output block (rows x 3 S^2 float32, 38 MB at 448 px) stays well below
+# Ray Data's 128 MB target block size, and a task (0.1-0.4 s of work) amortises its overhead.
+# The read splits its blocks to about this size (``override_num_blocks``): a map task takes whole
+# blocks, so without the split one decode task would get a whole shard (thousands of rows) and
+# decode parallelism would be the number of shards read at once.
+MAP_BATCH_ROWS = 16
+# CPU share of a read task: reading parquet pages of already-encoded images is light. Being
+# different from the decode tasks' share also keeps Ray from fusing read and decode into one task.
+READ_CPUS = 0.1
+# Default local shuffle buffer of ``iter_train_batches``, in batches (decoded float32 rows).
+SHUFFLE_BUFFER_BATCHES = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,20 +109,6 @@ def _seed_from_context(seed_config: Any) -> int:
     return int(np.random.SeedSequence([st.seed, st.execution_idx or 0]).generate_state(1, np.uint32)[0])
 
 
-def permute_rows(table: pa.Table, *, seed: int) -> pa.Table:
-    """The rows of a table in a random order drawn from ``seed`` and the table's ids.
-
-    Arrow rather than numpy: ``take`` keeps the list columns' type whatever their lengths.
-    """
-    ids = table.column("id").to_pylist()
-    order = np.random.default_rng(transforms.batch_seed(seed, ids)).permutation(len(ids))
-    return table.take(order)
-
-
-def _permute_udf(table: pa.Table, *, seed_config: Any) -> pa.Table:
-    return permute_rows(table, seed=_seed_from_context(seed_config))
-
-
 def _train_udf(batch: dict[str, np.ndarray], *, seed_config: Any, cfg: DataConfig, num_labels: int) -> dict[str, np.ndarray]:
     return transforms.transform_batch(batch, cfg=cfg, num_labels=num_labels, train=True, seed=_seed_from_context(seed_config))
 
@@ -148,6 +143,12 @@ def _read_parquet(paths: list[str], **kwargs: Any) -> "ray.data.Dataset":  # noq
         ctx.use_datasource_v2 = previous
 
 
+def _read(data_dir: str, split: str, *, shuffle: Any, read_cpus: float, map_batch_rows: int) -> "ray.data.Dataset":  # noqa: F821
+    rows = int(_manifest(data_dir)["splits"][split]["rows"])
+    blocks = max(1, -(-rows // map_batch_rows))
+    return _read_parquet(_shard_paths(data_dir, split), shuffle=shuffle, num_cpus=read_cpus, override_num_blocks=blocks)
+
+
 def train_dataset(
     data_dir: str,
     cfg: DataConfig,
@@ -158,42 +159,41 @@ def train_dataset(
     shuffle: Literal["local", "global"] = "local",
     num_cpus: float = 0.5,
     concurrency: int | None = None,
-    shuffle_window: int = SHUFFLE_WINDOW_ROWS,
+    read_cpus: float = READ_CPUS,
     map_batch_rows: int = MAP_BATCH_ROWS,
 ) -> "ray.data.Dataset":  # noqa: F821
-    """Read -> shuffle (new order every pass) -> decode + augment, lazily.
+    """Read (new shard order every pass) -> [global shuffle] -> decode + augment, lazily.
 
-    ``shuffle="local"``: shard order drawn anew every epoch, then rows permuted within windows of
-    ``shuffle_window`` encoded rows (before decoding, where a row is ~100 KB rather than 2.4 MB);
-    memory is bounded by concurrency x window whatever the dataset size. Rows from far-apart
-    shards do not meet in one batch, so converters should not write rows sorted by label.
-    ``shuffle="global"``: a full random permutation of the encoded rows every epoch.
-    ``num_cpus`` per data task (fractional on small machines, so Train workers at ~0.5 CPU leave
-    room: STACK.md), ``concurrency`` caps concurrent tasks (None: as many as CPUs allow).
+    ``shuffle="local"`` (default; memory-bounded whatever the dataset size): the shard order is
+    drawn anew every epoch and rows are read in blocks of ``map_batch_rows``; the row-level mixing
+    is then the consumer's local shuffle buffer (``iter_train_batches(shuffle_buffer=...)``). A
+    batch draws from the few shards being read at that moment, so converters should write rows in
+    a random order (or at least not sorted by label).
+    ``shuffle="global"``: a full random permutation of the encoded rows every epoch, through an
+    all-to-all ``random_shuffle`` that holds the whole encoded split in the object store (spilled
+    to disk beyond its cap): for datasets that fit it.
+    ``num_cpus`` per decode task (fractional on small machines, so Train workers at ~0.5 CPU leave
+    room: STACK.md), ``concurrency`` caps concurrent decode tasks (None: as many as CPUs allow).
     """
-    import ray.data
     from ray.data import FileShuffleConfig, RandomSeedConfig
 
     if shuffle not in SHUFFLES:
         raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
-    n = num_labels(data_dir)
-    task = {"num_cpus": num_cpus, **({"concurrency": concurrency} if concurrency else {})}
 
     def reseeded(stream: str) -> RandomSeedConfig:
         return RandomSeedConfig(seed=epoch_seed(seed, start_epoch, stream), reseed_after_execution=True)
 
     files = FileShuffleConfig(seed=epoch_seed(seed, start_epoch, "files"), reseed_after_execution=True)
-    ds = _read_parquet(_shard_paths(data_dir, split), shuffle=files if shuffle == "local" else None, **task)
-    if shuffle == "local":
-        ds = ds.map_batches(_permute_udf, fn_kwargs={"seed_config": reseeded("rows")}, batch_size=shuffle_window, batch_format="pyarrow", **task)
-    else:
-        ds = ds.random_shuffle(seed=reseeded("rows"), num_cpus=num_cpus)
+    ds = _read(data_dir, split, shuffle=files if shuffle == "local" else None, read_cpus=read_cpus, map_batch_rows=map_batch_rows)
+    if shuffle == "global":
+        ds = ds.random_shuffle(seed=reseeded("rows"), num_cpus=read_cpus)  # keeps the input's block count
     return ds.map_batches(
         _train_udf,
-        fn_kwargs={"seed_config": reseeded("augment"), "cfg": cfg, "num_labels": n},
+        fn_kwargs={"seed_config": reseeded("augment"), "cfg": cfg, "num_labels": num_labels(data_dir)},
         batch_size=map_batch_rows,
         batch_format="numpy",
-        **task,
+        num_cpus=num_cpus,
+        **({"concurrency": concurrency} if concurrency else {}),
     )
 
 
@@ -205,6 +205,7 @@ def eval_dataset(
     split: str = EVAL_SPLIT,
     num_cpus: float = 0.5,
     concurrency: int | None = None,
+    read_cpus: float = READ_CPUS,
     map_batch_rows: int = MAP_BATCH_ROWS,
 ) -> "ray.data.Dataset":  # noqa: F821
     """Read in shard order -> resize + normalise, padded to a multiple of ``num_workers`` rows.
@@ -212,18 +213,20 @@ def eval_dataset(
     Padding rows repeat the first rows of the split with ``valid = False``, so that
     ``streaming_split(num_workers, equal=True)`` drops nothing: drop them before scoring.
     """
-    import ray.data
-
-    n = num_labels(data_dir)
     rows = int(_manifest(data_dir)["splits"][split]["rows"])
-    task = {"num_cpus": num_cpus, **({"concurrency": concurrency} if concurrency else {})}
-    ds = _read_parquet(_shard_paths(data_dir, split), **task)
-    ds_real = ds.map_batches(_mark_valid, fn_kwargs={"valid": True}, batch_format="pyarrow", **task)
-    pad = -rows % num_workers
-    if pad:
-        ds_pad = ds.limit(pad).map_batches(_mark_valid, fn_kwargs={"valid": False}, batch_format="pyarrow", **task)
-        ds_real = ds_real.union(ds_pad)
-    return ds_real.map_batches(_eval_udf, fn_kwargs={"cfg": cfg, "num_labels": n}, batch_size=map_batch_rows, batch_format="numpy", **task)
+    light = {"num_cpus": read_cpus, "batch_format": "pyarrow", "batch_size": None}
+    ds = _read(data_dir, split, shuffle=None, read_cpus=read_cpus, map_batch_rows=map_batch_rows)
+    out = ds.map_batches(_mark_valid, fn_kwargs={"valid": True}, **light)
+    if pad := -rows % num_workers:
+        out = out.union(ds.limit(pad).map_batches(_mark_valid, fn_kwargs={"valid": False}, **light))
+    return out.map_batches(
+        _eval_udf,
+        fn_kwargs={"cfg": cfg, "num_labels": num_labels(data_dir)},
+        batch_size=map_batch_rows,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        **({"concurrency": concurrency} if concurrency else {}),
+    )
 
 
 def build_datasets(
@@ -252,20 +255,26 @@ def build_datasets(
     return out
 
 
+def execution_options(*, object_store_bytes: int | None = 2 << 30, cpu: float | None = None) -> "ray.data.ExecutionOptions":  # noqa: F821
+    """Deterministic block order (so the split among workers is reproducible), Ray Data's
+    object-store use capped at ``object_store_bytes`` and its CPUs at ``cpu`` (None: what is left)."""
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    limits = ExecutionResources(cpu=cpu, object_store_memory=object_store_bytes)
+    return ExecutionOptions(resource_limits=limits, preserve_order=True)
+
+
 def data_config(
     datasets_to_split: list[str] | None = None,
     *,
     object_store_bytes: int | None = 2 << 30,
     cpu: float | None = None,
 ) -> "ray.train.DataConfig":  # noqa: F821
-    """The ``ray.train.DataConfig`` these datasets need: every split dataset is split with
-    ``equal=True`` (Train's default), in deterministic order, with Ray Data's object-store use
-    capped at ``object_store_bytes`` and its CPUs at ``cpu`` (None: what Train leaves over)."""
+    """The ``ray.train.DataConfig`` these datasets need: every dataset named is split with
+    ``equal=True`` (what Train does with a split dataset) under ``execution_options``."""
     import ray.train
-    from ray.data import ExecutionOptions, ExecutionResources
 
-    limits = ExecutionResources(cpu=cpu, object_store_memory=object_store_bytes)
-    options = ExecutionOptions(resource_limits=limits, preserve_order=True)
+    options = execution_options(object_store_bytes=object_store_bytes, cpu=cpu)
     return ray.train.DataConfig(datasets_to_split=datasets_to_split or [TRAIN_SPLIT, EVAL_SPLIT], execution_options=options)
 
 
@@ -309,7 +318,7 @@ def _shard_batches(shard: Any, *, batch_size: int, drop_last: bool, shuffle_buff
         batch_size=batch_size,
         drop_last=drop_last,
         collate_fn=Collate(),
-        local_shuffle_buffer_size=shuffle_buffer,
+        local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=shuffle_seed,
         prefetch_batches=prefetch_batches,
     )
@@ -330,10 +339,14 @@ def iter_train_batches(
 
     Yields ``image`` float32 (b, 3, S, S), ``target`` float32 (b, n), ``ignore`` bool (b, n),
     ``id`` list[str], and ``scene`` int32 (b,) when the dataset has it. Every batch is full (the
-    remainder is dropped), so all workers yield the same count. ``shuffle_buffer`` (rows, decoded
-    float32: 2.4 MB each at 448 px) adds a local shuffle seeded by (seed, epoch, rank); the
-    dataset's own shuffle already gives a new order every epoch, so it defaults to off.
+    remainder is dropped), so all workers yield the same count.
+
+    ``shuffle_buffer``: rows of Ray's local shuffle buffer, seeded by (seed, epoch, rank); None
+    means ``SHUFFLE_BUFFER_BATCHES * batch_size``, 0 turns it off. It holds decoded float32 rows
+    (3 S^2 x 4 bytes: 0.6 MB at 224 px, 2.4 MB at 448 px), so it bounds its own memory.
     """
+    if shuffle_buffer is None:
+        shuffle_buffer = SHUFFLE_BUFFER_BATCHES * batch_size
     buffer_seed = epoch_seed(seed, epoch, f"buffer/{rank}") if shuffle_buffer else None
     for batch in _shard_batches(shard, batch_size=batch_size, drop_last=True, shuffle_buffer=shuffle_buffer, shuffle_seed=buffer_seed, prefetch_batches=prefetch_batches):
         yield _to_device(batch, device)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -250,16 +249,6 @@ def test_streaming_split_consumers_in_ray_tasks(ray_local, data_dir):
 
 # ---------------------------------------------------------------------------------------------
 # Without Ray
-
-
-def test_permute_rows_is_a_seeded_permutation():
-    table = pa.table({"id": [f"r{i}" for i in range(50)], "labels": [[i % 3] * (i % 4) for i in range(50)]})
-    a, b, c = (ingest.permute_rows(table, seed=s) for s in (1, 1, 2))
-    assert a.equals(b) and not a.equals(c)
-    assert sorted(a.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
-    assert a.schema == table.schema
-    row = dict(zip(table.column("id").to_pylist(), table.column("labels").to_pylist()))
-    assert all(row[i] == labels for i, labels in zip(a.column("id").to_pylist(), a.column("labels").to_pylist()))
 
 
 def test_epoch_seed_separates_streams_and_epochs():
