@@ -108,3 +108,9 @@ def best_checkpoint_in(run_dir: str | os.PathLike[str], metric: str) -> str | No
         if isinstance(value, (int, float)) and value > best_value:
             best, best_value = str(meta_path.parent), float(value)
     return best
+
+
+def latest_epoch(run_dir: str | os.PathLike[str]) -> int:
+    """Epochs completed by the newest checkpoint under a run folder (0 when there is none)."""
+    epochs = [json.loads(p.read_text()).get("epoch", 0) for p in Path(run_dir).glob(f"*/{META_FILE}")]
+    return max(epochs, default=0)

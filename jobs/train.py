@@ -174,7 +174,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from jobs.recipe import WorkerSpec, train_loop_per_worker
-    from pipeline.ingest import build_datasets, data_config
+    from pipeline.ingest import data_config, eval_dataset, train_dataset
     from salgl.label_embeddings import label_embeddings
 
     vocabulary, train_rows = dataset_facts(data_dir)
@@ -188,9 +188,19 @@ def build_trainer(
         threads=plan.torch_threads,
         run_dir=str(run_dir),
     )
-    datasets = build_datasets(
-        data_dir, cfg.data, seed=cfg.run.seed, num_workers=plan.num_workers, num_cpus=plan.data_task_cpus
-    )
+    def train_stream() -> Any:
+        # Ray Train calls this each time it (re)starts the worker group: the stream continues from
+        # the epoch of the checkpoint the workers restore, with that epoch's seeds.
+        from jobs.checkpoints import latest_epoch
+
+        return train_dataset(
+            data_dir, cfg.data, seed=cfg.run.seed, start_epoch=latest_epoch(run_dir), num_cpus=plan.data_task_cpus
+        )
+
+    def test_stream() -> Any:
+        return eval_dataset(data_dir, cfg.data, num_workers=plan.num_workers, num_cpus=plan.data_task_cpus)
+
+    datasets = {"train": train_stream, "test": test_stream}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.__dict__,

@@ -19,10 +19,11 @@ How Ray 2.60 runs this (read from ``ray/train/_internal/data_config.py`` and
   (or ``FileShuffleConfig(..., reseed_after_execution=True)``): Ray combines the seed with that
   execution index, so every epoch gets a new shard order (or a new global permutation) and new
   augmentations, and the same seed replays the same sequence of epochs in a fresh run. The
-  worker-side shuffle buffer is seeded by (seed, epoch, rank) explicitly. ``start_epoch`` (a run
-  resumed from a checkpoint) enters the base seed, so a resumed run does not replay the orders of
-  epochs 0, 1, ...; orders are reproducible for a given (seed, start_epoch). When Train restarts a
-  failed worker group inside one run, the coordinators are rebuilt and their count restarts.
+  worker-side shuffle buffer is seeded by (seed, epoch, rank) explicitly. When Train rebuilds its
+  worker group (a replaced worker, or a resumed run) the coordinators and their count restart at
+  0, so the driver rebuilds the datasets with ``start_epoch`` = the epoch the run restarts from,
+  and ``pipeline/seeding.py`` shifts the count by it: pass i draws the numbers of epoch
+  ``start_epoch + i``, exactly what an uninterrupted run draws.
 - ``equal=True`` hands every worker exactly ``floor(N / W)`` rows (at most W - 1 rows of an
   epoch are dropped, different ones every epoch); ``iter_train_batches`` then drops the last
   partial batch, so every worker yields exactly ``floor(floor(N / W) / b)`` batches and the
@@ -175,15 +176,17 @@ def train_dataset(
     ``num_cpus`` per decode task (fractional on small machines, so Train workers at ~0.5 CPU leave
     room: STACK.md), ``concurrency`` caps concurrent decode tasks (None: as many as CPUs allow).
     """
-    from ray.data import FileShuffleConfig, RandomSeedConfig
+    from pipeline.seeding import EpochFileShuffle, EpochSeed
 
     if shuffle not in SHUFFLES:
         raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
 
-    def reseeded(stream: str) -> RandomSeedConfig:
-        return RandomSeedConfig(seed=epoch_seed(seed, start_epoch, stream), reseed_after_execution=True)
+    # Pass i of this dataset draws the numbers of epoch start_epoch + i (pipeline/seeding.py), so a
+    # run restarted from a checkpoint replays exactly what an uninterrupted run would have seen.
+    def reseeded(stream: str) -> EpochSeed:
+        return EpochSeed(seed=epoch_seed(seed, 0, stream), reseed_after_execution=True, start_epoch=start_epoch)
 
-    files = FileShuffleConfig(seed=epoch_seed(seed, start_epoch, "files"), reseed_after_execution=True)
+    files = EpochFileShuffle(seed=epoch_seed(seed, 0, "files"), reseed_after_execution=True, start_epoch=start_epoch)
     ds = _read(data_dir, split, shuffle=files if shuffle == "local" else None, read_cpus=read_cpus, map_batch_rows=map_batch_rows)
     if shuffle == "global":
         ds = ds.random_shuffle(seed=reseeded("rows"), num_cpus=read_cpus)  # keeps the input's block count
