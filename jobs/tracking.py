@@ -61,11 +61,20 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | None = 
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        root = Path(artifact_root or "mlruns").resolve()
-        location = (root / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri, name, artifact_root))
+
+
+def default_artifact_location(tracking_uri: str, name: str, artifact_root: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store (``mlruns/`` next to the
+    .db file, so a job that runs in a temporary copy of the project loses nothing), under a file
+    store, or the server's own default (None) for a tracking server."""
+    if artifact_root:
+        return (Path(artifact_root).resolve() / name).as_uri()
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlruns" / name).as_uri()
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        return (Path(tracking_uri.removeprefix("file://")).resolve() / "artifacts" / name).as_uri()
+    return None
 
 
 def start_run(

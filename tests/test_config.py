@@ -81,3 +81,11 @@ def test_bundled_run_configs_load(name: str) -> None:
     if name in expected_k:
         assert cfg.model.head.num_scenes == expected_k[name]
         assert (cfg.model.backbone.name, cfg.data.img_size, cfg.model.head.steps) == ("resnet101", 448, 3)
+
+
+def test_sqlite_experiments_keep_artifacts_beside_the_database(tmp_path) -> None:
+    from jobs.tracking import default_artifact_location
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    assert default_artifact_location(uri, "salgl") == (tmp_path / "store" / "mlruns" / "salgl").as_uri()
+    assert default_artifact_location("http://127.0.0.1:5000", "salgl") is None
