@@ -8,6 +8,19 @@ The graph only composes the plain functions of ``pipeline.transforms`` (STYLE ha
              for epoch ...: for batch in iter_train_batches(shard, batch_size=b, epoch=epoch, seed=s): ...
              for batch in iter_eval_batches(ray.train.get_dataset_shard("test"), batch_size=b): ...
 
+The unit of work is a chunk: at most ``CHUNK_ROWS`` consecutive rows of one parquet row group.
+A dataset is ``range(number of chunks)``, one block per position, mapped by one task type that
+reads the chunk, decodes, augments and builds targets. Shuffling permutes the chunk index (a few
+bytes a chunk), never the data.
+
+Why not ``read_parquet`` + ``random_shuffle`` / ``randomize_block_order`` + a local buffer: a
+global shuffle is an all-to-all that holds the whole encoded split in the object store every epoch
+(spilling to disk beyond it); a file-order shuffle plus a buffer only mixes rows of the few shards
+being read at once; Ray's map tasks take whole read blocks (a row group, or a shard), which ties
+decode parallelism to the shard layout; and in Ray 2.60 the default DataSourceV2 read added 3-15 s
+of ``ListFiles`` to every epoch on a 2-core machine. Permuting a chunk index costs nothing, keeps
+memory bounded whatever the dataset size, and draws every batch from anywhere in the split.
+
 How Ray 2.60 runs this (read from ``ray/train/_internal/data_config.py`` and
 ``ray/data/_internal/iterator/stream_split_iterator.py``):
 
@@ -15,15 +28,13 @@ How Ray 2.60 runs this (read from ``ray/train/_internal/data_config.py`` and
   ``SplitCoordinator`` actor re-executes the whole Dataset every time all workers start a new pass
   over their shard (one pass = one epoch), and counts the passes in its copy of the dataset's
   ``DataContext`` (the execution index).
-- Every random step of the graph takes a ``RandomSeedConfig(seed, reseed_after_execution=True)``
-  (or ``FileShuffleConfig(..., reseed_after_execution=True)``): Ray combines the seed with that
-  execution index, so every epoch gets a new shard order (or a new global permutation) and new
-  augmentations, and the same seed replays the same sequence of epochs in a fresh run. The
-  worker-side shuffle buffer is seeded by (seed, epoch, rank) explicitly. When Train rebuilds its
-  worker group (a replaced worker, or a resumed run) the coordinators and their count restart at
-  0, so the driver rebuilds the datasets with ``start_epoch`` = the epoch the run restarts from,
-  and ``pipeline/seeding.py`` shifts the count by it: pass i draws the numbers of epoch
-  ``start_epoch + i``, exactly what an uninterrupted run draws.
+- The chunk order and the augmentation seeds come from ``EpochSeed`` (``pipeline/seeding.py``), a
+  ``RandomSeedConfig(seed, reseed_after_execution=True)`` whose execution index is shifted by
+  ``start_epoch``: pass i draws the numbers of epoch ``start_epoch + i``, so every epoch gets a new
+  order and new augmentations, the same seed replays the same epochs in a fresh run, and a run
+  restarted from a checkpoint (Train rebuilds its worker group, the count restarts at 0) replays
+  what an uninterrupted run would have drawn. The worker-side shuffle buffer is seeded by
+  (seed, epoch, rank) explicitly.
 - ``equal=True`` hands every worker exactly ``floor(N / W)`` rows (at most W - 1 rows of an
   epoch are dropped, different ones every epoch); ``iter_train_batches`` then drops the last
   partial batch, so every worker yields exactly ``floor(floor(N / W) / b)`` batches and the
@@ -31,22 +42,21 @@ How Ray 2.60 runs this (read from ``ray/train/_internal/data_config.py`` and
 - ``preserve_order=True`` (set in ``data_config``) makes the block sequence, and so the split of
   rows among workers, independent of task timing: the same seed gives every worker the same rows
   in the same order in every run.
-- The evaluation split is padded, in the graph, to a multiple of W with copies of its first rows,
-  marked ``valid = False``; with ``equal=True`` nothing is then dropped, every real row reaches
-  exactly one worker once, and every worker yields the same number of batches.
+- The evaluation split is padded to a multiple of W with copies of its first rows, marked
+  ``valid = False``; with ``equal=True`` nothing is then dropped, every real row reaches exactly
+  one worker once, and every worker yields the same number of batches.
 
-Memory: data tasks stream; Ray Data's backpressure keeps a few blocks per operator in the object
-store, capped by ``data_config(object_store_bytes=...)``; each decode task holds ``MAP_BATCH_ROWS``
-rows and the local shuffle buffer a fixed number of rows, so with the default ``shuffle="local"``
-memory does not grow with the dataset (``tests/bench/ingest.py`` measures it). ``shuffle="global"``
-is a full all-to-all of the encoded split through the object store every epoch (spilled to disk
-beyond its cap): a perfect permutation for datasets that fit, I/O-bound for ones that do not.
+Memory: a task holds one row group and one chunk's output; Ray Data's backpressure keeps a few
+blocks per operator in the object store, capped by ``data_config(object_store_bytes=...)``; the
+shuffle buffer holds a fixed number of rows. Nothing grows with the dataset but the chunk index
+(``tests/bench/ingest.py`` measures it).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -57,16 +67,10 @@ from salgl.config import DataConfig
 
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "test"
-SHUFFLES = ("local", "global")
-# Rows per decode task: one output block (rows x 3 S^2 float32, 38 MB at 448 px) stays well below
-# Ray Data's 128 MB target block size, and a task (0.1-0.4 s of work) amortises its overhead.
-# The read splits its blocks to about this size (``override_num_blocks``): a map task takes whole
-# blocks, so without the split one decode task would get a whole shard (thousands of rows) and
-# decode parallelism would be the number of shards read at once.
-MAP_BATCH_ROWS = 16
-# CPU share of a read task: reading parquet pages of already-encoded images is light. Being
-# different from the decode tasks' share also keeps Ray from fusing read and decode into one task.
-READ_CPUS = 0.1
+# Rows per task (a chunk): one output block (rows x 3 S^2 float32, 77 MB at 448 px) stays below
+# Ray Data's 128 MB target block size, and a task (0.2-0.6 s of work) amortises its overhead. A
+# chunk reads its whole parquet row group, so row groups of 256 rows read 8 times the bytes used.
+CHUNK_ROWS = 32
 # Default local shuffle buffer of ``iter_train_batches``, in batches (decoded float32 rows).
 SHUFFLE_BUFFER_BATCHES = 2
 
@@ -95,10 +99,11 @@ def num_labels(data_dir: str) -> int:
 # Seeds
 
 
-def epoch_seed(seed: int, start_epoch: int, stream: str) -> int:
-    """The base seed Ray combines with the execution index; ``stream`` names the random step so
-    file order, row permutation and augmentation draw independent numbers."""
-    digest = hashlib.blake2b(f"{seed}/{start_epoch}/{stream}".encode(), digest_size=4).digest()
+def epoch_seed(seed: int, epoch: int, stream: str) -> int:
+    """A 32-bit seed for one random ``stream`` (chunk order, augmentation, a rank's shuffle
+    buffer), so that they draw independent numbers. The dataset streams pass epoch 0 and let Ray's
+    (shifted) execution index supply the epoch; the shuffle buffer passes its epoch itself."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{stream}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")  # < 2**32: NumPy's legacy seed range
 
 
@@ -110,44 +115,90 @@ def _seed_from_context(seed_config: Any) -> int:
     return int(np.random.SeedSequence([st.seed, st.execution_idx or 0]).generate_state(1, np.uint32)[0])
 
 
-def _train_udf(batch: dict[str, np.ndarray], *, seed_config: Any, cfg: DataConfig, num_labels: int) -> dict[str, np.ndarray]:
-    return transforms.transform_batch(batch, cfg=cfg, num_labels=num_labels, train=True, seed=_seed_from_context(seed_config))
+# ---------------------------------------------------------------------------------------------
+# Chunks: the unit of work, and of shuffling
 
 
-def _eval_udf(batch: dict[str, np.ndarray], *, cfg: DataConfig, num_labels: int) -> dict[str, np.ndarray]:
-    return transforms.transform_batch(batch, cfg=cfg, num_labels=num_labels, train=False, seed=None)
+def chunk_table(data_dir: str, split: str, chunk_rows: int = CHUNK_ROWS) -> list[tuple[str, int, int, int]]:
+    """``(shard path, row group, start, stop)`` for every run of at most ``chunk_rows`` rows of
+    ``split`` in storage order; a chunk never crosses a row group (the unit parquet reads)."""
+    import pyarrow.parquet as pq
+
+    chunks = []
+    for path in _shard_paths(data_dir, split):
+        meta = pq.ParquetFile(path).metadata
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            chunks += [(path, group, start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows)]
+    return chunks
 
 
-def _mark_valid(table: pa.Table, *, valid: bool) -> pa.Table:
-    return table.append_column("valid", pa.array(np.full(table.num_rows, valid)))
+@functools.lru_cache(maxsize=64)
+def _parquet_file(path: str) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path)
+
+
+def read_chunk(chunk: tuple[str, int, int, int]) -> pa.Table:
+    path, group, start, stop = chunk
+    return _parquet_file(path).read_row_group(group).slice(start, stop - start)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_chunks: int, seed: int) -> np.ndarray:
+    """The chunk order of one epoch (cached: every task of the epoch asks for it)."""
+    return np.random.default_rng(seed).permutation(num_chunks)
+
+
+def _decode_udf(
+    batch: dict[str, np.ndarray],
+    *,
+    chunks: list[tuple[str, int, int, int, bool]],
+    order_seed: Any,
+    augment_seed: Any,
+    cfg: DataConfig,
+    num_labels: int,
+) -> dict[str, np.ndarray]:
+    """Positions of this epoch's chunk sequence -> the chunks' rows, decoded and transformed.
+
+    ``order_seed`` None keeps storage order (evaluation); otherwise position p of pass e reads
+    chunk ``permutation_e[p]``. Chunks carry ``valid`` (False: padding rows of the eval split).
+    """
+    positions = batch["id"]
+    if order_seed is not None:
+        positions = epoch_order(len(chunks), _seed_from_context(order_seed))[positions]
+    tables = []
+    for pos in positions:
+        *chunk, valid = chunks[int(pos)]
+        table = read_chunk(tuple(chunk))
+        tables.append(table.append_column("valid", pa.array(np.full(table.num_rows, valid))))
+    table = pa.concat_tables(tables)
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    train = augment_seed is not None
+    seed = _seed_from_context(augment_seed) if train else None
+    out = transforms.transform_batch(rows, cfg=cfg, num_labels=num_labels, train=train, seed=seed)
+    if train:
+        del out["valid"]  # every training row is real
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver: datasets
 
 
-def _read_parquet(paths: list[str], **kwargs: Any) -> "ray.data.Dataset":  # noqa: F821
-    """``ray.data.read_parquet`` through the V1 parquet datasource.
-
-    Ray 2.60 routes reads through the new DataSourceV2 by default; on this 2-core machine its
-    ``ListFiles`` step took 3-15 s per execution (every epoch) against 0.3-0.8 s for V1 on the same
-    three shards. V1 honours ``FileShuffleConfig(reseed_after_execution=True)`` the same way.
-    """
+def _chunk_dataset(chunks: list[tuple[str, int, int, int, bool]], *, udf_kwargs: dict[str, Any], num_cpus: float, concurrency: int | None) -> "ray.data.Dataset":  # noqa: F821
+    """One block per chunk position, mapped by one task type (read + decode + transform fused)."""
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    previous = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False  # read at call time only: the plan is built here
-    try:
-        return ray.data.read_parquet(paths, **kwargs)
-    finally:
-        ctx.use_datasource_v2 = previous
-
-
-def _read(data_dir: str, split: str, *, shuffle: Any, read_cpus: float, map_batch_rows: int) -> "ray.data.Dataset":  # noqa: F821
-    rows = int(_manifest(data_dir)["splits"][split]["rows"])
-    blocks = max(1, -(-rows // map_batch_rows))
-    return _read_parquet(_shard_paths(data_dir, split), shuffle=shuffle, num_cpus=read_cpus, override_num_blocks=blocks)
+    return ray.data.range(len(chunks), override_num_blocks=len(chunks)).map_batches(
+        _decode_udf,
+        fn_kwargs={"chunks": chunks, **udf_kwargs},
+        batch_size=None,  # one block = one chunk position
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        **({"concurrency": concurrency} if concurrency else {}),
+    )
 
 
 def train_dataset(
@@ -157,47 +208,30 @@ def train_dataset(
     seed: int,
     split: str = TRAIN_SPLIT,
     start_epoch: int = 0,
-    shuffle: Literal["local", "global"] = "local",
     num_cpus: float = 0.5,
     concurrency: int | None = None,
-    read_cpus: float = READ_CPUS,
-    map_batch_rows: int = MAP_BATCH_ROWS,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> "ray.data.Dataset":  # noqa: F821
-    """Read (new shard order every pass) -> [global shuffle] -> decode + augment, lazily.
+    """Every pass: the split's chunks in a new random order -> read, decode, augment, lazily.
 
-    ``shuffle="local"`` (default; memory-bounded whatever the dataset size): the shard order is
-    drawn anew every epoch and rows are read in blocks of ``map_batch_rows``; the row-level mixing
-    is then the consumer's local shuffle buffer (``iter_train_batches(shuffle_buffer=...)``). A
-    batch draws from the few shards being read at that moment, so converters should write rows in
-    a random order (or at least not sorted by label).
-    ``shuffle="global"``: a full random permutation of the encoded rows every epoch, through an
-    all-to-all ``random_shuffle`` that holds the whole encoded split in the object store (spilled
-    to disk beyond its cap): for datasets that fit it.
-    ``num_cpus`` per decode task (fractional on small machines, so Train workers at ~0.5 CPU leave
-    room: STACK.md), ``concurrency`` caps concurrent decode tasks (None: as many as CPUs allow).
+    The shuffle permutes an index of chunks (a few bytes each), never the data: memory stays
+    bounded whatever the dataset size, and every epoch draws its chunks from anywhere in the split
+    (not only from the few shards a file-order shuffle would be reading); ``iter_train_batches``'
+    shuffle buffer then mixes rows of several chunks into each batch. ``chunk_rows`` trades mixing
+    against read amplification (a chunk reads its whole row group; keep row groups small).
+    ``num_cpus`` per task (fractional on small machines, so Train workers at ~0.5 CPU leave room:
+    STACK.md), ``concurrency`` caps concurrent tasks (None: as many as CPUs allow).
     """
-    from pipeline.seeding import EpochFileShuffle, EpochSeed
-
-    if shuffle not in SHUFFLES:
-        raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
+    from pipeline.seeding import EpochSeed
 
     # Pass i of this dataset draws the numbers of epoch start_epoch + i (pipeline/seeding.py), so a
     # run restarted from a checkpoint replays exactly what an uninterrupted run would have seen.
     def reseeded(stream: str) -> EpochSeed:
         return EpochSeed(seed=epoch_seed(seed, 0, stream), reseed_after_execution=True, start_epoch=start_epoch)
 
-    files = EpochFileShuffle(seed=epoch_seed(seed, 0, "files"), reseed_after_execution=True, start_epoch=start_epoch)
-    ds = _read(data_dir, split, shuffle=files if shuffle == "local" else None, read_cpus=read_cpus, map_batch_rows=map_batch_rows)
-    if shuffle == "global":
-        ds = ds.random_shuffle(seed=reseeded("rows"), num_cpus=read_cpus)  # keeps the input's block count
-    return ds.map_batches(
-        _train_udf,
-        fn_kwargs={"seed_config": reseeded("augment"), "cfg": cfg, "num_labels": num_labels(data_dir)},
-        batch_size=map_batch_rows,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-        **({"concurrency": concurrency} if concurrency else {}),
-    )
+    chunks = [(*c, True) for c in chunk_table(data_dir, split, chunk_rows)]
+    kwargs = {"order_seed": reseeded("order"), "augment_seed": reseeded("augment"), "cfg": cfg, "num_labels": num_labels(data_dir)}
+    return _chunk_dataset(chunks, udf_kwargs=kwargs, num_cpus=num_cpus, concurrency=concurrency)
 
 
 def eval_dataset(
@@ -208,28 +242,23 @@ def eval_dataset(
     split: str = EVAL_SPLIT,
     num_cpus: float = 0.5,
     concurrency: int | None = None,
-    read_cpus: float = READ_CPUS,
-    map_batch_rows: int = MAP_BATCH_ROWS,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> "ray.data.Dataset":  # noqa: F821
-    """Read in shard order -> resize + normalise, padded to a multiple of ``num_workers`` rows.
+    """The split in storage order -> resize + normalise, padded to a multiple of ``num_workers``.
 
     Padding rows repeat the first rows of the split with ``valid = False``, so that
     ``streaming_split(num_workers, equal=True)`` drops nothing: drop them before scoring.
     """
-    rows = int(_manifest(data_dir)["splits"][split]["rows"])
-    light = {"num_cpus": read_cpus, "batch_format": "pyarrow", "batch_size": None}
-    ds = _read(data_dir, split, shuffle=None, read_cpus=read_cpus, map_batch_rows=map_batch_rows)
-    out = ds.map_batches(_mark_valid, fn_kwargs={"valid": True}, **light)
-    if pad := -rows % num_workers:
-        out = out.union(ds.limit(pad).map_batches(_mark_valid, fn_kwargs={"valid": False}, **light))
-    return out.map_batches(
-        _eval_udf,
-        fn_kwargs={"cfg": cfg, "num_labels": num_labels(data_dir)},
-        batch_size=map_batch_rows,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-        **({"concurrency": concurrency} if concurrency else {}),
-    )
+    chunks = [(*c, True) for c in chunk_table(data_dir, split, chunk_rows)]
+    pad = -sum(stop - start for _, _, start, stop, _ in chunks) % num_workers
+    for path, group, start, stop, _ in list(chunks):  # repeat the first `pad` rows, marked invalid
+        if pad <= 0:
+            break
+        take = min(pad, stop - start)
+        chunks.append((path, group, start, start + take, False))
+        pad -= take
+    kwargs = {"order_seed": None, "augment_seed": None, "cfg": cfg, "num_labels": num_labels(data_dir)}
+    return _chunk_dataset(chunks, udf_kwargs=kwargs, num_cpus=num_cpus, concurrency=concurrency)
 
 
 def build_datasets(
@@ -241,7 +270,6 @@ def build_datasets(
     start_epoch: int = 0,
     train_split: str = TRAIN_SPLIT,
     eval_split: str | None = EVAL_SPLIT,
-    shuffle: Literal["local", "global"] = "local",
     num_cpus: float = 0.5,
     concurrency: int | None = None,
 ) -> dict[str, "ray.data.Dataset"]:  # noqa: F821
@@ -250,9 +278,7 @@ def build_datasets(
     ``num_workers`` must equal the trainer's worker count (the eval split is padded for it).
     Nothing executes here; each Train worker's pass over its shard runs the graph once.
     """
-    out = {
-        TRAIN_SPLIT: train_dataset(data_dir, cfg, seed=seed, split=train_split, start_epoch=start_epoch, shuffle=shuffle, num_cpus=num_cpus, concurrency=concurrency)
-    }
+    out = {TRAIN_SPLIT: train_dataset(data_dir, cfg, seed=seed, split=train_split, start_epoch=start_epoch, num_cpus=num_cpus, concurrency=concurrency)}
     if eval_split is not None:
         out[EVAL_SPLIT] = eval_dataset(data_dir, cfg, num_workers=num_workers, split=eval_split, num_cpus=num_cpus, concurrency=concurrency)
     return out

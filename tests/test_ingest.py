@@ -86,8 +86,8 @@ def _record(batch: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # Datasets of the one fit: the training split twice with the same seed (two independent pipelines,
-# as two runs would build them), once with the global shuffle, and the evaluation split.
-TRAIN_SETS = {"train": (5, "local"), "again": (5, "local"), "global": (3, "global")}
+# as two runs would build them), once with another seed, and the evaluation split.
+TRAIN_SETS = {"train": 5, "again": 5, "other": 3}
 
 
 def _probe_loop(config: dict[str, Any]) -> None:
@@ -95,7 +95,7 @@ def _probe_loop(config: dict[str, Any]) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     out: dict[str, Any] = {}
-    for name, (seed, _) in TRAIN_SETS.items():
+    for name, seed in TRAIN_SETS.items():
         shard = ray.train.get_dataset_shard(name)
         out[name] = [
             [_record(b) for b in ingest.iter_train_batches(shard, batch_size=config["batch"], epoch=epoch, seed=seed, rank=rank)]
@@ -112,9 +112,7 @@ def ranks(ray_local, data_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
     from ray.train.torch import TorchTrainer
 
     out = tmp_path_factory.mktemp("fit")
-    datasets = {
-        name: ingest.train_dataset(data_dir, CFG, seed=seed, shuffle=shuffle) for name, (seed, shuffle) in TRAIN_SETS.items()
-    }
+    datasets = {name: ingest.train_dataset(data_dir, CFG, seed=seed) for name, seed in TRAIN_SETS.items()}
     datasets["test"] = ingest.build_datasets(data_dir, CFG, seed=0, num_workers=WORKERS)["test"]
     trainer = TorchTrainer(
         _probe_loop,
@@ -177,15 +175,23 @@ def test_same_seed_gives_the_same_orders_and_pixels_in_a_fresh_pipeline(ranks):
         for epoch in range(EPOCHS):
             assert _ids(rank["train"][epoch]) == _ids(rank["again"][epoch])
             assert [r["pixels"] for b in rank["train"][epoch] for r in b] == [r["pixels"] for b in rank["again"][epoch] for r in b]
-    assert _ids(ranks[0]["train"][0]) != _ids(ranks[0]["global"][0])
+    assert _ids(ranks[0]["train"][0]) != _ids(ranks[0]["other"][0])
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_global_shuffle_mixes_all_shards_into_the_first_batches(ranks):
+@pytest.mark.parametrize("name", list(TRAIN_SETS))
+def test_batches_mix_rows_from_across_the_split(ranks, name):
+    """Chunks (here whole row groups of up to 16 rows, in 3 shards of 64 rows) come in a random
+    order and the shuffle buffer mixes them: the first batches of an epoch hold rows of several
+    row groups and shards, and different ones every epoch."""
+    seen = set()
     for epoch in range(EPOCHS):
-        first = [i for rank in ranks for b in rank["global"][epoch][:3] for i in (r["id"] for r in b)]
-        assert len({int(i.split("-")[1]) // 64 for i in first}) == 3  # shards hold 64 rows each
+        first = [int(i.split("-")[1]) for rank in ranks for i in _ids(rank[name][epoch][:4])]
+        assert len({i // 16 for i in first}) >= 3 and len({i // 64 for i in first}) >= 2
+        assert any(len({int(r["id"].split("-")[1]) // 16 for r in b}) > 1 for b in ranks[0][name][epoch]), "a batch mixes chunks"
+        seen |= {i // 16 for i in first}
+    assert len(seen) >= 6
 
 
 @pytest.mark.integration
@@ -236,8 +242,8 @@ def _consume(split: Any, epochs: int, seed: int, rank: int) -> list[list[str]]:
 def test_streaming_split_consumers_in_ray_tasks(ray_local, data_dir):
     import ray
 
-    ds = ingest.train_dataset(data_dir, CFG, seed=3)
-    ds.context.execution_options.preserve_order = True
+    ds = ingest.train_dataset(data_dir, CFG, seed=3, concurrency=2)
+    ds.context.execution_options = ingest.execution_options()
     consume = ray.remote(num_cpus=0)(_consume)
     seen = ray.get([consume.remote(s, 2, 3, r) for r, s in enumerate(ds.streaming_split(WORKERS, equal=True))], timeout=280)
     for epoch in range(2):
@@ -252,9 +258,9 @@ def test_streaming_split_consumers_in_ray_tasks(ray_local, data_dir):
 
 
 def test_epoch_seed_separates_streams_and_epochs():
-    seeds = {ingest.epoch_seed(0, e, s) for e in range(3) for s in ("files", "rows", "augment")}
+    seeds = {ingest.epoch_seed(0, e, s) for e in range(3) for s in ("order", "augment", "buffer/0")}
     assert len(seeds) == 9 and all(0 <= s < 2**32 for s in seeds)
-    assert ingest.epoch_seed(0, 1, "rows") == ingest.epoch_seed(0, 1, "rows")
+    assert ingest.epoch_seed(0, 1, "order") == ingest.epoch_seed(0, 1, "order")
 
 
 def test_data_config_splits_in_a_deterministic_order():
@@ -265,6 +271,15 @@ def test_data_config_splits_in_a_deterministic_order():
     assert options.resource_limits.object_store_memory == 1 << 30
 
 
-def test_unknown_shuffle_is_rejected(data_dir):
-    with pytest.raises(ValueError, match="shuffle"):
-        ingest.train_dataset(data_dir, CFG, seed=0, shuffle="perfect")  # type: ignore[arg-type]
+def test_chunk_table_covers_every_row_once_within_row_groups(data_dir):
+    chunks = ingest.chunk_table(data_dir, "train", chunk_rows=10)
+    ids = [i for c in chunks for i in ingest.read_chunk(c).column("id").to_pylist()]
+    assert sorted(ids) == [f"train-{i:06d}" for i in range(TRAIN_ROWS)]
+    assert all(0 < stop - start <= 10 for _, _, start, stop in chunks)
+    groups = {(str(p), g) for p in Path(data_dir).glob("train/*.parquet") for g in range(pq.ParquetFile(p).num_row_groups)}
+    assert {(path, group) for path, group, _, _ in chunks} == groups
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a, b, c = ingest.epoch_order(50, 1), ingest.epoch_order(50, 1), ingest.epoch_order(50, 2)
+    assert sorted(a) == list(range(50)) and (a == b).all() and not (a == c).all()

@@ -128,7 +128,7 @@ def ray_batches(data_dir: str, cfg: DataConfig, *, batch: int, seed: int) -> Ite
     """The training ingest as the trainer runs it (``data_config``'s options), one consumer."""
     from pipeline import ingest
 
-    ds = ingest.train_dataset(data_dir, cfg, seed=seed, num_cpus=0.95, concurrency=2)
+    ds = ingest.train_dataset(data_dir, cfg, seed=seed, num_cpus=1, concurrency=2)
     ds.context.execution_options = ingest.execution_options()  # as data_config() gives Train
     return ingest.iter_train_batches(ds.iterator(), batch_size=batch, epoch=0, seed=seed)
 
