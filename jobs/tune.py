@@ -9,6 +9,7 @@ wrapped with a token CPU request so the trial's Train workers and data tasks get
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -127,6 +128,7 @@ class SweepOutcome:
     summary: list[dict[str, Any]]
     best: dict[str, Any]
     registered_model: str | None
+    trial_start_overheads: list[float] = dataclasses.field(default_factory=list)
 
 
 def trial_concurrency(cfg: Config, cluster: Mapping[str, float]) -> int:
@@ -149,10 +151,14 @@ def tune_sweep(
     register_as: str = "salgl",
     address: str | None = None,
     resume: str | None = None,
+    scheduler: str = "asha",
 ) -> SweepOutcome:
-    """Run (or continue) a sweep; returns the summary and where everything went."""
+    """Run (or continue) a sweep; returns the summary and where everything went.
+
+    ``scheduler="fifo"`` runs every trial to the end (the baseline ASHA is measured against).
+    """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     init_ray(address)
     if resume:
@@ -189,7 +195,10 @@ def tune_sweep(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", num_samples=samples, max_concurrent_trials=concurrency,
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor),
+            scheduler=(
+                ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
+                if scheduler == "asha" else FIFOScheduler()
+            ),
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0),
     )
@@ -228,7 +237,19 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
         registered = register_checkpoint(best["best_checkpoint"], tracking_uri, parent, register_as)
     end_run(tracking_uri, parent, "FINISHED")
     print_sweep(summary, best, registered, tracking_uri, parent)
-    return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, best, registered)
+    return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, best, registered, trial_start_overheads(results))
+
+
+def trial_start_overheads(results: Any) -> list[float]:
+    """Per trial: seconds of its first report beyond a typical later epoch (start-up cost)."""
+    out = []
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None or "time_this_iter_s" not in history or len(history) < 2:
+            continue
+        iters = history["time_this_iter_s"].tolist()
+        out.append(float(iters[0] - sorted(iters[1:])[len(iters[1:]) // 2]))
+    return out
 
 
 def summarize(results: Any, max_epochs: int) -> list[dict[str, Any]]:

@@ -1,0 +1,76 @@
+"""Sweep benchmark: wall time of an 8-trial ASHA sweep against the same 8 trials run to the end
+(FIFO), and the trial-start overhead, on the tiny config and mosaic data.
+
+    .venv/bin/python -m tests.bench.sweep [--trials 8] [--max-epochs 4] [--out bench_out/sweep.json]
+
+Target (issue 5): ASHA's sweep takes at most half the time of the full one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from salgl.config import preset
+
+SPACE = {"K": "1,2,3,4", "lambda": "log:0.01:10", "T": "0,1,2"}
+
+
+def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int) -> dict:
+    from jobs.tune import tune_sweep
+
+    cfg = preset("tiny", {
+        "data.path": data_dir, "data.img_size": 64, "optim.batch_size": 16, "run.workers": 1,
+        "run.storage": str(root / kind), "run.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "run.name": f"bench-{kind}", "run.keep_checkpoints": 1, "run.seed": 1,
+    })
+    start = time.perf_counter()
+    outcome = tune_sweep(cfg, samples=trials, max_epochs=max_epochs, space_overrides=SPACE,
+                         register_as=f"bench-{kind}", scheduler=kind)
+    seconds = time.perf_counter() - start
+    epochs = sum(row["epochs"] for row in outcome.summary)
+    return {"seconds": seconds, "trial_epochs": epochs, "stopped_early": sum(r["stopped_early"] for r in outcome.summary),
+            "best_ema_mAP": outcome.best.get("best_ema_mAP"), "overheads": outcome.trial_start_overheads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--max-epochs", type=int, default=4)
+    parser.add_argument("--out", default="bench_out/sweep.json")
+    args = parser.parse_args()
+
+    import ray
+    from ray.data import DataContext
+
+    from pipeline.mosaic import MosaicConfig, convert_mosaic
+
+    DataContext.get_current().enable_progress_bars = False
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        convert_mosaic(root / "mosaic", MosaicConfig(train=128, test=32, canvas=64), progress=False)
+        ray.init(num_cpus=2, log_to_driver=False)
+        try:
+            rows = {kind: run(kind, root, str(root / "mosaic"), args.trials, args.max_epochs) for kind in ("asha", "fifo")}
+            overheads = [o for r in rows.values() for o in r.pop("overheads")]
+        finally:
+            ray.shutdown()
+    ratio = rows["asha"]["seconds"] / rows["fifo"]["seconds"]
+    print(f"{'scheduler':<10}{'wall (s)':>10}{'trial epochs':>14}{'stopped':>9}{'best mAP':>10}")
+    for kind, r in rows.items():
+        best = f"{r['best_ema_mAP']:.2f}" if r["best_ema_mAP"] is not None else "-"
+        print(f"{kind:<10}{r['seconds']:>10.1f}{r['trial_epochs']:>14}{r['stopped_early']:>9}{best:>10}")
+    print(f"ASHA / full wall time: {ratio:.2f} (target <= 0.5)")
+    print(f"trial-start overhead: median {statistics.median(overheads):.1f} s over {len(overheads)} trials" if overheads else "trial-start overhead: n/a")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "asha_over_full": ratio, "trial_start_overhead_s": overheads}, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
