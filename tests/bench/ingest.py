@@ -125,111 +125,92 @@ def write_synthetic_dataset(
 
 
 def ray_batches(data_dir: str, cfg: DataConfig, *, batch: int, seed: int) -> Iterator[dict[str, Any]]:
-    """The training ingest as the trainer runs it (``data_config``'s options), one consumer."""
+    """The training ingest as a trainer runs it (``data_config``'s options), one consumer, two
+    data tasks at a time."""
     from pipeline import ingest
 
     ds = ingest.train_dataset(data_dir, cfg, seed=seed, num_cpus=1, concurrency=2)
-    ds.context.execution_options = ingest.execution_options()  # as data_config() gives Train
+    ds.context.execution_options = ingest.execution_options()  # what data_config() gives Train
     return ingest.iter_train_batches(ds.iterator(), batch_size=batch, epoch=0, seed=seed)
 
 
-class ParquetRowGroups:
-    """A torch IterableDataset over the same shards: row groups in a seeded random order, split
-    among DataLoader workers, rows permuted within a row group, ``transform_batch`` on chunks of
-    ``batch`` rows (the usual hand-written DataLoader pipeline for parquet)."""
-
-    def __init__(self, paths: list[str], cfg: DataConfig, *, num_labels: int, batch: int, seed: int) -> None:
-        import pyarrow.parquet as pq
-
-        self.units = [(p, g) for p in paths for g in range(pq.ParquetFile(p).num_row_groups)]
-        self.cfg, self.num_labels, self.batch, self.seed = cfg, num_labels, batch, seed
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        import pyarrow.parquet as pq
-        import torch
-
-        from pipeline.ingest import _collate
-
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        order = np.random.default_rng(self.seed).permutation(len(self.units))
-        for k in order[worker::workers]:
-            path, group = self.units[k]
-            table = pq.ParquetFile(path).read_row_group(group)
-            table = table.take(np.random.default_rng([self.seed, int(k)]).permutation(table.num_rows))
-            for start in range(0, table.num_rows, self.batch):
-                chunk = table.slice(start, self.batch)
-                cols = {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names}
-                out = transform_batch(cols, cfg=self.cfg, num_labels=self.num_labels, train=True, seed=self.seed)
-                yield _collate(out)
-
-
 def loader_batches(data_dir: str, cfg: DataConfig, *, batch: int, seed: int, workers: int = 2) -> Iterator[dict[str, Any]]:
+    """The same work with a torch DataLoader: the same chunks in a seeded random order, dealt
+    round-robin to ``workers`` processes, each chunk read, decoded and transformed by
+    ``transform_batch`` and collated as the ingest collates."""
     import torch
 
-    from pipeline.shards import read_manifest, shard_paths
+    from pipeline import ingest
 
-    n = len(read_manifest(data_dir)["vocabulary"])
-    dataset = ParquetRowGroups(shard_paths(data_dir, "train"), cfg, num_labels=n, batch=batch, seed=seed)
+    chunks = ingest.chunk_table(data_dir, "train", batch)
+    n = ingest.num_labels(data_dir)
 
-    class Iterable(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter(dataset)
+    class Chunks(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            info = torch.utils.data.get_worker_info()
+            worker, count = (info.id, info.num_workers) if info else (0, 1)
+            for k in ingest.epoch_order(len(chunks), seed)[worker::count]:
+                table = ingest.read_chunk(chunks[k])
+                rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+                yield ingest._collate(transform_batch(rows, cfg=cfg, num_labels=n, train=True, seed=seed))
 
-    return iter(torch.utils.data.DataLoader(Iterable(), batch_size=None, num_workers=workers, prefetch_factor=2))
+    return iter(torch.utils.data.DataLoader(Chunks(), batch_size=None, num_workers=workers, prefetch_factor=2))
+
+
+PIPELINES: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {"ray_data": ray_batches, "dataloader": loader_batches}
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring
+# Measuring (in a child process per measurement, so that each pipeline's processes are counted alone)
 
 
-class Peak(threading.Thread):
-    """Samples, every ``period`` s, the proportional set size (PSS: shared pages split among the
-    processes that map them, so the sum is the real footprint) of this process plus either Ray's
-    processes (raylet, GCS, workers; the object store's pages count in the raylet) or the
-    DataLoader's workers, and the bytes in Ray's object store."""
+def _tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
 
-    def __init__(self, ray_address: str | None, ray_pids: set[int], period: float = 0.25) -> None:
-        super().__init__(daemon=True)
-        self.ray_address, self.ray_pids, self.period = ray_address, ray_pids, period
-        self.pss = self.plasma = 0
-        self._stop_event = threading.Event()
 
-    def _processes(self) -> list[Any]:
-        import psutil
+def tree_pss(root: int) -> int:
+    """Proportional set size of a process tree (shared pages split among the processes that map
+    them, so the sum is the real footprint; Ray's object store pages count too), in bytes."""
+    total = 0
+    for pid in _tree(root):
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
 
-        me = psutil.Process()
-        mine = [p for p in me.children() if (p.pid in self.ray_pids) == bool(self.ray_address)]
-        return [me, *mine, *(d for p in mine for d in p.children(recursive=True))]
 
-    def _sample(self) -> None:
-        import psutil
-
-        total = 0
-        for proc in self._processes():
-            try:
-                total += proc.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        self.pss = max(self.pss, total)
-        if self.ray_address:
-            try:
-                self.plasma = max(self.plasma, plasma_bytes(self.ray_address))
-            except Exception:  # noqa: BLE001 - a sample lost while Ray is busy is not worth a crash
-                pass
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self._sample()
-            self._stop_event.wait(self.period)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of a process tree, including its reaped children (Ray workers that
+    exited count in the raylet, DataLoader workers in this process)."""
+    ticks = 0
+    for pid in _tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def plasma_bytes(address: str) -> int:
-    """Bytes in Ray's object store (``ray memory --stats-only``)."""
+    """Bytes in Ray's object store (what ``ray memory --stats-only`` prints)."""
     import re
 
     from ray._private.internal_api import memory_summary
@@ -238,97 +219,102 @@ def plasma_bytes(address: str) -> int:
     return int(match.group(1)) << 20 if match else 0
 
 
-def measure(batches: Callable[[], Iterator[dict[str, Any]]], ray_address: str | None, ray_pids: set[int]) -> dict[str, float]:
-    """Images/s over the whole pass and from the first batch on (start-up excluded), peak memory."""
-    peak = Peak(ray_address, ray_pids)
+class Peak(threading.Thread):
+    """Peak PSS of this process's tree and peak object-store bytes, sampled every ``period`` s."""
+
+    def __init__(self, ray_address: str | None, period: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.ray_address, self.period = ray_address, period
+        self.pss = self.plasma = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.pss = max(self.pss, tree_pss(os.getpid()))
+            if self.ray_address:
+                try:
+                    self.plasma = max(self.plasma, plasma_bytes(self.ray_address))
+                except Exception:  # noqa: BLE001 - a lost sample is not worth the run
+                    pass
+            self._stop_event.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def measure(batches: Iterator[dict[str, Any]], ray_address: str | None) -> dict[str, Any]:
+    """Images/s over the whole pass (the time to the first batch, included, is also reported
+    alone: it is what the pipeline needs to fill), images per CPU-second of the pipeline's
+    processes (insensitive to other load on a shared machine), peak memory."""
+    peak = Peak(ray_address)
     peak.start()
+    cpu0 = tree_cpu_seconds(os.getpid())
     start = time.perf_counter()
-    first = None
-    images = 0
-    for batch in batches():
-        if first is None:
-            first, first_rows = time.perf_counter(), len(batch["id"])
+    first, images = None, 0
+    for batch in batches:
+        first = first or time.perf_counter()
         images += len(batch["id"])
     end = time.perf_counter()
+    del batches  # a DataLoader joins its workers here, so their CPU time is counted
+    time.sleep(1.0)
+    cpu = tree_cpu_seconds(os.getpid()) - cpu0
     peak.stop()
-    assert first is not None
+    assert first is not None, "no batch"
     return {
         "images": images,
         "startup_s": round(first - start, 2),
-        "seconds": round(end - first, 2),
+        "seconds": round(end - start, 2),
         "images_per_s": round(images / (end - start), 1),
-        "steady_images_per_s": round((images - first_rows) / max(end - first, 1e-9), 1),
+        "cpu_s": round(cpu, 1),
+        "images_per_cpu_s": round(images / cpu, 1),
         "peak_pss_mb": round(peak.pss / 2**20),
         "peak_object_store_mb": round(peak.plasma / 2**20) if ray_address else None,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out/ingest.json")
-    parser.add_argument("--rows", type=int, nargs=2, default=[1000, 2000], help="two dataset sizes")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--keep", help="write the datasets here instead of a temporary folder")
-    args = parser.parse_args(argv)
+def child(pipeline: str, data_dir: str, warm_dir: str, size: int, batch: int) -> dict[str, Any]:
+    """One measurement: start the pipeline's processes, one warm-up pass over a small dataset
+    (worker start-up and imports are not ingest throughput), then the measured pass."""
+    cfg = DataConfig(img_size=size)
+    address = None
+    if pipeline == "ray_data":
+        import ray
 
-    import ray
+        address = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False).address_info["address"]
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+    else:
+        from pipeline.transforms import randaugment
 
-    from pipeline.transforms import randaugment
-
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="salgl-bench-"))
-    dirs = {}
-    t0 = time.perf_counter()
-    for rows in args.rows:
-        dirs[rows] = str(work / f"rows{rows}")
-        if not Path(dirs[rows], shards.MANIFEST_NAME).exists():
-            write_synthetic_dataset(dirs[rows], {"train": rows}, shard_rows=512, row_group_rows=128)
-    print(f"datasets written in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
-
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    address = context.address_info["address"]
-    ray.data.DataContext.get_current().issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
-    import psutil
-
-    ray_pids = {p.pid for p in psutil.Process().children()}  # Ray's processes; later children are the DataLoader's
-    for size in args.sizes:
         randaugment(2, 0.5, size)  # import timm before the DataLoader forks its workers
-    pipelines = {
-        "ray_data": (lambda d, c: ray_batches(d, c, batch=args.batch, seed=0), address),
-        "dataloader": (lambda d, c: loader_batches(d, c, batch=args.batch, seed=0), None),
-    }
-    warm = DataConfig(img_size=min(args.sizes))  # start Ray's workers and import everything once
-    for name, (make, addr) in pipelines.items():
-        measure(lambda: make(dirs[args.rows[0]], warm), addr, ray_pids)
+    make = PIPELINES[pipeline]
+    for _ in make(warm_dir, cfg, batch=batch, seed=1):
+        pass
+    return measure(make(data_dir, cfg, batch=batch, seed=0), address)
 
-    results = []
-    for size in args.sizes:
-        cfg = DataConfig(img_size=size)
-        for i, rows in enumerate(args.rows):
-            # Alternate which pipeline goes first: the machine may be shared and its load drift.
-            for name in list(pipelines)[:: 1 if i % 2 == 0 else -1]:
-                make, addr = pipelines[name]
-                row = {"pipeline": name, "img_size": size, "rows": rows, **measure(lambda: make(dirs[rows], cfg), addr, ray_pids)}
-                results.append(row)
-                print(json.dumps(row), flush=True)
-    ray.shutdown()
 
-    summary = summarize(results, args.rows)
-    print_table(results, summary)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg(), "batch": args.batch, "processes": 2}
-    out.write_text(json.dumps({"meta": meta, "results": results, "summary": summary}, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_child(pipeline: str, data_dir: str, warm_dir: str, size: int, batch: int) -> dict[str, Any]:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--child", pipeline, data_dir, warm_dir, str(size), str(batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{pipeline} at {size} px failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def summarize(results: list[dict[str, Any]], rows: list[int]) -> list[dict[str, Any]]:
     """Per image size and dataset size: Ray Data / DataLoader throughput; per pipeline and image
     size: peak memory of the larger dataset over the smaller one."""
     by = {(r["pipeline"], r["img_size"], r["rows"]): r for r in results}
-    out = []
+    out: list[dict[str, Any]] = []
     for size in sorted({r["img_size"] for r in results}):
         for n in rows:
             ray_row, dl_row = by[("ray_data", size, n)], by[("dataloader", size, n)]
@@ -336,26 +322,73 @@ def summarize(results: list[dict[str, Any]], rows: list[int]) -> list[dict[str, 
                 "img_size": size,
                 "rows": n,
                 "throughput_ratio": round(ray_row["images_per_s"] / dl_row["images_per_s"], 2),
-                "steady_throughput_ratio": round(ray_row["steady_images_per_s"] / dl_row["steady_images_per_s"], 2),
+                "cpu_efficiency_ratio": round(ray_row["images_per_cpu_s"] / dl_row["images_per_cpu_s"], 2),
             })
-        for name in ("ray_data", "dataloader"):
+        for name in PIPELINES:
             small, large = by[(name, size, rows[0])], by[(name, size, rows[1])]
             out.append({"img_size": size, "pipeline": name, "peak_memory_growth": round(large["peak_pss_mb"] / small["peak_pss_mb"], 2)})
     return out
 
 
 def print_table(results: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
-    head = f"{'pipeline':<11} {'px':>4} {'rows':>5} {'img/s':>7} {'steady':>7} {'start s':>7} {'peak PSS MB':>11} {'obj store MB':>12}"
+    head = f"{'pipeline':<11} {'px':>4} {'rows':>5} {'img/s':>7} {'img/cpu-s':>9} {'first batch s':>13} {'peak PSS MB':>11} {'obj store MB':>12}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
         store = "-" if r["peak_object_store_mb"] is None else str(r["peak_object_store_mb"])
-        print(f"{r['pipeline']:<11} {r['img_size']:>4} {r['rows']:>5} {r['images_per_s']:>7.1f} {r['steady_images_per_s']:>7.1f} {r['startup_s']:>7.1f} {r['peak_pss_mb']:>11} {store:>12}")
+        print(
+            f"{r['pipeline']:<11} {r['img_size']:>4} {r['rows']:>5} {r['images_per_s']:>7.1f} {r['images_per_cpu_s']:>9.1f}"
+            f" {r['startup_s']:>13.1f} {r['peak_pss_mb']:>11} {store:>12}"
+        )
     print()
     for s in summary:
         if "throughput_ratio" in s:
-            print(f"{s['img_size']} px, {s['rows']} rows: Ray Data / DataLoader throughput = {s['throughput_ratio']:.2f}x (steady state {s['steady_throughput_ratio']:.2f}x)")
+            print(
+                f"{s['img_size']} px, {s['rows']} rows: Ray Data / DataLoader throughput = {s['throughput_ratio']:.2f}x,"
+                f" images per CPU-second = {s['cpu_efficiency_ratio']:.2f}x"
+            )
         else:
-            print(f"{s['img_size']} px, {s['pipeline']}: peak memory larger / smaller dataset = {s['peak_memory_growth']:.2f}x")
+            print(f"{s['img_size']} px, {s['pipeline']}: peak memory, larger / smaller dataset = {s['peak_memory_growth']:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out/ingest.json")
+    parser.add_argument("--rows", type=int, nargs=2, default=[1000, 2000], help="the two dataset sizes")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--keep", help="write (or reuse) the datasets here instead of a temporary folder")
+    parser.add_argument("--child", nargs=5, metavar=("PIPELINE", "DATA", "WARM", "SIZE", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        pipeline, data_dir, warm_dir, size, batch = args.child
+        print("RESULT " + json.dumps(child(pipeline, data_dir, warm_dir, int(size), int(batch))), flush=True)
+        return 0
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="salgl-bench-"))
+    t0 = time.perf_counter()
+    dirs = {n: str(work / f"rows{n}") for n in [*args.rows, 128]}
+    for n, d in dirs.items():
+        if not Path(d, shards.MANIFEST_NAME).exists():
+            write_synthetic_dataset(d, {"train": n}, shard_rows=512, row_group_rows=128, seed=n)
+    print(f"datasets written in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
+
+    results = []
+    for size in args.sizes:
+        for i, n in enumerate(args.rows):
+            # Alternate which pipeline goes first: on a shared machine the load drifts.
+            for name in list(PIPELINES)[:: 1 if i % 2 == 0 else -1]:
+                row = {"pipeline": name, "img_size": size, "rows": n, **run_child(name, dirs[n], dirs[128], size, args.batch)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+
+    summary = summarize(results, args.rows)
+    print_table(results, summary)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "batch": args.batch, "processes": 2, "seconds": round(time.perf_counter() - t0)}
+    out.write_text(json.dumps({"meta": meta, "results": results, "summary": summary}, indent=2) + "\n")
+    print(f"wrote {out} ({meta['seconds']} s)")
+    return 0
 
 
 if __name__ == "__main__":
