@@ -2,7 +2,8 @@
 
 ``state.pt`` holds model, EMA, optimiser, scheduler, epoch, step and data seed; the counts (live
 and EMA) are in the two model state dicts. ``meta.json`` repeats epoch, step and metrics in plain
-text so tools can pick a checkpoint without loading tensors.
+text so tools can pick a checkpoint without loading tensors, and the size of every other file, so
+that a folder left half-copied by a crash is never taken for a checkpoint (``newest_checkpoint``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def write_checkpoint(
     }
     torch.save(blob, folder / STATE_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps({"config": dict(config), "vocabulary": vocabulary}, indent=1))
-    meta = {"epoch": state.epoch, "step": state.step, "data_seed": state.data_seed, "metrics": _plain(metrics)}
+    files = {name: (folder / name).stat().st_size for name in (STATE_FILE, CONFIG_FILE)}
+    meta = {"epoch": state.epoch, "step": state.step, "data_seed": state.data_seed, "metrics": _plain(metrics), "files": files}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1))
     return folder
 
@@ -110,7 +112,37 @@ def best_checkpoint_in(run_dir: str | os.PathLike[str], metric: str) -> str | No
     return best
 
 
+def _complete_meta(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint folder's meta.json when every file it lists is there at its size, else None."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        sizes = {name: (folder / name).stat().st_size for name in meta.get("files", {})}
+    except (OSError, ValueError):
+        return None
+    return meta if sizes == meta.get("files", {}) else None
+
+
+def newest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[str, int] | None:
+    """(folder, epochs completed) of the newest complete checkpoint under a run folder, or None.
+
+    The one answer to "where does a (re)started worker group continue from": the data stream's
+    first epoch and the workers' restored state both come from it. Ray Train's own "latest
+    checkpoint" can lag behind the folder: a report that a worker made just before another worker
+    died may never be registered, and restoring that older state with the newer epoch's data seeds
+    would silently change the run.
+    """
+    found = []
+    for meta_path in Path(run_dir).glob(f"*/{META_FILE}"):
+        meta = _complete_meta(meta_path.parent)
+        if meta is not None:
+            found.append((int(meta.get("epoch", 0)), int(meta.get("step", 0)), str(meta_path.parent)))
+    if not found:
+        return None
+    epoch, _, folder = max(found)
+    return folder, epoch
+
+
 def latest_epoch(run_dir: str | os.PathLike[str]) -> int:
-    """Epochs completed by the newest checkpoint under a run folder (0 when there is none)."""
-    epochs = [json.loads(p.read_text()).get("epoch", 0) for p in Path(run_dir).glob(f"*/{META_FILE}")]
-    return max(epochs, default=0)
+    """Epochs completed by the newest complete checkpoint under a run folder (0 when there is none)."""
+    newest = newest_checkpoint(run_dir)
+    return newest[1] if newest else 0

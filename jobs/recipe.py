@@ -259,6 +259,24 @@ def _take(iterator: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, 
         raise RuntimeError(f"the data shard ended after {taken} of {count} batches; ranks would fall out of step")
 
 
+def _restore_point(spec: WorkerSpec) -> Any:
+    """A context giving the checkpoint folder to continue from (None: start afresh).
+
+    The run folder's newest complete checkpoint, the one ``jobs.train``'s data stream starts its
+    epochs from (``jobs.checkpoints.newest_checkpoint``); Ray's own restore point only where no
+    run folder is known.
+    """
+    import ray.train
+
+    from jobs.checkpoints import newest_checkpoint
+
+    if spec.run_dir:
+        newest = newest_checkpoint(spec.run_dir)
+        return nullcontext(newest[0] if newest else None)
+    checkpoint = ray.train.get_checkpoint()
+    return checkpoint.as_directory() if checkpoint else nullcontext()
+
+
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros((0,))
 
@@ -271,8 +289,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
 
     spec = WorkerSpec.from_dict(spec_dict)
     recipe = Recipe(spec)
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else nullcontext() as ckpt_dir:
+    with _restore_point(spec) as ckpt_dir:
         recipe.setup(ckpt_dir)
     cfg = recipe.cfg
     stop_after = cfg.run.stop_after_epoch or cfg.optim.epochs

@@ -190,7 +190,8 @@ def build_trainer(
     )
     def train_stream() -> Any:
         # Ray Train calls this each time it (re)starts the worker group: the stream continues from
-        # the epoch of the checkpoint the workers restore, with that epoch's seeds.
+        # the epoch of the checkpoint the workers restore (both: newest_checkpoint(run_dir)), with
+        # that epoch's seeds.
         from jobs.checkpoints import latest_epoch
 
         return train_dataset(
