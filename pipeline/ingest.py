@@ -9,7 +9,7 @@ The graph only composes the plain functions of ``pipeline.transforms`` (STYLE ha
              for batch in iter_eval_batches(ray.train.get_dataset_shard("test"), batch_size=b): ...
 
 The unit of work is a chunk: at most ``CHUNK_ROWS`` consecutive rows of one parquet row group.
-A dataset is ``range(number of chunks)``, one block per position, mapped by one task type that
+A dataset is the positions 0..N-1 of the chunk sequence, one block per position, mapped by one task type that
 reads the chunk, decodes, augments and builds targets. Shuffling permutes the chunk index (a few
 bytes a chunk), never the data.
 
@@ -188,10 +188,17 @@ def _decode_udf(
 
 
 def _chunk_dataset(chunks: list[tuple[str, int, int, int, bool]], *, udf_kwargs: dict[str, Any], num_cpus: float, concurrency: int | None) -> "ray.data.Dataset":  # noqa: F821
-    """One block per chunk position, mapped by one task type (read + decode + transform fused)."""
+    """One block per chunk position, mapped by one task type (read + decode + transform fused).
+
+    The positions are in-memory blocks (``from_items``), not a ``range`` read: Ray Data's read
+    tasks ask for a whole CPU and do not fuse with a map asking for less, so on nodes with less than
+    one CPU left beside the Train workers (a 1-CPU node) the read could never be scheduled and the
+    job would wait forever.
+    """
     import ray.data
 
-    return ray.data.range(len(chunks), override_num_blocks=len(chunks)).map_batches(
+    positions = ray.data.from_items([{"id": p} for p in range(len(chunks))], override_num_blocks=len(chunks))
+    return positions.map_batches(
         _decode_udf,
         fn_kwargs={"chunks": chunks, **udf_kwargs},
         batch_size=None,  # one block = one chunk position

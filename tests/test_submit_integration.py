@@ -65,7 +65,7 @@ def cluster() -> Iterator[dict[str, str]]:
     try:
         started = _script("start", env, timeout=180)
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        yield {"address": f"http://127.0.0.1:{dashboard}", "dir": state}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "dir": state}
     finally:
         stopped = _script("stop", env, timeout=180)
         shutil.rmtree(state, ignore_errors=True)
@@ -90,10 +90,28 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
 
 def _submit(cluster: dict[str, str], *job: str, timeout: float) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER"))}
-    return subprocess.run(
-        [SALGL, "submit", "--address", cluster["address"], "--", *job],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-    )
+    try:
+        return subprocess.run(
+            [SALGL, "submit", "--address", cluster["address"], "--", *job],
+            env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired as e:  # show what the job was doing, not just that it hung
+        tail = lambda b: (b or b"").decode(errors="replace")[-6000:]  # noqa: E731
+        pytest.fail(f"salgl submit ran past {timeout} s\n--- stdout\n{tail(e.stdout)}\n--- stderr\n{tail(e.stderr)}\n--- cluster\n{_cluster_state(cluster)}")
+
+
+def _cluster_state(cluster: dict[str, str]) -> str:
+    """`ray status` and the live actors/tasks of the cluster, for a hung job's report."""
+    env = {**os.environ, "RAY_ADDRESS": cluster["address"], "RAY_AUTH_MODE": "token"}
+    ray = str(Path(sys.executable).parent / "ray")
+    out = []
+    for cmd in (["status", "--address", cluster["gcs"]], ["list", "actors", "--filter", "state!=DEAD"], ["list", "tasks", "--filter", "state!=FINISHED", "--limit", "30"]):
+        try:
+            done = subprocess.run([ray, *cmd], env=env, capture_output=True, text=True, timeout=60)
+            out.append(f"$ ray {' '.join(cmd)}\n{done.stdout[-3000:]}{done.stderr[-1500:]}")
+        except subprocess.TimeoutExpired:
+            out.append(f"$ ray {' '.join(cmd)}: no answer in 60 s")
+    return "\n".join(out)
 
 
 @pytest.fixture(scope="module")
