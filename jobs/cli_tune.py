@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     space, fixed = split_space(parse_overrides(items), set(default_space()))
     cfg = load(load_config_file(config_file), fixed)
     max_epochs = args.max_epochs or cfg.optim.epochs
-    tune_sweep(
+    outcome = tune_sweep(
         cfg, samples=args.samples, max_epochs=max_epochs, space_overrides=space, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, register_as=args.register_as, address=args.address, resume=args.resume,
     )
-    return 0
+    return 130 if outcome.interrupted else 0  # 130: the shell's code for an interrupted command

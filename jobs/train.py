@@ -287,6 +287,12 @@ def train(
     print(f"[salgl] run {run_name}: {cfg.run.workers} workers, data {data_dir}, checkpoints in {run_dir}", flush=True)
     try:
         result = trainer.fit()
+    except (SystemExit, KeyboardInterrupt) as stop:
+        # Stopped, not failed: Ctrl-C, or Tune ending a trial that ASHA stops (sys.exit(0) from
+        # inside its report call).
+        stopped = isinstance(stop, KeyboardInterrupt) or stop.code in (0, None)
+        end_run(tracking_uri, run_id, "KILLED" if stopped else "FAILED")
+        raise
     except BaseException:
         end_run(tracking_uri, run_id, "FAILED")
         raise

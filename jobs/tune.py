@@ -103,6 +103,8 @@ def run_trial(config: dict[str, Any]) -> None:
     flat = to_flat(cfg)
     run_dir = Path(cfg.run.storage) / cfg.run.name
     resume = cfg.run.name if (run_dir / RUN_FILE).is_file() else None  # a restored sweep continues the trial
+    if resume and _report_if_complete(run_dir, cfg.optim.epochs):
+        return
     train(
         cfg,
         resume=resume,
@@ -114,6 +116,20 @@ def run_trial(config: dict[str, Any]) -> None:
         resource_share=float(config["__resource_share__"]),
         quiet=True,
     )
+
+
+def _report_if_complete(run_dir: Path, epochs: int) -> bool:
+    """A trial whose run ended but that Tune had not marked ended when the sweep was interrupted:
+    report its last epoch's metrics again (Tune needs the metric) instead of training nothing."""
+    import ray.tune
+
+    from jobs.checkpoints import META_FILE, newest_checkpoint
+
+    newest = newest_checkpoint(run_dir)
+    if newest is None or newest[1] < epochs:
+        return False
+    ray.tune.report(json.loads((Path(newest[0]) / META_FILE).read_text())["metrics"])
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +145,7 @@ class SweepOutcome:
     best: dict[str, Any]
     registered_model: str | None
     trial_start_overheads: list[float] = dataclasses.field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C: continue with --resume
 
 
 def trial_concurrency(cfg: Config, cluster: Mapping[str, float]) -> int:
@@ -185,7 +202,7 @@ def tune_sweep(
     }, tags={"salgl.sweep_dir": str(sweep_dir)})
     sweep_dir.mkdir(parents=True)
     record = {"name": name, "tracking_uri": tracking_uri, "parent_run_id": parent, "max_epochs": max_epochs,
-              "samples": samples, "base": to_flat(base)}
+              "samples": samples, "expected_trials": expected_trials(space, samples), "base": to_flat(base)}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=1))
     param_space = {**space, "__base__": to_flat(base), "__parent_run_id__": parent, "__resource_share__": 1.0 / concurrency}
     print(f"[salgl] sweep {name}: {samples} trials, ASHA on {METRIC} over {max_epochs} epochs, "
@@ -205,6 +222,12 @@ def tune_sweep(
     return _finish(tuner.fit(), sweep_dir, record, register_as)
 
 
+def expected_trials(space: Mapping[str, Any], samples: int) -> int:
+    """Trials a complete sweep has: ``samples`` times every combination of the grid values."""
+    grids = [len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v]
+    return samples * math.prod(grids)
+
+
 def _resume(path: str, register_as: str) -> SweepOutcome:
     from ray import tune
 
@@ -220,12 +243,14 @@ def _resume(path: str, register_as: str) -> SweepOutcome:
 
 def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: str) -> SweepOutcome:
     tracking_uri, parent = record["tracking_uri"], record["parent_run_id"]
+    ended = results.num_terminated + results.num_errors
     summary = summarize(results, record["max_epochs"])
-    if results.num_terminated + results.num_errors < len(results):
+    if ended < max(len(results), record.get("expected_trials", 0)):
         # Interrupted (Ctrl-C): Tune saved its scheduler and searcher state; nothing is final yet.
+        # Tune creates trials lazily, so an early Ctrl-C leaves fewer trials than the sweep has.
         print(f"[salgl] sweep interrupted with {results.num_terminated} of {len(results)} trials done; "
               f"continue with: salgl tune --resume {sweep_dir}", flush=True)
-        return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, {}, None)
+        return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, {}, None, interrupted=True)
     close_trial_runs(tracking_uri, parent, summary)
     logger = MlflowLogger(tracking_uri, parent)
     write_sweep_artifacts(summary, logger)
@@ -258,6 +283,8 @@ def summarize(results: Any, max_epochs: int) -> list[dict[str, Any]]:
 
     rows = []
     for result in results:
+        if result.config is None:  # a trial an interrupt caught before it wrote anything
+            continue
         config = {k: v for k, v in result.config.items() if not k.startswith("__")}
         flat = {**result.config["__base__"], **config}
         history = result.metrics_dataframe
