@@ -7,10 +7,11 @@ d1 / d2 attention dims. Equation numbers are those of the SALGL paper (ICCV 2023
 from __future__ import annotations
 
 import math
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 
 class SemanticAttention(nn.Module):
@@ -21,8 +22,9 @@ class SemanticAttention(nn.Module):
     Phi_a is linear and follows P with no nonlinearity between (as released), so the two compose
     into one d1-vector p = P w_a: the score is p . tanh(...) + const. That avoids applying the
     d1 x d2 matrix P to every (label, region) pair, which is most of the released module's cost.
-    The (B, n, m, d1) tanh intermediate is computed in label chunks of bounded size and recomputed
-    in backward (activation checkpointing), so memory stays bounded at any n and m.
+    What is left is elementwise work on a (B, n, m, d1) intermediate (2 GB at COCO size), done by
+    ``bilinear_tanh_scores`` tile by tile in one buffer of at most ``chunk_mb`` and recomputed in
+    its analytic backward, so memory stays bounded at any n and m.
     """
 
     def __init__(self, token_dim: int, label_dim: int, *, attn_dim: int, hidden_dim: int, chunk_mb: int = 64) -> None:
@@ -40,28 +42,112 @@ class SemanticAttention(nn.Module):
         direction = (self.score.weight @ self.hidden.weight).squeeze(0)  # (d1,) = P w_a
         # Constant over regions, so it leaves alpha unchanged; kept so x_ij's value is the released one.
         offset = self.score.weight @ self.hidden.bias + self.score.bias  # (1,)
-        scores = self._chunked_scores(regions, labels, direction) + offset  # (B, n, m)
+        # Cache-sized tiles pay off on CPU; on an accelerator, fewer and larger launches do.
+        tile_bytes = min(self.chunk_bytes, TILE_BYTES) if regions.device.type == "cpu" else self.chunk_bytes
+        scores = bilinear_tanh_scores(regions, labels, direction, tile_bytes=tile_bytes) + offset  # (B, n, m)
         alpha = scores.softmax(dim=-1)  # (B, n, m)
         return alpha @ tokens, alpha  # (B, n, d), (B, n, m)
 
-    def _chunked_scores(self, regions: Tensor, labels: Tensor, direction: Tensor) -> Tensor:
-        batch, num_regions, attn_dim = regions.shape
-        per_label = batch * num_regions * attn_dim * regions.element_size()
-        step = max(1, min(labels.shape[0], self.chunk_bytes // max(per_label, 1)))
-        chunks = []
-        for start in range(0, labels.shape[0], step):
-            part = labels[start : start + step]
-            if torch.is_grad_enabled() and (regions.requires_grad or part.requires_grad or direction.requires_grad):
-                chunks.append(checkpoint(_bilinear_scores, regions, part, direction, use_reentrant=False))
-            else:
-                chunks.append(_bilinear_scores(regions, part, direction))
-        return torch.cat(chunks, dim=1)
+
+# Tiles of the (B, n, m, d1) intermediate are kept near this size (COCO: 5 labels of one image):
+# small enough to stay in cache across the several passes made over each tile, large enough that
+# the number of ops, each with a fixed dispatch and thread-barrier cost, stays small. Measured on
+# 2 cores with tests/bench/head_step.py: 1 MB tiles were slower than 4 MB, 8 MB no faster.
+TILE_BYTES = 4 * 2**20
 
 
-def _bilinear_scores(regions: Tensor, labels: Tensor, direction: Tensor) -> Tensor:
-    """p . tanh(u_j * v_i) for every (label i, region j): regions (B, m, d1), labels (c, d1) -> (B, c, m)."""
-    hidden = torch.tanh(regions.unsqueeze(1) * labels[None, :, None, :])  # (B, c, m, d1)
-    return hidden @ direction  # (B, c, m)
+def bilinear_tanh_scores(regions: Tensor, labels: Tensor, direction: Tensor, *, tile_bytes: int = TILE_BYTES) -> Tensor:
+    """s[b, i, j] = p . tanh(u_bj * v_i): regions u (B, m, d1), labels v (n, d1), direction p (d1,) -> (B, n, m).
+
+    Differentiable in all three inputs; the (B, n, m, d1) intermediate never exists whole, only
+    one tile of at most ``tile_bytes`` (and at least one (m, d1) slice) at a time.
+    """
+    return _BilinearTanhScores.apply(regions, labels, direction, tile_bytes)
+
+
+def _tiles(regions: Tensor, num_labels: int, tile_bytes: int) -> Iterator[tuple[slice, slice]]:
+    """(batch slice, label slice) pairs covering (B, n) in tiles (bb, c, m, d1) of about ``tile_bytes``.
+
+    Label blocks of one batch row when an (m, d1) slice is large (COCO: 0.8 MB), blocks of batch
+    rows with all labels when it is small; either way a tile's scores are one contiguous block of
+    the (B, n, m) output.
+    """
+    batch, num_regions, attn_dim = regions.shape
+    pairs = max(1, tile_bytes // (num_regions * attn_dim * regions.element_size()))  # (row, label) pairs
+    labels_per_tile = min(num_labels, pairs)
+    rows_per_tile = pairs // num_labels if labels_per_tile == num_labels else 1
+    for b0 in range(0, batch, rows_per_tile):
+        for i0 in range(0, num_labels, labels_per_tile):
+            yield slice(b0, b0 + rows_per_tile), slice(i0, i0 + labels_per_tile)
+
+
+class _BilinearTanhScores(torch.autograd.Function):
+    """Forward and analytic backward of ``bilinear_tanh_scores``, tile by tile in one buffer.
+
+    Why not autograd on the plain expression: autograd would save each tile's tanh (2 GB in all)
+    or, under activation checkpointing, rerun the forward and then make a separate pass with a
+    fresh temporary in main memory for every elementwise op of the backward. Here one cache-sized
+    buffer is reused in place, and the backward recomputes each tile instead of storing it.
+
+    tanh goes through the logistic function, s = sigmoid(2x): tanh(x) = 2s - 1 and
+    1 - tanh(x)^2 = 4 s (1 - s). PyTorch's CPU sigmoid is about three times faster than its tanh,
+    and with s the affine parts fold into the reductions. Per tile, with x = u_j * v_i, g = dL/d score:
+
+        forward   score = p . t = 2 p.s - sum(p)
+        backward  dp = sum g t = 2 sum g s - sum g
+                  w = g s (1 - s)                         (g (1 - t^2) / 4)
+                  du_j = 4 p * sum_i w v_i,    dv_i = 4 p * sum_bj w u_j
+
+    p, the factor 4 and the constants are applied once at the end, on the small results: per tile
+    that is 3 passes forward and 7 + c backward. Rounding: these sums carry errors of order
+    eps * sum |p| (or sum |g|) rather than eps * sum |p t|, the same order for t of order one.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, regions: Tensor, labels: Tensor, direction: Tensor, tile_bytes: int) -> Tensor:
+        ctx.save_for_backward(regions, labels, direction)
+        ctx.tile_bytes = tile_bytes
+        (batch, num_regions, attn_dim), num_labels = regions.shape, labels.shape[0]
+        doubled = 2 * labels  # (n, d1): the 2 of sigmoid(2x), folded into the product
+        scores = regions.new_empty(batch, num_labels, num_regions)  # (B, n, m), p . s for now
+        buffer = regions.new_empty(0)
+        for rows, cols in _tiles(regions, num_labels, tile_bytes):
+            s = _logistic_tile(regions[rows], doubled[cols], buffer)  # (bb, c, m, d1)
+            torch.mv(s.view(-1, attn_dim), direction, out=scores[rows, cols].view(-1))  # a contiguous block
+        return scores.mul_(2).sub_(direction.sum())  # p . (2s - 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        regions, labels, direction = ctx.saved_tensors
+        grad = grad.contiguous()  # (B, n, m)
+        doubled = 2 * labels  # (n, d1)
+        d_regions = torch.zeros_like(regions)  # (B, m, d1), sum_i w v_i for now
+        d_labels = torch.zeros_like(labels)  # (n, d1), sum_bj w u_j for now
+        d_direction = torch.zeros_like(direction)  # (d1,), sum g s for now
+        buffer = regions.new_empty(0)
+        for rows, cols in _tiles(regions, labels.shape[0], ctx.tile_bytes):
+            g = grad[rows, cols]  # (bb, c, m)
+            s = _logistic_tile(regions[rows], doubled[cols], buffer)  # (bb, c, m, d1)
+            d_direction.addmv_(s.view(-1, s.shape[-1]).t(), g.view(-1))
+            w = torch.addcmul(s, s, s, value=-1, out=s).mul_(g.unsqueeze(-1))  # s (1 - s) g, in place
+            d_rows = d_regions[rows]  # (bb, m, d1)
+            for k, label in enumerate(labels[cols]):  # one fused pass per label: du += w_i v_i
+                d_rows.addcmul_(w[:, k], label)
+            d_labels[cols].add_(w.mul_(regions[rows].unsqueeze(1)).sum(dim=(0, 2)))  # (c, d1)
+        scale = 4 * direction  # (d1,)
+        return d_regions.mul_(scale), d_labels.mul_(scale), d_direction.mul_(2).sub_(grad.sum()), None
+
+
+def _logistic_tile(regions: Tensor, doubled: Tensor, buffer: Tensor) -> Tensor:
+    """sigmoid(2 u_j * v_i) for a tile: regions u (bb, m, d1), doubled 2v (c, d1) -> (bb, c, m, d1).
+
+    Written into ``buffer``, resized in place, so one allocation serves every tile.
+    """
+    bb, num_regions, attn_dim = regions.shape
+    tile = buffer.resize_(bb, doubled.shape[0], num_regions, attn_dim)
+    torch.mul(regions.unsqueeze(1), doubled[:, None, :], out=tile)  # (bb, c, m, d1)
+    return tile.sigmoid_()
 
 
 class SceneClassifier(nn.Module):
