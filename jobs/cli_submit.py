@@ -19,7 +19,7 @@ EPILOG = """examples:
   salgl submit --no-wait -- tune ...     then: salgl jobs logs ID --follow
 
 Checkpoints (run.storage), data (data.path) and the MLflow store (run.tracking_uri) must name places
-every node sees: an absolute path on a shared filesystem, s3://..., or an MLflow server."""
+every node sees: an absolute path on a shared filesystem, or an MLflow server for tracking."""
 
 
 def add_cluster_options(p: argparse.ArgumentParser) -> None:

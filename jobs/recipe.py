@@ -10,6 +10,7 @@ head), ASL + lambda L_en, backward with DDP's gradient all-reduce, optimiser, sc
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -259,6 +260,16 @@ def _take(iterator: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, 
         raise RuntimeError(f"the data shard ended after {taken} of {count} batches; ranks would fall out of step")
 
 
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs each report's whole metrics dict, per rank, at INFO, from a logger named
+    by its file path, which ``LoggingConfig`` does not reach; the epoch line already says it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its logging is left as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _restore_point(spec: WorkerSpec) -> Any:
     """A context giving the checkpoint folder to continue from (None: start afresh).
 
@@ -287,6 +298,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
 
     from pipeline.ingest import iter_eval_batches, iter_train_batches
 
+    _quiet_report_log()
     spec = WorkerSpec.from_dict(spec_dict)
     recipe = Recipe(spec)
     with _restore_point(spec) as ckpt_dir:

@@ -218,7 +218,7 @@ def local_path_warnings(args: Sequence[str]) -> list[str]:
         if sep and key in PATH_KEYS and value and "://" not in value and not Path(value).is_absolute():
             warnings.append(
                 f"{key}={value} is relative: on the cluster it resolves inside the job's temporary copy of the "
-                "working directory. Use an absolute path on storage every node sees (or s3://...)."
+                "working directory. Use an absolute path on storage every node sees (a shared mount)."
             )
     return warnings
 

@@ -75,9 +75,17 @@ def new_run_name(prefix: str = "salgl") -> str:
 
 
 def storage_root(cfg: Config) -> str:
-    """Absolute storage path (Ray workers run with another working directory); URIs pass through."""
+    """Absolute storage path (Ray workers run with another working directory).
+
+    A filesystem path only: salgl reads the run folder itself (its run record, and the newest
+    complete checkpoint a restarted run continues from), so object-store URIs are refused rather
+    than half-supported. On a cluster, mount shared storage (NFS, EFS, a ReadWriteMany volume).
+    """
     if "://" in cfg.run.storage:
-        return cfg.run.storage
+        raise ValueError(
+            f"run.storage={cfg.run.storage}: use a filesystem path every node sees (a shared mount such as "
+            "/mnt/shared/runs); object-store URIs are not supported for checkpoints"
+        )
     return str(Path(cfg.run.storage).expanduser().resolve())
 
 
@@ -100,14 +108,23 @@ def find_run(run: str, storage: str) -> Path:
 # Ray
 
 
-def init_ray(address: str | None = None) -> None:
-    import ray
+def quiet_ray_data() -> None:
+    """One line per epoch is the progress report; Ray Data's per-operator bars would bury it.
+
+    A dataset keeps the ``DataContext`` of the process that builds it: call this there (the driver,
+    and the Train controller, which calls the dataset factories of ``build_trainer``).
+    """
     from ray.data import DataContext
 
-    # One line per epoch is the progress report; Ray Data's per-operator bars would bury it.
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def init_ray(address: str | None = None) -> None:
+    import ray
+
+    quiet_ray_data()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -194,11 +211,13 @@ def build_trainer(
         # that epoch's seeds.
         from jobs.checkpoints import latest_epoch
 
+        quiet_ray_data()
         return train_dataset(
             data_dir, cfg.data, seed=cfg.run.seed, start_epoch=latest_epoch(run_dir), num_cpus=plan.data_task_cpus
         )
 
     def test_stream() -> Any:
+        quiet_ray_data()
         return eval_dataset(data_dir, cfg.data, num_workers=plan.num_workers, num_cpus=plan.data_task_cpus)
 
     datasets = {"train": train_stream, "test": test_stream}
@@ -219,6 +238,8 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             callbacks=[make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet), *callbacks],
+            # Train's INFO lines repeat every report's metrics dict per rank; ours is one line an epoch.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=data_config(cpu=plan.data_cpus),

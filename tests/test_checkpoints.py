@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from jobs.checkpoints import META_FILE, STATE_FILE, latest_epoch, newest_checkpoint
+from jobs.train import storage_root
+from salgl.config import preset
 from tests._tiny_checkpoint import write_tiny_checkpoint
 
 
@@ -31,3 +35,8 @@ def test_a_half_copied_checkpoint_is_skipped(tmp_path: Path) -> None:
     assert newest_checkpoint(tmp_path) == (str(tmp_path / "checkpoint_1"), 1)
     (broken / STATE_FILE).unlink()
     assert latest_epoch(tmp_path) == 1
+
+
+def test_object_store_storage_is_refused_with_the_key() -> None:
+    with pytest.raises(ValueError, match="run.storage=s3://bucket/runs: use a filesystem path"):
+        storage_root(preset("tiny", {"run.storage": "s3://bucket/runs"}))
