@@ -211,15 +211,20 @@ def test_a_failing_job_exits_non_zero_with_its_status(cluster) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_a_missing_or_wrong_token_is_explained(cluster, tmp_path: Path, monkeypatch, capsys) -> None:
-    from jobs.cli import main
-
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(var, raising=False)
+def test_a_missing_or_wrong_token_is_explained(cluster, tmp_path: Path) -> None:
+    # Fresh processes, as a user runs them: a process that has called ray.init() keeps Ray's token
+    # and sends it on every later request, whatever the environment then says.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH_TOKEN"))}
     wrong = tmp_path / "wrong_token"
     wrong.write_text("not-the-token")
-    assert main(["jobs", "list", "--address", cluster["address"], "--token-file", str(wrong)]) == 2
-    assert f"rejected the token from --token-file {wrong}" in capsys.readouterr().err
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token there
-    assert main(["jobs", "list", "--address", cluster["address"]]) == 2
-    assert "requires an authentication token and none was found" in capsys.readouterr().err
+
+    def jobs_list(*extra: str, **env_changes: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([SALGL, "jobs", "list", "--address", cluster["address"], *extra],
+                              env={**env, **env_changes}, capture_output=True, text=True, timeout=120)
+
+    rejected = jobs_list("--token-file", str(wrong))
+    assert rejected.returncode == 2, rejected.stdout + rejected.stderr
+    assert f"rejected the token from --token-file {wrong}" in rejected.stderr
+    missing = jobs_list(HOME=str(tmp_path))  # no ~/.ray/auth_token there
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert "requires an authentication token and none was found" in missing.stderr

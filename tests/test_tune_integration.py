@@ -7,11 +7,6 @@ that learns, so ASHA has a worse trial to stop at its first rung whatever the no
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,28 +14,10 @@ import torch
 
 from salgl.config import preset
 
+from tests._sweep import SPACE, mosaic_dir, sweep_overrides  # noqa: F401  (mosaic_dir: a fixture)
+
 pytestmark = pytest.mark.integration
 MAX_EPOCHS = 3
-
-
-@pytest.fixture(scope="module")
-def mosaic_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from pipeline.mosaic import MosaicConfig, convert_mosaic
-
-    out = tmp_path_factory.mktemp("data") / "mosaic"
-    convert_mosaic(out, MosaicConfig(train=128, test=32, canvas=64), progress=False)
-    return str(out)
-
-
-def _overrides(mosaic_dir: str, root: Path) -> dict:
-    return {
-        "data.path": mosaic_dir, "data.img_size": 64, "optim.batch_size": 16, "run.workers": 1,
-        "run.storage": str(root / "runs"), "run.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-        "ema.decay": 0.5, "run.keep_checkpoints": 1,
-    }
-
-
-SPACE = {"K": "grid:1,2", "optim.lr": "grid:0.003,1e-9", "lambda": "1.0", "T": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +29,7 @@ def sweep(mosaic_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     ray.init(num_cpus=2, log_to_driver=False)
     try:
-        cfg = preset("tiny", {**_overrides(mosaic_dir, root), "run.name": "sweep-a"})
+        cfg = preset("tiny", {**sweep_overrides(mosaic_dir, root), "run.name": "sweep-a"})
         yield tune_sweep(cfg, samples=1, max_epochs=MAX_EPOCHS, space_overrides=SPACE, register_as="salgl-test")
     finally:
         ray.shutdown()
@@ -103,43 +80,3 @@ def test_best_checkpoint_is_registered_and_predicts(sweep) -> None:
     with torch.no_grad():
         out = model.eval()(torch.randn(2, 3, 64, 64))
     assert out.logits.shape == (2, 10) and torch.isfinite(out.logits).all()
-
-
-@pytest.mark.timeout(1200)
-def test_interrupted_sweep_resumes(mosaic_dir, tmp_path) -> None:
-    """Ctrl-C a real `salgl tune` once a trial has finished; --resume completes the rest."""
-    overrides = {**_overrides(mosaic_dir, tmp_path), "run.name": "sweep-b"}
-    args = [f"{k}={v}" for k, v in {**overrides, **SPACE}.items()]
-    cmd = [sys.executable, "-m", "jobs.cli", "tune", "tiny", *args, "--samples", "1", "--max-epochs", "2"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    trials = tmp_path / "runs" / "sweep-b" / "trials"
-    # Wait (bounded) until one trial's run holds its final checkpoint, then interrupt.
-    deadline = time.monotonic() + 600
-    while not any(json.loads(p.read_text()).get("epoch") == 2 for p in trials.glob("trial-*/checkpoint_*/meta.json")):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "no trial finished in time"
-        time.sleep(1)  # polling a child process's output files, not synchronising the test
-    proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=300)[0]
-    assert "salgl tune --resume" in output, output[-3000:]
-    assert proc.returncode == 130, output[-3000:]
-    assert "registered:" not in output, "an interrupted sweep must not pick a best trial yet"
-
-    resumed = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "tune", "--resume", str(tmp_path / "runs" / "sweep-b")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "registered: models:/salgl/" in resumed.stdout
-    assert len(list(trials.glob("trial-*"))) == 4
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(overrides["run.tracking_uri"])
-    record = json.loads((tmp_path / "runs" / "sweep-b" / "salgl_sweep.json").read_text())
-    parent = client.get_run(record["parent_run_id"])
-    assert parent.info.status == "FINISHED"
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 4, "a finished trial must not be run again (nor logged twice) after resuming"
-
