@@ -103,8 +103,15 @@ def _bench_loop(spec: dict[str, Any]) -> None:
         results.append((time.perf_counter() - start, recipe.steps_per_epoch, sum(spent)))
         spent.clear()
     seconds, steps, collective = results[-1]
-    ray.train.report({"epoch_s": seconds, "steps": steps, "collective_s": collective,
-                      "images": steps * recipe.per_worker_batch * recipe.world.size})
+    metrics = {"epoch_s": seconds, "steps": steps, "collective_s": collective,
+               "images": steps * recipe.per_worker_batch * recipe.world.size}
+    # Result.metrics keeps only a report that carried a checkpoint (Ray 2.60): rank 0 attaches one.
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if recipe.world.is_main:
+            Path(folder, "bench.json").write_text(json.dumps(metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def ray_loop(data_dir: str, workers: int, rows: int) -> dict[str, float]:
