@@ -248,7 +248,8 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
     if ended < max(len(results), record.get("expected_trials", 0)):
         # Interrupted (Ctrl-C): Tune saved its scheduler and searcher state; nothing is final yet.
         # Tune creates trials lazily, so an early Ctrl-C leaves fewer trials than the sweep has.
-        print(f"[salgl] sweep interrupted with {results.num_terminated} of {len(results)} trials done; "
+        total = max(len(results), record.get("expected_trials", 0))
+        print(f"[salgl] sweep interrupted with {results.num_terminated} of {total} trials done; "
               f"continue with: salgl tune --resume {sweep_dir}", flush=True)
         return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, {}, None, interrupted=True)
     close_trial_runs(tracking_uri, parent, summary)

@@ -1,0 +1,36 @@
+"""Sweep search spaces from the command line, trial names, and how many trials a sweep has."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.tune import build_space, expected_trials, parse_space_item, trial_label
+
+
+def test_space_items_parse_to_tune_domains() -> None:
+    from ray.tune.search.sample import Categorical, Float
+
+    assert isinstance(parse_space_item("K", "2,4,6"), Categorical)
+    log = parse_space_item("lambda", "log:0.01:10")
+    assert isinstance(log, Float) and (log.lower, log.upper) == (0.01, 10.0)
+    assert parse_space_item("K", "grid:2,4") == {"grid_search": [2, 4]}
+    assert parse_space_item("T", "3") == 3 and parse_space_item("optim.lr", "1e-3") == 0.001
+    with pytest.raises(ValueError, match="K: empty search values"):
+        parse_space_item("K", ",")
+
+
+def test_aliases_resolve_and_override_the_default_space() -> None:
+    space = build_space({"K": "grid:1,2", "T": "1"})
+    assert space["model.head.num_scenes"] == {"grid_search": [1, 2]}
+    assert space["model.head.steps"] == 1
+    assert "loss.entropy_weight" in space  # the default lambda range stays
+
+
+def test_expected_trials_multiply_grids_by_samples() -> None:
+    assert expected_trials(build_space({}), 8) == 8  # random draws only
+    assert expected_trials(build_space({"K": "grid:1,2", "optim.lr": "grid:0.003,1e-9,1e-4"}), 2) == 12
+
+
+def test_trial_label_names_k_lambda_t() -> None:
+    flat = {"model.head.num_scenes": 6, "loss.entropy_weight": 0.123456, "model.head.steps": 3}
+    assert trial_label(flat, "ab12_00003") == "K6-lam0.123-T3-ab12_00003"
