@@ -243,12 +243,11 @@ def _resume(path: str, register_as: str) -> SweepOutcome:
 
 def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: str) -> SweepOutcome:
     tracking_uri, parent = record["tracking_uri"], record["parent_run_id"]
-    ended = results.num_terminated + results.num_errors
+    # Tune creates trials lazily, so an early Ctrl-C leaves fewer trials than the sweep has.
+    total = max(len(results), record.get("expected_trials", 0))
     summary = summarize(results, record["max_epochs"])
-    if ended < max(len(results), record.get("expected_trials", 0)):
+    if results.num_terminated + results.num_errors < total:
         # Interrupted (Ctrl-C): Tune saved its scheduler and searcher state; nothing is final yet.
-        # Tune creates trials lazily, so an early Ctrl-C leaves fewer trials than the sweep has.
-        total = max(len(results), record.get("expected_trials", 0))
         print(f"[salgl] sweep interrupted with {results.num_terminated} of {total} trials done; "
               f"continue with: salgl tune --resume {sweep_dir}", flush=True)
         return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, {}, None, interrupted=True)

@@ -9,9 +9,9 @@ The graph only composes the plain functions of ``pipeline.transforms`` (STYLE ha
              for batch in iter_eval_batches(ray.train.get_dataset_shard("test"), batch_size=b): ...
 
 The unit of work is a chunk: at most ``CHUNK_ROWS`` consecutive rows of one parquet row group.
-A dataset is the positions 0..N-1 of the chunk sequence, one block per position, mapped by one task type that
-reads the chunk, decodes, augments and builds targets. Shuffling permutes the chunk index (a few
-bytes a chunk), never the data.
+A dataset is the positions 0..N-1 of the chunk sequence, one block per position, mapped by one
+task type that reads the chunk, decodes, augments and builds targets. Shuffling permutes the chunk
+index (a few bytes a chunk), never the data.
 
 Why not ``read_parquet`` + ``random_shuffle`` / ``randomize_block_order`` + a local buffer: a
 global shuffle is an all-to-all that holds the whole encoded split in the object store every epoch

@@ -51,6 +51,11 @@ def _ports() -> tuple[int, int]:
     raise RuntimeError("no free ports")
 
 
+def _clean_env(*also: str) -> dict[str, str]:
+    """This process's environment without the Ray variables that would point salgl elsewhere."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", *also))}
+
+
 def _script(action: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(SCRIPT), action], env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -60,7 +65,7 @@ def cluster() -> Iterator[dict[str, str]]:
     # Ray's socket paths must stay under 108 characters: a short folder, not pytest's tmp_path.
     state = tempfile.mkdtemp(prefix="salgl-it-", dir="/tmp")
     port, dashboard = _ports()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER"))}
+    env = _clean_env()
     env.update(SALGL_CLUSTER_DIR=state, RAY_PORT=str(port), DASHBOARD_PORT=str(dashboard), VENV=sys.prefix)
     try:
         started = _script("start", env, timeout=180)
@@ -89,7 +94,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
 
 
 def _submit(cluster: dict[str, str], *job: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER"))}
+    env = _clean_env()
     try:
         return subprocess.run(
             [SALGL, "submit", "--address", cluster["address"], "--", *job],
@@ -214,7 +219,7 @@ def test_a_failing_job_exits_non_zero_with_its_status(cluster) -> None:
 def test_a_missing_or_wrong_token_is_explained(cluster, tmp_path: Path) -> None:
     # Fresh processes, as a user runs them: a process that has called ray.init() keeps Ray's token
     # and sends it on every later request, whatever the environment then says.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH_TOKEN"))}
+    env = _clean_env("RAY_AUTH_TOKEN")
     wrong = tmp_path / "wrong_token"
     wrong.write_text("not-the-token")
 
