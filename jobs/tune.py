@@ -176,6 +176,7 @@ def tune_sweep(
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     init_ray(address)
     if resume:
@@ -205,13 +206,17 @@ def tune_sweep(
               "samples": samples, "expected_trials": expected_trials(space, samples), "base": to_flat(base)}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=1))
     param_space = {**space, "__base__": to_flat(base), "__parent_run_id__": parent, "__resource_share__": 1.0 / concurrency}
-    print(f"[salgl] sweep {name}: {samples} trials, ASHA on {METRIC} over {max_epochs} epochs, "
+    policy = f"ASHA on {METRIC}" if scheduler == "asha" else "every trial to the end"
+    print(f"[salgl] sweep {name}: {samples} trials, {policy} over {max_epochs} epochs, "
           f"{concurrency} at a time; MLflow parent {parent}", flush=True)
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"CPU": TRIAL_CPU}),
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=samples, max_concurrent_trials=concurrency,
+            metric=METRIC, mode="max", num_samples=samples,
+            # Seeded by run.seed: the same sweep draws the same trials (and ASHA and FIFO runs of
+            # the benchmark compare the same configurations).
+            search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.run.seed),
             scheduler=(
                 ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
                 if scheduler == "asha" else FIFOScheduler()

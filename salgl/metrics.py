@@ -185,7 +185,7 @@ def scene_entropy(scene_ids: ArrayLike, num_scenes: int) -> float:
     """
     p = scene_occupancy(scene_ids, num_scenes)
     p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: one scene gives 0.0, not -0.0
 
 
 def multilabel_metrics(
