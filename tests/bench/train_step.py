@@ -2,13 +2,19 @@
 step time spent in the count collective, and the Ray Train loop's overhead against a plain
 single-process loop over the same batches.
 
-    .venv/bin/python -m tests.bench.train_step [--out bench_out/train_step.json] [--steps 24]
+    .venv/bin/python -m tests.bench.train_step [--out bench_out/train_step.json] [--rows 512]
 
-The Ray runs execute the project's own worker code (``jobs.recipe.Recipe.train_epoch``: DDP,
-count sync, checksums, EMA) fed by the project's Ray Data ingest; the count collective is timed by
-wrapping the recipe's ``sync``. The plain loop runs the same model, loss, optimiser, schedule and
-EMA in one process over batches decoded beforehand by the same transforms. Targets (issue 4):
-collective under 2% of step time, Ray overhead under 10%.
+Both loops get the same batches, decoded once beforehand by the project's transforms, so the
+comparison isolates the training loop: the Ray runs execute the project's own worker code
+(``jobs.recipe.Recipe.train_epoch``: DDP, count sync, checksums, EMA) on those batches, split
+across ranks; the plain loop runs the same model, loss, optimiser, schedule and EMA in one process.
+Two more rows feed the recipe from the Ray Data ingest instead (end to end) and say how much of
+the step waits on data, which ``tests/bench/ingest.py`` measures on its own. The count collective
+is timed by wrapping the recipe's ``sync``, after a barrier that absorbs the ranks' skew (the wait for
+a slower rank, which DDP's gradient all-reduce would absorb otherwise), timed on its own. Every loop
+runs four epochs; the first warms up, the fastest of the other three is reported (a shared 2-core
+machine's speed drifts from one minute to the next).
+Targets (issue 4): collective under 2% of step time, Ray overhead under 10%.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from salgl.config import preset, to_flat
 
-OVERRIDES = {"data.img_size": 64, "optim.batch_size": 16, "optim.epochs": 1, "ema.decay": 0.9}
+EPOCHS = 4  # the first warms up the model (and Ray Data); the fastest of the others is reported
+CPUS = 2  # the local Ray instance's CPUs (the 2-core CI machine)
+OVERRIDES = {"data.img_size": 64, "optim.batch_size": 16, "optim.epochs": EPOCHS, "ema.decay": 0.9}
 
 
 def _dataset(root: Path, rows: int) -> str:
@@ -36,75 +44,143 @@ def _dataset(root: Path, rows: int) -> str:
     return str(out)
 
 
-def plain_loop(data_dir: str, steps: int, threads: int) -> dict[str, float]:
-    """One process, the same model / loss / optimiser / EMA, batches decoded up front."""
+def decoded_batches(data_dir: str, steps: int) -> list[dict[str, np.ndarray]]:
+    """``steps`` training batches of the tiny config, decoded and augmented by the project's transforms."""
     import pyarrow.parquet as pq
 
     from pipeline.shards import read_manifest, shard_paths
     from pipeline.transforms import transform_batch
-    from salgl.ema import ModelEma
-    from salgl.losses import salgl_loss
-    from salgl.model import build_model
 
-    torch.set_num_threads(threads)
     cfg = preset("tiny", OVERRIDES)
     n = len(read_manifest(data_dir)["vocabulary"])
     table = pq.read_table(shard_paths(data_dir, "train")[0])
-    batch_size = cfg.optim.batch_size
+    size = cfg.optim.batch_size
     batches = []
     for i in range(steps):
-        rows = table.slice(i * batch_size, batch_size).to_pydict()
+        rows = table.slice(i * size, size).to_pydict()
         raw = {k: np.array(v, dtype=object) for k, v in rows.items()}
         out = transform_batch(raw, cfg=cfg.data, num_labels=n, train=True, seed=i)
-        batches.append({k: torch.from_numpy(out[k]) for k in ("image", "target", "ignore")})
-    torch.manual_seed(0)
-    model = build_model(cfg.model, num_labels=n, label_dim=16).train()
-    ema = ModelEma(model, cfg.ema)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=steps)
-    times = []
-    for batch in batches:
+        batches.append({k: out[k] for k in ("image", "target", "ignore")})
+    return batches
+
+
+def _as_torch(batch: dict[str, np.ndarray], rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s slice of a batch (rows rank::world): the ranks together see the whole batch."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v[rank::world])) for k, v in batch.items()}
+
+
+class DataWait:
+    """Wraps a batch iterator and adds up the time spent waiting for each next batch."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]]) -> None:
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(self.batches)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - asked
+            yield batch
+
+
+class PlainLoop:
+    """The same model / loss / optimiser / schedule / EMA in one process: no Ray, no DDP, no recipe."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]], num_labels: int) -> None:
+        from salgl.ema import ModelEma
+        from salgl.model import build_model
+
+        self.cfg = preset("tiny", OVERRIDES)
+        self.batches = batches
+        torch.manual_seed(0)
+        self.model = build_model(self.cfg.model, num_labels=num_labels, label_dim=16).train()
+        self.ema = ModelEma(self.model, self.cfg.ema)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.cfg.optim.lr, total_steps=EPOCHS * len(batches))
+
+    def epoch(self) -> float:
+        """One pass over the batches; returns its seconds."""
+        from salgl.losses import salgl_loss
+
         start = time.perf_counter()
-        out = model(batch["image"], batch["target"])
-        salgl_loss(out.logits, out.scene_probs, batch["target"], cfg.loss, mask=batch["ignore"]).total.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        ema.update(model)
-        times.append(time.perf_counter() - start)
-    step = float(np.median(times[2:]))
-    return {"step_s": step, "images_per_s": batch_size / step}
+        for batch in self.batches:
+            out = self.model(batch["image"], batch["target"])
+            terms = salgl_loss(out.logits, out.scene_probs, batch["target"], self.cfg.loss, mask=batch["ignore"])
+            terms.total.backward()
+            [t.item() for t in terms]  # the recipe reads the loss terms every step too
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.ema.update(self.model)
+        return time.perf_counter() - start
 
 
-def _bench_loop(spec: dict[str, Any]) -> None:
-    """Ray Train worker: the recipe's own epoch, with the count collective timed."""
+def plain_loop(batches: list[dict[str, np.ndarray]], threads: int, num_labels: int) -> dict[str, float]:
+    """``PlainLoop`` in this process, outside Ray: the fastest epoch after the first."""
+    torch.set_num_threads(threads)
+    loop = PlainLoop([_as_torch(b) for b in batches], num_labels)
+    epochs = [loop.epoch() for _ in range(EPOCHS)]
+    step = min(epochs[1:]) / len(batches)
+    return {"step_s": step, "images_per_s": loop.cfg.optim.batch_size / step}
+
+
+def _bench_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: the recipe's own epochs, with the count collective and the data wait timed."""
+    import ray
     import ray.train
 
+    from jobs.distributed import gather_objects
     from jobs.recipe import Recipe, WorkerSpec
     from pipeline.ingest import iter_train_batches
 
-    recipe = Recipe(WorkerSpec.from_dict(spec))
+    recipe = Recipe(WorkerSpec.from_dict(config["spec"]))
     recipe.setup(None)
-    spent = []
+    spent: list[float] = []
+    skew: list[float] = []
     inner = recipe.sync
+    multi = recipe.world.size > 1
 
     def timed_sync(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
+        if multi:
+            torch.distributed.barrier()  # the wait for a slower rank, kept out of the collective's time
+        ready = time.perf_counter()
         out = inner(weights, targets)
-        spent.append(time.perf_counter() - start)
+        skew.append(ready - start)
+        spent.append(time.perf_counter() - ready)
         return out
 
     recipe.sync = timed_sync
-    shard = ray.train.get_dataset_shard("train")
-    results = []
-    for epoch in range(2):  # the first epoch warms up Ray Data and the model
-        start = time.perf_counter()
-        recipe.train_epoch(iter_train_batches(shard, batch_size=recipe.per_worker_batch, epoch=epoch), epoch)
-        results.append((time.perf_counter() - start, recipe.steps_per_epoch, sum(spent)))
+    rank, size = recipe.world.rank, recipe.world.size
+    if config.get("batches") is not None:  # the plain loop's batches, each split across the ranks
+        mine = [_as_torch(b, rank, size) for b in ray.get(config["batches"])]
+        epoch_batches = lambda epoch: iter(mine)  # noqa: E731
+    else:
+        shard = ray.train.get_dataset_shard("train")
+        epoch_batches = lambda epoch: iter_train_batches(shard, batch_size=recipe.per_worker_batch, epoch=epoch)  # noqa: E731
+    # One worker on the pre-decoded batches: a plain epoch after each of the recipe's, in this same
+    # process, so both see the same machine at the same minute.
+    plain = PlainLoop(mine, recipe.num_labels) if config.get("batches") is not None and size == 1 else None
+    plain_epochs = []
+    runs = []
+    for epoch in range(EPOCHS):
         spent.clear()
-    seconds, steps, collective = results[-1]
-    metrics = {"epoch_s": seconds, "steps": steps, "collective_s": collective,
-               "images": steps * recipe.per_worker_batch * recipe.world.size}
+        skew.clear()
+        wait = DataWait(epoch_batches(epoch))
+        start = time.perf_counter()
+        recipe.train_epoch(iter(wait), epoch)
+        runs.append({"epoch_s": time.perf_counter() - start, "collective_s": sum(spent), "skew_s": sum(skew), "data_wait_s": wait.seconds})
+        if plain is not None:
+            plain_epochs.append(plain.epoch())
+    # The fastest measured epoch by rank 0's clock, so every rank reports the same epoch.
+    rank0_epochs = gather_objects([r["epoch_s"] for r in runs])[0]
+    fastest = min(range(1, EPOCHS), key=rank0_epochs.__getitem__)
+    metrics = {**runs[fastest], "steps": recipe.steps_per_epoch, "images": recipe.steps_per_epoch * recipe.per_worker_batch * size}
+    if plain_epochs:
+        metrics["plain_epoch_s"] = min(plain_epochs[1:])
     # Result.metrics keeps only a report that carried a checkpoint (Ray 2.60): rank 0 attaches one.
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
@@ -114,18 +190,19 @@ def _bench_loop(spec: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def ray_loop(data_dir: str, workers: int, rows: int) -> dict[str, float]:
+def ray_loop(data_dir: str, workers: int, rows: int, batches_ref: Any = None) -> dict[str, float]:
+    """The recipe on ``workers`` Ray Train workers, fed ``batches_ref`` (an object ref of the
+    pre-decoded batches) or, when None, the Ray Data ingest of ``data_dir``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from jobs.recipe import WorkerSpec
     from jobs.train import cluster_plan
     from pipeline.ingest import build_datasets, data_config
+    from pipeline.shards import read_manifest
     from salgl.label_embeddings import label_embeddings
 
-    cfg = preset("tiny", {**OVERRIDES, "run.workers": workers, "optim.epochs": 2})
-    from pipeline.shards import read_manifest
-
+    cfg = preset("tiny", {**OVERRIDES, "run.workers": workers})
     vocabulary = read_manifest(data_dir)["vocabulary"]
     plan = cluster_plan(workers)
     spec = WorkerSpec(
@@ -133,19 +210,25 @@ def ray_loop(data_dir: str, workers: int, rows: int) -> dict[str, float]:
         label_embeddings=label_embeddings(vocabulary, cfg.model.labels).tolist(),
         train_rows=rows, threads=plan.torch_threads,
     )
+    ingest = {}
+    if batches_ref is None:
+        ingest = {
+            "datasets": build_datasets(data_dir, cfg.data, seed=0, num_workers=workers, eval_split=None, num_cpus=plan.data_task_cpus),
+            "dataset_config": data_config(["train"], cpu=plan.data_cpus),
+        }
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(
             _bench_loop,
-            train_loop_config=spec.__dict__,
+            train_loop_config={"spec": spec.__dict__, "batches": batches_ref},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": plan.cpus_per_worker}),
             run_config=ray.train.RunConfig(name=f"bench-{workers}", storage_path=storage),
-            datasets=build_datasets(data_dir, cfg.data, seed=0, num_workers=workers, eval_split=None, num_cpus=plan.data_task_cpus),
-            dataset_config=data_config(["train"], cpu=plan.data_cpus),
+            **ingest,
         )
         m = trainer.fit().metrics
-    step = m["epoch_s"] / m["steps"]
-    return {"step_s": step, "images_per_s": m["images"] / m["epoch_s"],
-            "collective_share": m["collective_s"] / m["epoch_s"], "threads": plan.torch_threads}
+    return {"step_s": m["epoch_s"] / m["steps"], "images_per_s": m["images"] / m["epoch_s"],
+            "collective_share": m["collective_s"] / m["epoch_s"], "skew_share": m["skew_s"] / m["epoch_s"],
+            "data_wait_share": m["data_wait_s"] / m["epoch_s"], "threads": plan.torch_threads,
+            **({"plain_step_s": m["plain_epoch_s"] / m["steps"]} if "plain_epoch_s" in m else {})}
 
 
 def main() -> None:
@@ -157,26 +240,50 @@ def main() -> None:
     import ray
     from ray.data import DataContext
 
+    from jobs.resources import plan_resources
+    from pipeline.shards import read_manifest
+
+    batch_size = OVERRIDES["optim.batch_size"]
     DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = _dataset(Path(tmp), args.rows)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        batches = decoded_batches(data_dir, args.rows // batch_size)
+        num_labels = len(read_manifest(data_dir)["vocabulary"])
+        threads = plan_resources(1, {"CPU": CPUS}).torch_threads  # what the 1-worker Ray run gets
+        # The plain loop runs before Ray starts and after it stops; the faster run counts, so a
+        # drift in the machine's speed does not pass for Ray's overhead (or hide it).
+        plain = [plain_loop(batches, threads=threads, num_labels=num_labels)]
+        ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
         try:
-            rows = {f"ray_{w}_worker": ray_loop(data_dir, w, args.rows) for w in (1, 2)}
+            ref = ray.put(batches)
+            rows = {f"ray_{w}_worker": ray_loop(data_dir, w, args.rows, ref) for w in (1, 2)}
+            rows.update({f"ray_{w}_worker_ingest": ray_loop(data_dir, w, args.rows) for w in (1, 2)})
         finally:
             ray.shutdown()
-        one = rows["ray_1_worker"]
-        rows["plain_1_process"] = plain_loop(data_dir, steps=min(32, args.rows // 16), threads=one["threads"])
-    overhead = one["step_s"] / rows["plain_1_process"]["step_s"] - 1.0
-    print(f"{'loop':<18}{'step (s)':>10}{'images/s':>10}{'collective %':>14}")
+        plain.append(plain_loop(batches, threads=threads, num_labels=num_labels))
+        rows["plain_1_process"] = min(plain, key=lambda r: r["step_s"])
+    in_worker = rows["ray_1_worker"]["plain_step_s"]
+    rows["plain_in_ray_worker"] = {"step_s": in_worker, "images_per_s": batch_size / in_worker}
+    one = rows["ray_1_worker"]
+    overhead = one["step_s"] / one["plain_step_s"] - 1.0
+    overhead_outside = one["step_s"] / rows["plain_1_process"]["step_s"] - 1.0
+    collective = rows["ray_2_worker"]["collective_share"]
+
+    def pct(r: dict[str, float], key: str) -> str:
+        return f"{100 * r[key]:.2f}" if key in r else "-"
+
+    print(f"{'loop':<22}{'step (s)':>10}{'images/s':>10}{'collective %':>14}{'rank skew %':>13}{'data wait %':>13}")
     for name, r in rows.items():
-        share = f"{100 * r['collective_share']:.2f}" if "collective_share" in r else "-"
-        print(f"{name:<18}{r['step_s']:>10.3f}{r['images_per_s']:>10.1f}{share:>14}")
-    print(f"Ray Train overhead vs plain loop (1 worker, same threads): {100 * overhead:+.1f}% (target < 10%)")
-    print(f"count collective share with 2 workers: {100 * rows['ray_2_worker']['collective_share']:.2f}% (target < 2%)")
+        print(f"{name:<22}{r['step_s']:>10.4f}{r['images_per_s']:>10.1f}{pct(r, 'collective_share'):>14}"
+              f"{pct(r, 'skew_share'):>13}{pct(r, 'data_wait_share'):>13}")
+    print(f"Ray Train overhead vs plain loop (1 worker, same batches, same threads), plain epochs interleaved "
+          f"in the worker process: {100 * overhead:+.1f}% (target < 10%); vs a plain process outside Ray "
+          f"(best of before and after): {100 * overhead_outside:+.1f}%")
+    print(f"count collective share with 2 workers (same batches): {100 * collective:.2f}% (target < 2%)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "ray_overhead": overhead, "machine_cores": torch.get_num_threads()}, indent=1))
+    out.write_text(json.dumps({"rows": rows, "plain_runs": plain, "ray_overhead": overhead, "ray_overhead_vs_outside": overhead_outside, "collective_share_2_workers": collective,
+                               "machine_cores": torch.get_num_threads()}, indent=1))
     print(f"wrote {out}")
 
 
