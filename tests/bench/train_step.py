@@ -48,11 +48,12 @@ def decoded_batches(data_dir: str, steps: int) -> list[dict[str, np.ndarray]]:
     """``steps`` training batches of the tiny config, decoded and augmented by the project's transforms."""
     import pyarrow.parquet as pq
 
-    from pipeline.shards import read_manifest, shard_paths
+    from pipeline.ingest import num_labels
+    from pipeline.shards import shard_paths
     from pipeline.transforms import transform_batch
 
     cfg = preset("tiny", OVERRIDES)
-    n = len(read_manifest(data_dir)["vocabulary"])
+    n = num_labels(data_dir)
     table = pq.read_table(shard_paths(data_dir, "train")[0])
     size = cfg.optim.batch_size
     batches = []
@@ -138,14 +139,14 @@ def _bench_loop(config: dict[str, Any]) -> None:
 
     recipe = Recipe(WorkerSpec.from_dict(config["spec"]))
     recipe.setup(None)
+    rank, size = recipe.world.rank, recipe.world.size
     spent: list[float] = []
     skew: list[float] = []
     inner = recipe.sync
-    multi = recipe.world.size > 1
 
     def timed_sync(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        if multi:
+        if size > 1:
             torch.distributed.barrier()  # the wait for a slower rank, kept out of the collective's time
         ready = time.perf_counter()
         out = inner(weights, targets)
@@ -154,16 +155,15 @@ def _bench_loop(config: dict[str, Any]) -> None:
         return out
 
     recipe.sync = timed_sync
-    rank, size = recipe.world.rank, recipe.world.size
+    plain = None
     if config.get("batches") is not None:  # the plain loop's batches, each split across the ranks
         mine = [_as_torch(b, rank, size) for b in ray.get(config["batches"])]
         epoch_batches = lambda epoch: iter(mine)  # noqa: E731
+        if size == 1:  # a plain epoch after each of the recipe's, in this same process and minute
+            plain = PlainLoop(mine, recipe.num_labels)
     else:
         shard = ray.train.get_dataset_shard("train")
         epoch_batches = lambda epoch: iter_train_batches(shard, batch_size=recipe.per_worker_batch, epoch=epoch)  # noqa: E731
-    # One worker on the pre-decoded batches: a plain epoch after each of the recipe's, in this same
-    # process, so both see the same machine at the same minute.
-    plain = PlainLoop(mine, recipe.num_labels) if config.get("batches") is not None and size == 1 else None
     plain_epochs = []
     runs = []
     for epoch in range(EPOCHS):
@@ -241,18 +241,18 @@ def main() -> None:
     from ray.data import DataContext
 
     from jobs.resources import plan_resources
-    from pipeline.shards import read_manifest
+    from pipeline.ingest import num_labels
 
     batch_size = OVERRIDES["optim.batch_size"]
     DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = _dataset(Path(tmp), args.rows)
         batches = decoded_batches(data_dir, args.rows // batch_size)
-        num_labels = len(read_manifest(data_dir)["vocabulary"])
+        labels = num_labels(data_dir)
         threads = plan_resources(1, {"CPU": CPUS}).torch_threads  # what the 1-worker Ray run gets
         # The plain loop runs before Ray starts and after it stops; the faster run counts, so a
         # drift in the machine's speed does not pass for Ray's overhead (or hide it).
-        plain = [plain_loop(batches, threads=threads, num_labels=num_labels)]
+        plain = [plain_loop(batches, threads=threads, num_labels=labels)]
         ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
         try:
             ref = ray.put(batches)
@@ -260,7 +260,7 @@ def main() -> None:
             rows.update({f"ray_{w}_worker_ingest": ray_loop(data_dir, w, args.rows) for w in (1, 2)})
         finally:
             ray.shutdown()
-        plain.append(plain_loop(batches, threads=threads, num_labels=num_labels))
+        plain.append(plain_loop(batches, threads=threads, num_labels=labels))
         rows["plain_1_process"] = min(plain, key=lambda r: r["step_s"])
     in_worker = rows["ray_1_worker"]["plain_step_s"]
     rows["plain_in_ray_worker"] = {"step_s": in_worker, "images_per_s": batch_size / in_worker}
