@@ -9,9 +9,9 @@ The graph only composes the plain functions of ``pipeline.transforms`` (STYLE ha
              for batch in iter_eval_batches(ray.train.get_dataset_shard("test"), batch_size=b): ...
 
 The unit of work is a chunk: at most ``CHUNK_ROWS`` consecutive rows of one parquet row group.
-A dataset is the positions 0..N-1 of the chunk sequence, one block per position, mapped by one
-task type that reads the chunk, decodes, augments and builds targets. Shuffling permutes the chunk
-index (a few bytes a chunk), never the data.
+A dataset is the positions 0..N-1 of the chunk sequence, a few positions per task, mapped by one
+task type that reads each chunk, decodes, augments, builds targets and emits it as one block.
+Shuffling permutes the chunk index (a few bytes a chunk), never the data.
 
 Why not ``read_parquet`` + ``random_shuffle`` / ``randomize_block_order`` + a local buffer: a
 global shuffle is an all-to-all that holds the whole encoded split in the object store every epoch
@@ -71,6 +71,14 @@ EVAL_SPLIT = "test"
 # Ray Data's 128 MB target block size, and a task (0.2-0.6 s of work) amortises its overhead. A
 # chunk reads its whole parquet row group, so row groups of 256 rows read 8 times the bytes used.
 CHUNK_ROWS = 32
+# Chunks per data task. Ray Data 2.60's executor notices a finished task only on its next
+# scheduling-loop pass (it waits up to 0.1 s for *all* running tasks, then does its bookkeeping),
+# so every task left its process idle for ~0.2 s: with one 32-row chunk per task (0.28 s of work at
+# 224 px) the two data processes were busy about half the time (tests/bench/ingest.py: 0.57-0.62x
+# a DataLoader's images/s at 224 px). Four chunks per task, each still emitted as its own block:
+# 0.83-0.91x.
+CHUNKS_PER_TASK = 4
+MIN_TASKS = 8
 # Default local shuffle buffer of ``iter_train_batches``, in batches (decoded float32 rows).
 SHUFFLE_BUFFER_BATCHES = 2
 
@@ -159,28 +167,35 @@ def _decode_udf(
     augment_seed: Any,
     cfg: DataConfig,
     num_labels: int,
-) -> dict[str, np.ndarray]:
-    """Positions of this epoch's chunk sequence -> the chunks' rows, decoded and transformed.
+) -> Iterator[dict[str, np.ndarray]]:
+    """Positions of this epoch's chunk sequence -> one output block per position: the chunk's
+    rows, decoded and transformed.
 
     ``order_seed`` None keeps storage order (evaluation); otherwise position p of pass e reads
     chunk ``permutation_e[p]``. Chunks carry ``valid`` (False: padding rows of the eval split).
+    A generator, so a task that maps several positions still emits chunk-sized blocks.
     """
     positions = batch["id"]
     if order_seed is not None:
         positions = epoch_order(len(chunks), _seed_from_context(order_seed))[positions]
-    tables = []
+    train = augment_seed is not None
+    seed = _seed_from_context(augment_seed) if train else None
     for pos in positions:
         *chunk, valid = chunks[int(pos)]
         table = read_chunk(tuple(chunk))
-        tables.append(table.append_column("valid", pa.array(np.full(table.num_rows, valid))))
-    table = pa.concat_tables(tables)
-    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-    train = augment_seed is not None
-    seed = _seed_from_context(augment_seed) if train else None
-    out = transforms.transform_batch(rows, cfg=cfg, num_labels=num_labels, train=train, seed=seed)
-    if train:
-        del out["valid"]  # every training row is real
-    return out
+        rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        rows["valid"] = np.full(table.num_rows, valid)
+        out = transforms.transform_batch(rows, cfg=cfg, num_labels=num_labels, train=train, seed=seed)
+        if train:
+            del out["valid"]  # every training row is real
+        yield out
+
+
+def num_tasks(num_chunks: int) -> int:
+    """Data tasks for ``num_chunks`` chunk positions: ``CHUNKS_PER_TASK`` positions per task,
+    but never fewer than ``MIN_TASKS`` (while there are chunks), so small splits still decode in
+    parallel."""
+    return max(-(-num_chunks // CHUNKS_PER_TASK), min(num_chunks, MIN_TASKS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +203,8 @@ def _decode_udf(
 
 
 def _chunk_dataset(chunks: list[tuple[str, int, int, int, bool]], *, udf_kwargs: dict[str, Any], num_cpus: float, concurrency: int | None) -> "ray.data.Dataset":  # noqa: F821
-    """One block per chunk position, mapped by one task type (read + decode + transform fused).
+    """Chunk positions in ``num_tasks`` blocks, mapped by one task type (read + decode + transform
+    fused) that emits one block per position.
 
     The positions are in-memory blocks (``from_items``), not a ``range`` read: Ray Data's read
     tasks ask for a whole CPU and do not fuse with a map asking for less, so on nodes with less than
@@ -197,11 +213,11 @@ def _chunk_dataset(chunks: list[tuple[str, int, int, int, bool]], *, udf_kwargs:
     """
     import ray.data
 
-    positions = ray.data.from_items([{"id": p} for p in range(len(chunks))], override_num_blocks=len(chunks))
+    positions = ray.data.from_items([{"id": p} for p in range(len(chunks))], override_num_blocks=num_tasks(len(chunks)))
     return positions.map_batches(
         _decode_udf,
         fn_kwargs={"chunks": chunks, **udf_kwargs},
-        batch_size=None,  # one block = one chunk position
+        batch_size=None,  # one input block = one task's positions
         batch_format="numpy",
         num_cpus=num_cpus,
         **({"concurrency": concurrency} if concurrency else {}),

@@ -283,3 +283,16 @@ def test_chunk_table_covers_every_row_once_within_row_groups(data_dir):
 def test_epoch_order_is_a_seeded_permutation():
     a, b, c = ingest.epoch_order(50, 1), ingest.epoch_order(50, 1), ingest.epoch_order(50, 2)
     assert sorted(a) == list(range(50)) and (a == b).all() and not (a == c).all()
+
+
+def test_a_task_maps_several_chunks_and_emits_one_block_per_chunk(data_dir):
+    chunks = [(*c, True) for c in ingest.chunk_table(data_dir, "test", chunk_rows=10)]
+    kwargs = {"chunks": chunks, "order_seed": None, "augment_seed": None, "cfg": CFG, "num_labels": N_LABELS}
+    blocks = list(ingest._decode_udf({"id": np.array([2, 0, 3])}, **kwargs))
+    expected = [ingest.read_chunk(chunks[p][:4]).column("id").to_pylist() for p in (2, 0, 3)]
+    assert [list(b["id"]) for b in blocks] == expected
+    assert all(b["image"].shape == (len(ids), 3, IMG, IMG) and b["valid"].all() for b, ids in zip(blocks, expected))
+
+
+def test_tasks_take_several_chunks_but_small_splits_still_run_in_parallel():
+    assert [ingest.num_tasks(n) for n in (1, 5, ingest.MIN_TASKS, 40, 4001)] == [1, 5, ingest.MIN_TASKS, 10, 1001]
