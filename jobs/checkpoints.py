@@ -12,10 +12,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads where a checkpoint is read or written, not where one is only found
+    import torch
+    from torch import nn
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -41,6 +42,8 @@ def write_checkpoint(
     vocabulary: list[str],
     metrics: Mapping[str, Any],
 ) -> Path:
+    import torch
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     blob = {
@@ -64,6 +67,8 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a salgl checkpoint (no {STATE_FILE})")
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

@@ -174,6 +174,18 @@ def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int, *, quiet: b
 # The trainer
 
 
+def train_worker(spec_dict: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker (``jobs.recipe.train_loop_per_worker``).
+
+    Train pickles this function by reference and its controller unpickles it, so it lives in this
+    light module: referring to ``jobs.recipe`` directly made every run's controller import torch
+    and timm (seconds of CPU on a small machine, in a process that never trains).
+    """
+    from jobs.recipe import train_loop_per_worker
+
+    train_loop_per_worker(spec_dict)
+
+
 def build_trainer(
     cfg: Config,
     *,
@@ -190,7 +202,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.recipe import WorkerSpec, train_loop_per_worker
+    from jobs.recipe import WorkerSpec
     from pipeline.ingest import data_config, eval_dataset, train_dataset
     from salgl.label_embeddings import label_embeddings
 
@@ -222,7 +234,7 @@ def build_trainer(
 
     datasets = {"train": train_stream, "test": test_stream}
     return TorchTrainer(
-        train_loop_per_worker,
+        train_worker,
         train_loop_config=spec.__dict__,
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker={"CPU": plan.cpus_per_worker},

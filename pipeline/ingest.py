@@ -56,14 +56,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline import transforms
 from salgl.config import DataConfig
+
+if TYPE_CHECKING:  # torch loads in the consumers only: the data tasks and split coordinators never need it
+    import torch
 
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "test"
@@ -340,6 +342,8 @@ def _collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     A batch that is a zero-copy view of an object-store block is read-only: copied, so that
     in-place ops on the tensors are safe (the copy runs in Ray's prefetch thread).
     """
+    import torch
+
     out: dict[str, Any] = {}
     for name, col in batch.items():
         if col.dtype.kind in "OUS":
@@ -353,6 +357,8 @@ def _collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 def _to_device(batch: dict[str, Any], device: torch.device | str | None) -> dict[str, Any]:
     if device is None:
         return batch
+    import torch
+
     device = torch.device(device)
     if device.type == "cpu":
         return batch

@@ -72,6 +72,26 @@ def test_import_salgl_loads_no_ray_mlflow_or_pyarrow() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_lazy_exports_resolve_to_the_defining_modules() -> None:
+    import salgl
+    import salgl.model
+
+    assert salgl.SALGL is salgl.model.SALGL and "SALGLHead" in dir(salgl)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        salgl.nope  # noqa: B018
+
+
+def test_processes_that_only_build_or_split_data_do_not_import_torch() -> None:
+    """Ray Train's controller and dataset manager, the split coordinators and the data tasks
+    import these modules in every run; torch and timm there cost seconds per process."""
+    code = (
+        "import sys, salgl.config, pipeline.ingest, pipeline.transforms, jobs.checkpoints, jobs.train; "
+        "print([m for m in ('torch', 'timm', 'transformers', 'mlflow') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("name", ["default", "voc2007", "coco2014", "nuswide", "official", "tiny"])
 def test_bundled_run_configs_load(name: str) -> None:
     from jobs.cli_train import load_config_file
