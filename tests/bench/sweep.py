@@ -1,7 +1,11 @@
 """Sweep benchmark: wall time of an 8-trial ASHA sweep against the same 8 trials run to the end
 (FIFO), and the trial-start overhead, on the tiny config and mosaic data.
 
-    .venv/bin/python -m tests.bench.sweep [--trials 8] [--max-epochs 4] [--out bench_out/sweep.json]
+    .venv/bin/python -m tests.bench.sweep [--trials 8] [--max-epochs 4] [--reduction-factor 2]
+        [--grace-period 1] [--train-images 128] [--out bench_out/sweep.json]
+
+Longer trials (``--max-epochs 16 --reduction-factor 4``, more ``--train-images``) show the regime
+where per-trial start-up no longer dominates.
 
 Target (issue 5): ASHA's sweep takes at most half the time of the full one.
 """
@@ -20,7 +24,7 @@ from salgl.config import preset
 SPACE = {"K": "1,2,3,4", "lambda": "log:0.01:10", "T": "0,1,2"}
 
 
-def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int) -> dict:
+def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grace_period: int, reduction_factor: int) -> dict:
     from jobs.tune import tune_sweep
 
     cfg = preset("tiny", {
@@ -30,7 +34,8 @@ def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int) -> d
     })
     start = time.perf_counter()
     outcome = tune_sweep(cfg, samples=trials, max_epochs=max_epochs, space_overrides=SPACE,
-                         register_as=f"bench-{kind}", scheduler=kind)
+                         register_as=f"bench-{kind}", scheduler=kind,
+                         grace_period=grace_period, reduction_factor=reduction_factor)
     seconds = time.perf_counter() - start
     epochs = sum(row["epochs"] for row in outcome.summary)
     return {"seconds": seconds, "trial_epochs": epochs, "stopped_early": sum(r["stopped_early"] for r in outcome.summary),
@@ -41,6 +46,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--max-epochs", type=int, default=4)
+    parser.add_argument("--reduction-factor", type=int, default=2)
+    parser.add_argument("--grace-period", type=int, default=1)
+    parser.add_argument("--train-images", type=int, default=128)
     parser.add_argument("--out", default="bench_out/sweep.json")
     args = parser.parse_args()
 
@@ -52,10 +60,13 @@ def main() -> None:
     DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        convert_mosaic(root / "mosaic", MosaicConfig(train=128, test=32, canvas=64), progress=False)
+        convert_mosaic(root / "mosaic", MosaicConfig(train=args.train_images, test=32, canvas=64), progress=False)
         ray.init(num_cpus=2, log_to_driver=False)
         try:
-            rows = {kind: run(kind, root, str(root / "mosaic"), args.trials, args.max_epochs) for kind in ("asha", "fifo")}
+            rows = {
+                kind: run(kind, root, str(root / "mosaic"), args.trials, args.max_epochs, args.grace_period, args.reduction_factor)
+                for kind in ("asha", "fifo")
+            }
             overheads = [o for r in rows.values() for o in r.pop("overheads")]
         finally:
             ray.shutdown()
@@ -68,7 +79,8 @@ def main() -> None:
     print(f"trial-start overhead: median {statistics.median(overheads):.1f} s over {len(overheads)} trials" if overheads else "trial-start overhead: n/a")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "asha_over_full": ratio, "trial_start_overhead_s": overheads}, indent=1, default=str))
+    settings = {k: getattr(args, k) for k in ("trials", "max_epochs", "reduction_factor", "grace_period", "train_images")}
+    out.write_text(json.dumps({"settings": settings, "rows": rows, "asha_over_full": ratio, "trial_start_overhead_s": overheads}, indent=1, default=str))
     print(f"wrote {out}")
 
 
