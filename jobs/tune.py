@@ -316,11 +316,14 @@ def summarize(results: Any, max_epochs: int) -> list[dict[str, Any]]:
 
 
 def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any]]) -> None:
-    """Child runs of trials that ASHA stopped stay RUNNING unless ended: mark and end them.
+    """Child runs of trials that Tune stopped stay RUNNING unless ended: mark and end them.
 
-    Tune's own record (stopped, no error) is what counts: a stop can reach the trial's training as
-    an exception other than Tune's ``SystemExit(0)``, depending on where it lands, and
-    ``jobs.train.train`` then marks the child FAILED; such a child is set to KILLED here.
+    Tune's own record is what counts. A trial it ended without an error (ASHA stopping it early,
+    or stopping it on its last report because it reached ``max_t``) can have its stop reach the
+    trial's training as an exception other than Tune's ``SystemExit(0)``, depending on where it
+    lands (seen in CI on a trial whose Train run was shutting down after its last epoch); then
+    ``jobs.train.train`` has marked the child FAILED, and it is set to KILLED here. Trials Tune
+    records with an error stay FAILED.
     """
     from mlflow.tracking import MlflowClient
 
@@ -333,8 +336,8 @@ def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any
         if row is not None:
             client.set_tag(child.info.run_id, "asha.stopped_early", str(row["stopped_early"]).lower())
             client.set_tag(child.info.run_id, "asha.epochs", str(row["epochs"]))
-        stopped_by_asha = row is not None and row["stopped_early"] and child.info.status == "FAILED"
-        if child.info.status == "RUNNING" or stopped_by_asha:
+        stopped_by_tune = row is not None and not row.get("error") and child.info.status == "FAILED"
+        if child.info.status == "RUNNING" or stopped_by_tune:
             end_run(tracking_uri, child.info.run_id, "KILLED")
 
 

@@ -36,7 +36,7 @@ def test_trial_label_names_k_lambda_t() -> None:
     assert trial_label(flat, "ab12_00003") == "K6-lam0.123-T3-ab12_00003"
 
 
-def test_closing_trial_runs_marks_asha_stops_killed_and_keeps_real_failures(tmp_path) -> None:
+def test_closing_trial_runs_marks_tune_stops_killed_and_keeps_real_failures(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
     from jobs.tracking import end_run, start_run
@@ -45,18 +45,19 @@ def test_closing_trial_runs_marks_asha_stops_killed_and_keeps_real_failures(tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_run(uri, "sweep-test", run_name="sweep", params={})
     runs = {}
-    for trial, status in (("t1", "FAILED"), ("t2", "FAILED"), ("t3", "RUNNING"), ("t4", "FINISHED")):
+    for trial, status in (("t1", "FAILED"), ("t2", "FAILED"), ("t3", "RUNNING"), ("t4", "FINISHED"), ("t5", "FAILED")):
         runs[trial] = start_run(uri, "sweep-test", run_name=trial, params={"trial_id": trial}, parent_run_id=parent)
         if status != "RUNNING":
             end_run(uri, runs[trial], status)
     summary = [
-        {"trial": "t1", "stopped_early": True, "epochs": 1},  # stopped by ASHA, reached training as an error
-        {"trial": "t2", "stopped_early": False, "epochs": 1},  # a real failure
-        {"trial": "t3", "stopped_early": True, "epochs": 1},
-        {"trial": "t4", "stopped_early": False, "epochs": 3},
+        {"trial": "t1", "stopped_early": True, "epochs": 1, "error": None},  # stopped by ASHA, reached training as an error
+        {"trial": "t2", "stopped_early": False, "epochs": 1, "error": "RuntimeError('boom')"},  # a real failure
+        {"trial": "t3", "stopped_early": True, "epochs": 1, "error": None},
+        {"trial": "t4", "stopped_early": False, "epochs": 3, "error": None},
+        {"trial": "t5", "stopped_early": False, "epochs": 3, "error": None},  # stopped at max_t while Train shut down
     ]
     close_trial_runs(uri, parent, summary)
     client = MlflowClient(uri)
     status = {t: client.get_run(r).info.status for t, r in runs.items()}
-    assert status == {"t1": "KILLED", "t2": "FAILED", "t3": "KILLED", "t4": "FINISHED"}
+    assert status == {"t1": "KILLED", "t2": "FAILED", "t3": "KILLED", "t4": "FINISHED", "t5": "KILLED"}
     assert client.get_run(runs["t1"]).data.tags["asha.stopped_early"] == "true"
