@@ -1,7 +1,8 @@
 """``salgl evaluate``: score a split with Ray Data batch inference, then the paper's metrics.
 
-    parquet shards -> eval_dataset (decode, resize, normalise: the checkpoint's ``data`` config)
-                   -> map_batches(ScoreBatches, fixed actor pool; each actor holds the model)
+    parquet shards -> eval_dataset (decode, resize to uint8 pixels: the checkpoint's ``data`` config)
+                   -> map_batches(ScoreBatches, fixed actor pool; each actor holds the model and
+                                  normalises the pixels on its device)
                    -> driver: scores, targets, ignore masks, scene probabilities
                    -> multilabel_metrics, scene entropy, occupancy -> table, JSON, MLflow
 
@@ -24,6 +25,7 @@ import torch
 
 from jobs.inference import Loaded, score_images
 from jobs.resources import ResourcePlan, plan_resources
+from pipeline.transforms import normalize_tensor
 from salgl.config import Config
 from salgl.metrics import multilabel_metrics, scene_entropy, scene_occupancy
 from salgl.model import SALGL
@@ -50,17 +52,19 @@ class Scored:
 class ScoreBatches:
     """A Ray Data actor holding the model: image batches in, scores out (other columns kept)."""
 
-    def __init__(self, model_ref: list[Any], threads: int, use_gpu: bool) -> None:
+    def __init__(self, model_ref: list[Any], threads: int, use_gpu: bool, normalize: str) -> None:
         import ray
 
         torch.set_num_threads(threads)
         # The reference comes wrapped in a list so that Ray hands it over unresolved.
         self.model: SALGL = ray.get(model_ref[0])
-        if use_gpu:
-            self.model.to("cuda")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model.to(self.device)
+        self.normalize = normalize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (b, 3, S, S)
+        pixels = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (b, 3, S, S) uint8
+        images = normalize_tensor(pixels.to(self.device), self.normalize)  # on the GPU, if any
         scores, scene_probs = score_images(self.model, images)
         keep = ("id", "target", "ignore", "valid")
         return {"scores": scores, "scene_probs": scene_probs, **{k: batch[k] for k in keep if k in batch}}
@@ -92,7 +96,9 @@ def scoring_dataset(
     ds = eval_dataset(data_dir, cfg.data, num_workers=1, split=split, num_cpus=plan.data_task_cpus)
     ds = ds.map_batches(
         ScoreBatches,
-        fn_constructor_kwargs={"model_ref": [ray.put(model)], "threads": plan.torch_threads, "use_gpu": plan.use_gpu},
+        fn_constructor_kwargs={
+            "model_ref": [ray.put(model)], "threads": plan.torch_threads, "use_gpu": plan.use_gpu, "normalize": cfg.data.normalize,
+        },
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=plan.num_workers),

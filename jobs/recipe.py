@@ -308,12 +308,16 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
     for epoch in range(recipe.state.epoch, min(cfg.optim.epochs, stop_after)):
+        # On a GPU the batches arrive there as uint8 and are normalised on it (4x less to copy).
         batches = iter_train_batches(
-            train_shard, batch_size=recipe.per_worker_batch, epoch=epoch, seed=cfg.run.seed, rank=recipe.world.rank
+            train_shard, batch_size=recipe.per_worker_batch, epoch=epoch, seed=cfg.run.seed, rank=recipe.world.rank,
+            normalize=cfg.data.normalize, device=recipe.device,
         )
         train_metrics = recipe.train_epoch(batches, epoch)
         recipe.finish_epoch(epoch)
-        evals = recipe.evaluate(iter_eval_batches(test_shard, batch_size=recipe.per_worker_batch))
+        evals = recipe.evaluate(
+            iter_eval_batches(test_shard, batch_size=recipe.per_worker_batch, normalize=cfg.data.normalize, device=recipe.device)
+        )
         metrics = recipe.epoch_metrics(epoch + 1, train_metrics, evals)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint_out = None

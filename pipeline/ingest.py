@@ -69,7 +69,7 @@ if TYPE_CHECKING:  # torch loads in the consumers only: the data tasks and split
 
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "test"
-# Rows per task (a chunk): one output block (rows x 3 S^2 float32, 77 MB at 448 px) stays below
+# Rows per chunk: one output block (rows x 3 S^2 uint8 pixels, 19 MB at 448 px) stays well below
 # Ray Data's 128 MB target block size, and a task (0.2-0.6 s of work) amortises its overhead. A
 # chunk reads its whole parquet row group, so row groups of 256 rows read 8 times the bytes used.
 CHUNK_ROWS = 32
@@ -81,7 +81,7 @@ CHUNK_ROWS = 32
 # 0.95x (README, "Benchmarks").
 CHUNKS_PER_TASK = 4
 MIN_TASKS = 8
-# Default local shuffle buffer of ``iter_train_batches``, in batches (decoded float32 rows).
+# Default local shuffle buffer of ``iter_train_batches``, in batches (decoded uint8 rows).
 SHUFFLE_BUFFER_BATCHES = 2
 
 
@@ -187,7 +187,9 @@ def _decode_udf(
         table = read_chunk(tuple(chunk))
         rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         rows["valid"] = np.full(table.num_rows, valid)
-        out = transforms.transform_batch(rows, cfg=cfg, num_labels=num_labels, train=train, seed=seed)
+        # uint8 pixels: the consumer normalises (iter_*_batches), so the object store, the shuffle
+        # buffer and every copy in between move a quarter of float32's bytes.
+        out = transforms.transform_batch(rows, cfg=cfg, num_labels=num_labels, train=train, seed=seed, normalized=False)
         if train:
             del out["valid"]  # every training row is real
         yield out
@@ -336,11 +338,13 @@ def data_config(
 # Worker: torch batches
 
 
-def _collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Numeric columns -> tensors; string columns (``id``) -> ``list[str]``.
+def _collate(batch: dict[str, np.ndarray], normalize: str | None = None) -> dict[str, Any]:
+    """Numeric columns -> tensors; string columns (``id``) -> ``list[str]``; uint8 ``image`` ->
+    normalised float32 when ``normalize`` names the normalisation (None: left uint8, for the
+    device to normalise after a 4x smaller copy).
 
     A batch that is a zero-copy view of an object-store block is read-only: copied, so that
-    in-place ops on the tensors are safe (the copy runs in Ray's prefetch thread).
+    in-place ops on the tensors are safe. This runs in Ray's prefetch thread, beside the step.
     """
     import torch
 
@@ -351,28 +355,47 @@ def _collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         else:
             col = np.ascontiguousarray(col)
             out[name] = torch.from_numpy(col if col.flags.writeable else col.copy())
+    if normalize is not None and out.get("image") is not None and out["image"].dtype == torch.uint8:
+        out["image"] = transforms.normalize_tensor(out["image"], normalize)
     return out
 
 
-def _to_device(batch: dict[str, Any], device: torch.device | str | None) -> dict[str, Any]:
-    if device is None:
+def _on_host(device: torch.device | str | None) -> bool:
+    return device is None or str(device).split(":")[0] == "cpu"
+
+
+def _to_device(batch: dict[str, Any], device: torch.device | str | None, normalize: str) -> dict[str, Any]:
+    """Move a collated batch to ``device`` and normalise its uint8 images there."""
+    if _on_host(device):
         return batch
     import torch
 
-    device = torch.device(device)
-    if device.type == "cpu":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out = {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if out["image"].dtype == torch.uint8:
+        out["image"] = transforms.normalize_tensor(out["image"], normalize)
+    return out
 
 
-def _shard_batches(shard: Any, *, batch_size: int, drop_last: bool, shuffle_buffer: int | None, shuffle_seed: int | None, prefetch_batches: int) -> Iterator[dict[str, Any]]:
+def _shard_batches(
+    shard: Any,
+    *,
+    batch_size: int,
+    drop_last: bool,
+    shuffle_buffer: int | None,
+    shuffle_seed: int | None,
+    prefetch_batches: int,
+    normalize: str,
+    device: torch.device | str | None,
+) -> Iterator[dict[str, Any]]:
     from ray.data.collate_fn import NumpyBatchCollateFn
+
+    host_normalize = normalize if _on_host(device) else None
 
     class Collate(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            return _collate(batch)
+            return _collate(batch, host_normalize)
 
-    return shard.iter_torch_batches(
+    batches = shard.iter_torch_batches(
         batch_size=batch_size,
         drop_last=drop_last,
         collate_fn=Collate(),
@@ -380,6 +403,8 @@ def _shard_batches(shard: Any, *, batch_size: int, drop_last: bool, shuffle_buff
         local_shuffle_seed=shuffle_seed,
         prefetch_batches=prefetch_batches,
     )
+    for batch in batches:
+        yield _to_device(batch, device, normalize)
 
 
 def iter_train_batches(
@@ -389,31 +414,36 @@ def iter_train_batches(
     epoch: int,
     seed: int = 0,
     rank: int = 0,
+    normalize: str,
     device: torch.device | str | None = None,
     shuffle_buffer: int | None = None,
     prefetch_batches: int = 2,
 ) -> Iterator[dict[str, Any]]:
     """One epoch of a worker's shard (``ray.train.get_dataset_shard("train")``) as torch batches.
 
-    Yields ``image`` float32 (b, 3, S, S), ``target`` float32 (b, n), ``ignore`` bool (b, n),
+    Yields ``image`` float32 (b, 3, S, S) normalised as ``normalize`` says (the config's
+    ``data.normalize``: the data tasks ship uint8 pixels), ``target`` float32 (b, n), ``ignore`` bool (b, n),
     ``id`` list[str], and ``scene`` int32 (b,) when the dataset has it. Every batch is full (the
     remainder is dropped), so all workers yield the same count.
 
     ``shuffle_buffer``: rows of Ray's local shuffle buffer, seeded by (seed, epoch, rank); None
-    means ``SHUFFLE_BUFFER_BATCHES * batch_size``, 0 turns it off. It holds decoded float32 rows
-    (3 S^2 x 4 bytes: 0.6 MB at 224 px, 2.4 MB at 448 px), so it bounds its own memory.
+    means ``SHUFFLE_BUFFER_BATCHES * batch_size``, 0 turns it off. It holds decoded rows
+    (uint8, 3 S^2 bytes: 0.15 MB at 224 px, 0.6 MB at 448 px), so it bounds its own memory.
     """
     if shuffle_buffer is None:
         shuffle_buffer = SHUFFLE_BUFFER_BATCHES * batch_size
     buffer_seed = epoch_seed(seed, epoch, f"buffer/{rank}") if shuffle_buffer else None
-    for batch in _shard_batches(shard, batch_size=batch_size, drop_last=True, shuffle_buffer=shuffle_buffer, shuffle_seed=buffer_seed, prefetch_batches=prefetch_batches):
-        yield _to_device(batch, device)
+    yield from _shard_batches(
+        shard, batch_size=batch_size, drop_last=True, shuffle_buffer=shuffle_buffer, shuffle_seed=buffer_seed,
+        prefetch_batches=prefetch_batches, normalize=normalize, device=device,
+    )
 
 
 def iter_eval_batches(
     shard: Any,
     *,
     batch_size: int,
+    normalize: str,
     device: torch.device | str | None = None,
     prefetch_batches: int = 2,
 ) -> Iterator[dict[str, Any]]:
@@ -423,5 +453,7 @@ def iter_eval_batches(
     repeat real rows and must be dropped before scoring. The last batch may be short; every
     worker yields the same number of batches.
     """
-    for batch in _shard_batches(shard, batch_size=batch_size, drop_last=False, shuffle_buffer=None, shuffle_seed=None, prefetch_batches=prefetch_batches):
-        yield _to_device(batch, device)
+    yield from _shard_batches(
+        shard, batch_size=batch_size, drop_last=False, shuffle_buffer=None, shuffle_seed=None,
+        prefetch_batches=prefetch_batches, normalize=normalize, device=device,
+    )

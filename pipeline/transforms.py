@@ -22,12 +22,15 @@ import functools
 import hashlib
 import io
 import random
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from salgl.config import DataConfig
+
+if TYPE_CHECKING:  # torch loads only where ``normalize_tensor`` runs (the consumer)
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,6 +138,12 @@ def _normalize_lut(normalize: str) -> np.ndarray:
     return ((values - np.asarray(mean)[:, None]) / np.asarray(std)[:, None]).astype(np.float32)
 
 
+def to_pixels(images: Sequence[Image.Image]) -> np.ndarray:
+    """S x S RGB images -> uint8 (B, 3, S, S): what the ingest ships, a quarter of float32's bytes."""
+    pixels = np.stack([np.asarray(img, dtype=np.uint8) for img in images])  # (B, S, S, 3)
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+
+
 def to_normalized(images: Sequence[Image.Image], normalize: str) -> np.ndarray:
     """S x S RGB images -> float32 (B, 3, S, S), ``(x / 255 - mean) / std``.
 
@@ -147,6 +156,22 @@ def to_normalized(images: Sequence[Image.Image], normalize: str) -> np.ndarray:
     for c in range(3):
         np.take(lut[c], pixels[..., c], out=out[:, c])
     return out
+
+
+def normalize_tensor(pixels: torch.Tensor, normalize: str) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float32 ``(x / 255 - mean) / std`` on the tensor's device.
+
+    The consumer's half of the ingest (``to_pixels`` is the data task's): on a GPU it runs after a
+    4x smaller host-to-device copy. One conversion and two in-place passes (the fastest of the
+    torch forms measured on CPU); matches ``to_normalized`` to float32 rounding (< 1e-6).
+    """
+    import torch
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else (HALF_MEAN, HALF_STD)
+    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float64))
+    bias = -torch.tensor(mean, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)
+    as_channels = dict(dtype=torch.float32, device=pixels.device)
+    return pixels.to(torch.float32).mul_(scale.to(**as_channels).view(1, 3, 1, 1)).add_(bias.to(**as_channels).view(1, 3, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,10 +214,12 @@ def transform_batch(
     num_labels: int,
     train: bool,
     seed: int | None,
+    normalized: bool = True,
 ) -> dict[str, np.ndarray]:
     """Parquet rows -> model inputs.
 
-    Returns ``image`` float32 (B, 3, S, S), ``target`` float32 (B, n) multi-hot of ``labels``,
+    Returns ``image`` float32 (B, 3, S, S) (``normalized`` False: uint8 pixels, which the
+    consumer turns into the same values with ``normalize_tensor``), ``target`` float32 (B, n) multi-hot of ``labels``,
     ``ignore`` bool (B, n) (True where that label is excluded from the image's AP; all False when
     the batch has no ``ignore`` column), and every other input column unchanged (``id``,
     ``scene``, ...). ``seed`` None draws fresh randomness; an int makes the batch reproducible.
@@ -207,7 +234,7 @@ def transform_batch(
     else:
         images = [resize(img, cfg.img_size) for img in images]
     out = {name: np.asarray(col) for name, col in batch.items() if name not in CONSUMED}
-    out["image"] = to_normalized(images, cfg.normalize)
+    out["image"] = to_normalized(images, cfg.normalize) if normalized else to_pixels(images)
     out["target"] = multi_hot(batch["labels"], num_labels, ids)
     if "ignore" in batch:
         out["ignore"] = multi_hot(batch["ignore"], num_labels, ids).astype(bool)

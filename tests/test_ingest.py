@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipeline import ingest
+from pipeline.shards import shard_paths
+from pipeline.transforms import transform_batch
 from salgl.config import DataConfig
 from tests.bench.ingest import write_synthetic_dataset
 
@@ -69,7 +72,7 @@ def ray_local():
 
 def _record(batch: dict[str, Any]) -> list[dict[str, Any]]:
     image = batch["image"]
-    assert image.dtype.is_floating_point and tuple(image.shape[1:]) == (3, IMG, IMG)
+    assert image.dtype == torch.float32 and tuple(image.shape[1:]) == (3, IMG, IMG)
     return [
         {
             "id": id_,
@@ -98,10 +101,10 @@ def _probe_loop(config: dict[str, Any]) -> None:
     for name, seed in TRAIN_SETS.items():
         shard = ray.train.get_dataset_shard(name)
         out[name] = [
-            [_record(b) for b in ingest.iter_train_batches(shard, batch_size=config["batch"], epoch=epoch, seed=seed, rank=rank)]
+            [_record(b) for b in ingest.iter_train_batches(shard, batch_size=config["batch"], epoch=epoch, seed=seed, rank=rank, normalize=CFG.normalize)]
             for epoch in range(config["epochs"])
         ]
-    out["eval"] = [_record(b) for b in ingest.iter_eval_batches(ray.train.get_dataset_shard("test"), batch_size=config["batch"])]
+    out["eval"] = [_record(b) for b in ingest.iter_eval_batches(ray.train.get_dataset_shard("test"), batch_size=config["batch"], normalize=CFG.normalize)]
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(out))
 
 
@@ -232,13 +235,25 @@ def test_eval_covers_every_sample_exactly_once_with_marked_padding(ranks, rows):
 
 def _consume(split: Any, epochs: int, seed: int, rank: int) -> list[list[str]]:
     return [
-        [i for b in ingest.iter_train_batches(split, batch_size=BATCH, epoch=e, seed=seed, rank=rank) for i in b["id"]]
+        [i for b in ingest.iter_train_batches(split, batch_size=BATCH, epoch=e, seed=seed, rank=rank, normalize=CFG.normalize) for i in b["id"]]
         for e in range(epochs)
     ]
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
+def test_eval_images_are_the_test_transform_of_their_rows(ranks, data_dir):
+    """The data tasks ship uint8 pixels and the consumer normalises: the result is what the
+    test transform computes in one place (``transform_batch``, float32 rounding apart)."""
+    table = pq.read_table(shard_paths(data_dir, "test")).to_pydict()
+    raw = {k: np.array(v, dtype=object) for k, v in table.items()}
+    images = transform_batch(raw, cfg=CFG, num_labels=N_LABELS, train=False, seed=None)["image"]
+    expected = {id_: float(img.astype(np.float64).sum()) for id_, img in zip(table["id"], images)}
+    seen = {row["id"]: row["pixels"] for rank in ranks for b in rank["eval"] for row in b}
+    assert seen.keys() == expected.keys()
+    assert all(abs(seen[i] - expected[i]) < 1e-6 * 3 * IMG * IMG for i in expected)
+
+
 def test_streaming_split_consumers_in_ray_tasks(ray_local, data_dir):
     import ray
 

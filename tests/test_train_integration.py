@@ -192,7 +192,7 @@ def _count_probe_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sync = make_count_sync(8)
     scenes, targets = [], []
-    for batch in iter_train_batches(ray.train.get_dataset_shard("train"), batch_size=8, epoch=0):
+    for batch in iter_train_batches(ray.train.get_dataset_shard("train"), batch_size=8, epoch=0, normalize=cfg.data.normalize):
         out = model(batch["image"], batch["target"], sync=sync)
         salgl_loss(out.logits, out.scene_probs, batch["target"], cfg.loss).total.backward()
         optimizer.step()

@@ -4,7 +4,9 @@
 
 Both sides run ``pipeline.transforms.transform_batch`` (train mode: decode, resize, flip, Cutout,
 RandAugment, normalise) over the same parquet shards with 2 CPU processes: Ray Data with two data
-tasks at a time, the DataLoader with ``num_workers=2``. Measured per image size (224, 448) and
+tasks at a time, the DataLoader with ``num_workers=2``. Both end with the same float32 batches on
+the consumer: the ingest's data tasks ship uint8 pixels and the consumer's collate thread
+normalises them (as training does on a CPU); the DataLoader's workers normalise, as usual. Measured per image size (224, 448) and
 per dataset size: images/s of a timed pass after a warm-up, then, over a second pass (sampling
 memory costs CPU, so it stays out of the timed one), peak PSS of the driver plus every process of
 the pipeline (Ray workers, DataLoader workers) and the peak of Ray's object store. Two dataset sizes
@@ -132,7 +134,7 @@ def ray_batches(data_dir: str, cfg: DataConfig, *, batch: int, seed: int) -> Ite
 
     ds = ingest.train_dataset(data_dir, cfg, seed=seed, num_cpus=1, concurrency=2)
     ds.context.execution_options = ingest.execution_options()  # what data_config() gives Train
-    return ingest.iter_train_batches(ds.iterator(), batch_size=batch, epoch=0, seed=seed)
+    return ingest.iter_train_batches(ds.iterator(), batch_size=batch, epoch=0, seed=seed, normalize=cfg.normalize)
 
 
 def loader_batches(data_dir: str, cfg: DataConfig, *, batch: int, seed: int, workers: int = 2) -> Iterator[dict[str, Any]]:

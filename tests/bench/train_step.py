@@ -163,7 +163,7 @@ def _bench_loop(config: dict[str, Any]) -> None:
             plain = PlainLoop(mine, recipe.num_labels)
     else:
         shard = ray.train.get_dataset_shard("train")
-        epoch_batches = lambda epoch: iter_train_batches(shard, batch_size=recipe.per_worker_batch, epoch=epoch)  # noqa: E731
+        epoch_batches = lambda epoch: iter_train_batches(shard, batch_size=recipe.per_worker_batch, epoch=epoch, normalize=recipe.cfg.data.normalize)  # noqa: E731
     plain_epochs = []
     runs = []
     for epoch in range(EPOCHS):
