@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from salgl.graph import CountSync, count_delta
+from salgl.graph import CountSync, PendingDelta, count_delta
 
 
 class CountDivergenceError(RuntimeError):
@@ -38,7 +38,8 @@ def world() -> World:
 
 
 def make_count_sync(max_batch: int) -> CountSync:
-    """The ``CountSync`` for the current process group: one collective per step.
+    """The ``CountSync`` for the current process group: one collective per step, started
+    asynchronously (the head waits for it only where the counts are next read).
 
     Gathering the (scene weights, labels) payload moves world * max_batch * (K + n) values, the
     all-reduce of the delta K * n * n; pick whichever is smaller (SPEC section 3). Gathers need
@@ -47,18 +48,30 @@ def make_count_sync(max_batch: int) -> CountSync:
     if world().size == 1:
         return count_delta
 
-    def sync(weights: Tensor, targets: Tensor) -> Tensor:
+    def sync(weights: Tensor, targets: Tensor) -> PendingDelta:
         size = world().size
         num_scenes, num_labels = weights.shape[1], targets.shape[1]
         if size * max_batch * (num_scenes + num_labels) < num_scenes * num_labels * num_labels:
             payload = torch.zeros(max_batch, num_scenes + num_labels, dtype=torch.float64, device=weights.device)
             payload[: weights.shape[0], :num_scenes] = weights
             payload[: targets.shape[0], num_scenes:] = targets
-            gathered = _all_gather_flat(payload).reshape(size * max_batch, num_scenes + num_labels)
-            return count_delta(gathered[:, :num_scenes], gathered[:, num_scenes:])
+            gathered = torch.empty(size * payload.numel(), dtype=payload.dtype, device=payload.device)
+            work = dist.all_gather_single(gathered, payload.reshape(-1), async_op=True)
+
+            def summed_from_payloads() -> Tensor:
+                work.wait()
+                rows = gathered.reshape(size * max_batch, num_scenes + num_labels)
+                return count_delta(rows[:, :num_scenes], rows[:, num_scenes:])
+
+            return summed_from_payloads
         delta = count_delta(weights, targets)
-        dist.all_reduce(delta)
-        return delta
+        work = dist.all_reduce(delta, async_op=True)
+
+        def summed_delta() -> Tensor:
+            work.wait()
+            return delta
+
+        return summed_delta
 
     return sync
 

@@ -6,16 +6,21 @@ EMA-able), updated under no_grad and never part of the autograd graph.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
+# A collective in flight: called, it waits for it and returns the summed (K, n, n) delta.
+PendingDelta = Callable[[], Tensor]
 # Sums a batch's count delta over all workers. Takes the batch payload -- scene weights (B, K) and
-# multi-hot targets (B, n), both float64 -- and returns the (K, n, n) delta summed over workers.
-# Passing the payload rather than the delta lets a distributed implementation choose the cheaper
-# collective (gather the payload, or all-reduce the K n n delta; SPEC section 3).
-CountSync = Callable[[Tensor, Tensor], Tensor]
+# multi-hot targets (B, n), both float64 -- and returns the (K, n, n) delta summed over workers, or
+# a ``PendingDelta`` for a collective it has only started: the head starts the sync as soon as the
+# scene probabilities exist and waits only where the counts are next read, so the collective runs
+# behind the attention (and, counting after use, the propagation and classifier). Passing the
+# payload rather than the delta lets a distributed implementation choose the cheaper collective
+# (gather the payload, or all-reduce the K n n delta; SPEC section 3).
+CountSync = Callable[[Tensor, Tensor], Union[Tensor, PendingDelta]]
 
 DIAG_EPS = 1e-8  # released: P = C / (diag + 1e-8), so an unseen label's row is all zeros
 
@@ -33,6 +38,11 @@ def count_delta(scene_weights: Tensor, targets: Tensor) -> Tensor:
 def local_count_delta(scene_weights: Tensor, targets: Tensor) -> Tensor:
     """The single-process ``CountSync``: nothing to sum across, the delta is the batch's own."""
     return count_delta(scene_weights, targets)
+
+
+def resolve_delta(delta: Tensor | PendingDelta) -> Tensor:
+    """What a ``CountSync`` returned -> the summed delta (waiting for a pending collective)."""
+    return delta if isinstance(delta, Tensor) else delta()
 
 
 def scene_weights_for_counting(scene_probs: Tensor, mode: str) -> Tensor:

@@ -18,8 +18,10 @@ from torch import Tensor, nn
 from salgl.config import HeadConfig
 from salgl.graph import (
     CountSync,
+    PendingDelta,
     conditional_probabilities,
     local_count_delta,
+    resolve_delta,
     scene_weights_for_counting,
     select_graph,
 )
@@ -84,18 +86,22 @@ class SALGLHead(nn.Module):
         if self.token_encoder is not None:
             tokens = self.token_encoder(tokens)  # (B, m, d)
         scene_probs = self.scenes(tokens)  # (B, K)
+        # The count sync starts here and is waited for where the counts are next read: a
+        # distributed sync's collective runs behind the attention (and, counting after use, behind
+        # the propagation and classifier too). The counts seen by P are those of eq. 7's order.
+        pending = self.start_count_update(scene_probs, targets, sync) if self.training and targets is not None else None
         features, alpha = self.attention(tokens, self.label_embeddings.to(tokens.dtype))  # (B, n, d), (B, n, m)
 
-        counting = self.training and targets is not None
-        if counting and self.cfg.count_before_use:
-            self.update_counts(scene_probs, targets, sync)
+        if pending is not None and self.cfg.count_before_use:
+            self.apply_count_update(pending)
+            pending = None
         graph = self.label_graph(scene_probs)  # (B, n, n)
-        if counting and not self.cfg.count_before_use:
-            self.update_counts(scene_probs, targets, sync)
 
         h = self.propagation(features, graph)  # (B, n, d)
         fused = torch.cat([features, h], dim=-1) if self.cfg.steps > 0 else features  # (B, n, 2d)
         logits = self.classifier(self.phi_c(fused))  # (B, n)
+        if pending is not None:
+            self.apply_count_update(pending)
         return HeadOutput(logits, scene_probs, alpha, graph)
 
     def label_graph(self, scene_probs: Tensor) -> Tensor:
@@ -108,6 +114,15 @@ class SALGLHead(nn.Module):
     @torch.no_grad()
     def update_counts(self, scene_probs: Tensor, targets: Tensor, sync: CountSync = local_count_delta) -> None:
         """Eq. 7: C^s += y y^T (hard) or C^k += pi_k y y^T (soft), summed over workers by ``sync``."""
+        self.apply_count_update(self.start_count_update(scene_probs, targets, sync))
+
+    @torch.no_grad()
+    def start_count_update(self, scene_probs: Tensor, targets: Tensor, sync: CountSync = local_count_delta) -> Tensor | PendingDelta:
+        """Eq. 7's batch payload -> ``sync`` (which may only start its collective)."""
         weights = scene_weights_for_counting(scene_probs, self.cfg.counting)  # (B, K) float64
-        delta = sync(weights, targets.detach().to(torch.float64))  # (K, n, n)
-        self.counts.add_(delta.to(self.counts.device))
+        return sync(weights, targets.detach().to(torch.float64))
+
+    @torch.no_grad()
+    def apply_count_update(self, delta: Tensor | PendingDelta) -> None:
+        """C += the summed (K, n, n) delta, waiting for its collective if it is still in flight."""
+        self.counts.add_(resolve_delta(delta).to(self.counts.device))

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from jobs.distributed import CountDivergenceError, check_counts_consistent, gather_objects, make_count_sync, world
-from salgl.graph import count_delta
+from salgl.graph import count_delta, resolve_delta
 
 K, N = 3, 5
 
@@ -35,7 +35,7 @@ def _worker(rank: int, port: int, max_batch: int, results: dict) -> None:
     try:
         sync = make_count_sync(max_batch)
         rows = 4 if rank == 0 else 3  # unequal last batches are padded with zero-weight rows
-        delta = sync(*_payload(rank, rows))
+        delta = resolve_delta(sync(*_payload(rank, rows)))  # started asynchronously, then waited for
         counts = delta.clone()
         check_counts_consistent(counts, step=1)
         gathered = gather_objects({"rank": rank})

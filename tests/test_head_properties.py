@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from salgl.config import EmaConfig, HeadConfig, preset
@@ -82,6 +83,27 @@ def test_sync_callable_receives_payload_and_its_sum_is_applied() -> None:
     head(torch.randn(3, 5, D), y, sync=doubled)
     assert seen["shapes"] == ((3, K), (3, N), torch.float64)
     assert head.counts.sum() == 2 * 3 * N * N
+
+
+@pytest.mark.parametrize("before_use", [True, False])
+def test_a_pending_sync_gives_what_an_immediate_one_gives_and_is_waited_for_once(before_use: bool) -> None:
+    """A distributed sync may only start its collective (``PendingDelta``): the head waits for it
+    before P is built (counting before use) or by the end of the forward (after use), once."""
+    torch.manual_seed(0)
+    tokens, y = torch.randn(4, 5, D), (torch.rand(4, N) < 0.5).float()
+    immediate, deferred = _head(count_before_use=before_use).train(), _head(count_before_use=before_use).train()
+    deferred.load_state_dict(immediate.state_dict())
+    waits = []
+
+    def started(weights: torch.Tensor, targets: torch.Tensor):
+        delta = torch.einsum("bk,bi,bj->kij", weights, targets, targets)
+        return lambda: waits.append(1) or delta
+
+    for _ in range(3):  # from the second step on, P depends on the counts
+        a, b = immediate(tokens, y), deferred(tokens, y, sync=started)
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+        torch.testing.assert_close(a.graph, b.graph, rtol=0, atol=0)
+    assert len(waits) == 3 and torch.equal(immediate.counts, deferred.counts)
 
 
 def test_official_resnet101_has_the_released_parameter_count() -> None:
