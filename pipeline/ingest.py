@@ -352,11 +352,11 @@ def _collate(batch: dict[str, np.ndarray], normalize: str | None = None) -> dict
     for name, col in batch.items():
         if col.dtype.kind in "OUS":
             out[name] = [str(x) for x in col]
-        else:
-            col = np.ascontiguousarray(col)
-            out[name] = torch.from_numpy(col if col.flags.writeable else col.copy())
-    if normalize is not None and out.get("image") is not None and out["image"].dtype == torch.uint8:
-        out["image"] = transforms.normalize_tensor(out["image"], normalize)
+            continue
+        if name == "image" and col.dtype == np.uint8 and normalize is not None:
+            col = transforms.normalize_pixels(col, normalize)  # a new, writable array
+        col = np.ascontiguousarray(col)
+        out[name] = torch.from_numpy(col if col.flags.writeable else col.copy())
     return out
 
 

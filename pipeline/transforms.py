@@ -144,26 +144,33 @@ def to_pixels(images: Sequence[Image.Image]) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
-def to_normalized(images: Sequence[Image.Image], normalize: str) -> np.ndarray:
-    """S x S RGB images -> float32 (B, 3, S, S), ``(x / 255 - mean) / std``.
+def normalize_pixels(pixels: np.ndarray, normalize: str) -> np.ndarray:
+    """uint8 (B, 3, S, S) -> float32 ``(x / 255 - mean) / std``, on the host.
 
     A per-channel lookup table writes each output value once: about twice as fast as
-    ``astype`` + multiply + subtract + transpose, which make four passes over the float32 array.
+    ``astype`` + multiply + subtract, which make three passes over the float32 array. NumPy, not
+    torch, because the ingest calls it from Ray's collate thread: a torch op there runs an OpenMP
+    team of its own (the worker's thread setting is per thread) that competes with the training
+    step for the cores.
     """
     lut = _normalize_lut(normalize)
-    pixels = np.stack([np.asarray(img, dtype=np.uint8) for img in images])  # (B, S, S, 3)
-    out = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=np.float32)  # (B, 3, S, S)
+    out = np.empty(pixels.shape, dtype=np.float32)  # (B, 3, S, S)
     for c in range(3):
-        np.take(lut[c], pixels[..., c], out=out[:, c])
+        np.take(lut[c], pixels[:, c], out=out[:, c])
     return out
+
+
+def to_normalized(images: Sequence[Image.Image], normalize: str) -> np.ndarray:
+    """S x S RGB images -> float32 (B, 3, S, S), ``(x / 255 - mean) / std``."""
+    return normalize_pixels(to_pixels(images), normalize)
 
 
 def normalize_tensor(pixels: torch.Tensor, normalize: str) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float32 ``(x / 255 - mean) / std`` on the tensor's device.
 
-    The consumer's half of the ingest (``to_pixels`` is the data task's): on a GPU it runs after a
-    4x smaller host-to-device copy. One conversion and two in-place passes (the fastest of the
-    torch forms measured on CPU); matches ``to_normalized`` to float32 rounding (< 1e-6).
+    For pixels already on an accelerator (after a 4x smaller host-to-device copy than float32's);
+    on the host ``normalize_pixels`` does the same. One conversion and two in-place passes (the
+    fastest torch form measured); matches ``normalize_pixels`` to float32 rounding (< 1e-6).
     """
     import torch
 

@@ -65,13 +65,15 @@ def test_shapes_dtypes_and_passthrough(photos, train, normalize):
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("normalize", ["imagenet", "half"])
 def test_uint8_pixels_normalised_by_the_consumer_match_the_float_output(photos, train, normalize):
-    """The ingest ships ``normalized=False`` pixels and normalises them with ``normalize_tensor``:
-    the same images (same seed, same augmentations) as the float output, to float32 rounding."""
+    """The ingest ships ``normalized=False`` pixels and the consumer normalises them: the same
+    images (same seed, same augmentations) as the float output, exactly on the host
+    (``normalize_pixels``), to float32 rounding on a device (``normalize_tensor``)."""
     cfg = _cfg(normalize=normalize)
     floats = T.transform_batch(_batch(photos), cfg=cfg, num_labels=N_LABELS, train=train, seed=3)
     pixels = T.transform_batch(_batch(photos), cfg=cfg, num_labels=N_LABELS, train=train, seed=3, normalized=False)
     assert pixels["image"].dtype == np.uint8 and pixels["image"].shape == (3, 3, 64, 64) and pixels["image"].flags.c_contiguous
-    out = T.normalize_tensor(torch.from_numpy(pixels["image"]), normalize)
+    np.testing.assert_array_equal(T.normalize_pixels(pixels["image"], normalize), floats["image"])  # the host path
+    out = T.normalize_tensor(torch.from_numpy(pixels["image"]), normalize)  # the device path
     assert out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), floats["image"], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(pixels["target"], floats["target"])
