@@ -37,6 +37,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 
+
+def mean_std(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) of a ``data.normalize`` name, in [0, 1] units."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else (HALF_MEAN, HALF_STD)
+
+
 # Columns a batch carries that ``transform_batch`` consumes; every other column passes through.
 CONSUMED = ("image", "labels", "ignore")
 
@@ -97,7 +103,7 @@ def randaugment(num_ops: int, p: float, img_size: int, normalize: str = "imagene
     """
     from timm.data.auto_augment import rand_augment_transform
 
-    mean = IMAGENET_MEAN if normalize == "imagenet" else HALF_MEAN
+    mean, _ = mean_std(normalize)
     hparams = {  # as timm.data.create_transform sets them for its own RandAugment
         "translate_const": int(img_size * 0.45),
         "img_mean": tuple(min(255, round(255 * m)) for m in mean),
@@ -133,7 +139,7 @@ def train_image(img: Image.Image, cfg: DataConfig, rng: np.random.Generator) -> 
 @functools.lru_cache(maxsize=2)
 def _normalize_lut(normalize: str) -> np.ndarray:
     """(3, 256) float32: ``(v / 255 - mean_c) / std_c`` for every byte value v and channel c."""
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else (HALF_MEAN, HALF_STD)
+    mean, std = mean_std(normalize)
     values = np.arange(256, dtype=np.float64)[None, :] / 255.0  # (1, 256)
     return ((values - np.asarray(mean)[:, None]) / np.asarray(std)[:, None]).astype(np.float32)
 
@@ -168,17 +174,26 @@ def to_normalized(images: Sequence[Image.Image], normalize: str) -> np.ndarray:
 def normalize_tensor(pixels: torch.Tensor, normalize: str) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float32 ``(x / 255 - mean) / std`` on the tensor's device.
 
-    For pixels already on an accelerator (after a 4x smaller host-to-device copy than float32's);
-    on the host ``normalize_pixels`` does the same. One conversion and two in-place passes (the
-    fastest torch form measured); matches ``normalize_pixels`` to float32 rounding (< 1e-6).
+    On the host it is ``normalize_pixels`` (the same values wherever a CPU normalises); on an
+    accelerator, after a 4x smaller host-to-device copy than float32's, one conversion and two
+    in-place passes (the fastest torch form measured), equal to the host's up to float32 rounding
+    (< 1e-6).
     """
     import torch
 
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else (HALF_MEAN, HALF_STD)
-    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float64))
-    bias = -torch.tensor(mean, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)
-    as_channels = dict(dtype=torch.float32, device=pixels.device)
-    return pixels.to(torch.float32).mul_(scale.to(**as_channels).view(1, 3, 1, 1)).add_(bias.to(**as_channels).view(1, 3, 1, 1))
+    if pixels.device.type == "cpu":
+        return torch.from_numpy(normalize_pixels(pixels.numpy(), normalize))
+    return _normalize_arithmetic(pixels, normalize)
+
+
+def _normalize_arithmetic(pixels: torch.Tensor, normalize: str) -> torch.Tensor:
+    """``normalize_tensor``'s accelerator form, in torch arithmetic on any device."""
+    import torch
+
+    mean, std = mean_std(normalize)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=pixels.device)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=pixels.device)
+    return pixels.to(torch.float32).mul_(scale.view(1, 3, 1, 1)).add_(bias.view(1, 3, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +241,7 @@ def transform_batch(
     """Parquet rows -> model inputs.
 
     Returns ``image`` float32 (B, 3, S, S) (``normalized`` False: uint8 pixels, which the
-    consumer turns into the same values with ``normalize_tensor``), ``target`` float32 (B, n) multi-hot of ``labels``,
+    consumer turns into the same values with ``normalize_pixels`` or ``normalize_tensor``), ``target`` float32 (B, n) multi-hot of ``labels``,
     ``ignore`` bool (B, n) (True where that label is excluded from the image's AP; all False when
     the batch has no ``ignore`` column), and every other input column unchanged (``id``,
     ``scene``, ...). ``seed`` None draws fresh randomness; an int makes the batch reproducible.

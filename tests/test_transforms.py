@@ -67,13 +67,15 @@ def test_shapes_dtypes_and_passthrough(photos, train, normalize):
 def test_uint8_pixels_normalised_by_the_consumer_match_the_float_output(photos, train, normalize):
     """The ingest ships ``normalized=False`` pixels and the consumer normalises them: the same
     images (same seed, same augmentations) as the float output, exactly on the host
-    (``normalize_pixels``), to float32 rounding on a device (``normalize_tensor``)."""
+    (``normalize_pixels``, and ``normalize_tensor`` on a CPU tensor), to float32 rounding in the
+    torch arithmetic an accelerator runs."""
     cfg = _cfg(normalize=normalize)
     floats = T.transform_batch(_batch(photos), cfg=cfg, num_labels=N_LABELS, train=train, seed=3)
     pixels = T.transform_batch(_batch(photos), cfg=cfg, num_labels=N_LABELS, train=train, seed=3, normalized=False)
     assert pixels["image"].dtype == np.uint8 and pixels["image"].shape == (3, 3, 64, 64) and pixels["image"].flags.c_contiguous
     np.testing.assert_array_equal(T.normalize_pixels(pixels["image"], normalize), floats["image"])  # the host path
-    out = T.normalize_tensor(torch.from_numpy(pixels["image"]), normalize)  # the device path
+    np.testing.assert_array_equal(T.normalize_tensor(torch.from_numpy(pixels["image"]), normalize).numpy(), floats["image"])
+    out = T._normalize_arithmetic(torch.from_numpy(pixels["image"]), normalize)  # what an accelerator runs
     assert out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), floats["image"], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(pixels["target"], floats["target"])
