@@ -24,10 +24,14 @@ MAX_EPOCHS = 3
 def sweep(mosaic_dir, tmp_path_factory):
     import ray
 
+    from jobs.train import local_instance_env
     from jobs.tune import tune_sweep
 
     root = tmp_path_factory.mktemp("sweep")
-    ray.init(num_cpus=2, log_to_driver=False)
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("RAY_num_workers_soft_limit", raising=False)  # restored on exit: later modules' Ray starts as before
+        local_instance_env()  # what `salgl tune` sets before it starts Ray
+        ray.init(num_cpus=2, log_to_driver=False)
     try:
         cfg = preset("tiny", {**sweep_overrides(mosaic_dir, root), "run.name": "sweep-a"})
         yield tune_sweep(cfg, samples=1, max_epochs=MAX_EPOCHS, space_overrides=SPACE, register_as="salgl-test")

@@ -55,12 +55,14 @@ def main() -> None:
     import ray
     from ray.data import DataContext
 
+    from jobs.train import local_instance_env
     from pipeline.mosaic import MosaicConfig, convert_mosaic
 
     DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         convert_mosaic(root / "mosaic", MosaicConfig(train=args.train_images, test=32, canvas=64), progress=False)
+        local_instance_env()  # as `salgl tune` starts its local Ray
         ray.init(num_cpus=2, log_to_driver=False)
         try:
             rows = {
