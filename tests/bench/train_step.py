@@ -257,6 +257,7 @@ def main() -> None:
     from ray.data import DataContext
 
     from jobs.resources import plan_resources
+    from jobs.train import controller_env_defaults, local_instance_env
     from pipeline.ingest import num_labels
 
     batch_size = OVERRIDES["optim.batch_size"]
@@ -269,6 +270,8 @@ def main() -> None:
         # The plain loop runs before Ray starts and after it stops; the faster run counts, so a
         # drift in the machine's speed does not pass for Ray's overhead (or hide it).
         plain = [plain_loop(batches, threads=threads, num_labels=labels)]
+        local_instance_env()  # the settings `salgl train` runs with
+        controller_env_defaults()
         ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
         try:
             ref = ray.put(batches)
