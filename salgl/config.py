@@ -54,9 +54,9 @@ class BackboneConfig:
     drop_path_rate: float = 0.0
 
     def validate(self) -> None:
-        import timm  # local: keeps `salgl.config` cheap to import for the CLI
+        from salgl.timm_names import is_timm_model  # does not import timm once it has run here
 
-        if not timm.is_model(self.name):
+        if not is_timm_model(self.name):
             raise ConfigError("name", f"unknown timm backbone {self.name!r}")
         if self.weights in ("", None):
             raise ConfigError("weights", "must be none, timm, efficientnet_lite0_offline or a path")

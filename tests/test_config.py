@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -90,6 +91,26 @@ def test_processes_that_only_build_or_split_data_do_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_known_backbone_is_checked_without_importing_timm_after_the_first_time(tmp_path) -> None:
+    """A Tune trial rebuilds its config in a fresh process; importing timm there cost about 2 s.
+    The first check asks timm and remembers its architectures; later processes read that list,
+    while an unknown name still goes to timm and fails naming the key."""
+    code = (
+        "import sys\n"
+        "from salgl.config import ConfigError, preset\n"
+        "preset('tiny')\n"
+        "known = 'timm' in sys.modules\n"
+        "try:\n"
+        "    preset('tiny', {'model.backbone.name': 'no_such_net'})\n"
+        "except ConfigError as err:\n"
+        "    print(known, err.key)\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}  # an empty ~/.cache
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True) for _ in range(2)]
+    assert [r.stdout.strip() for r in runs] == ["True model.backbone.name", "False model.backbone.name"]
+    assert list((tmp_path / ".cache" / "salgl").glob("timm-*-architectures.txt"))
 
 
 @pytest.mark.parametrize("name", ["default", "voc2007", "coco2014", "nuswide", "official", "tiny"])

@@ -1,0 +1,66 @@
+"""Is a name one of timm's architectures? Answered without importing timm where possible.
+
+Importing timm costs about 2 s on a 2-core machine (it pulls in torchvision and ``torch._dynamo``).
+A process that only rebuilds a config from dotted keys (a Tune trial, the CLI before it submits
+work) would pay that just to check ``model.backbone.name``. So the architectures of the installed
+timm version are written to ``~/.cache/salgl`` the first time timm is asked, and later checks read
+that list. Only known names are answered from the file; a name not in it is always put to timm
+itself, so a stale or partial file can never reject a valid name.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+CACHE_DIR = Path("~/.cache/salgl")
+
+
+def is_timm_model(name: str) -> bool:
+    """``timm.is_model(name)``; a pretrained tag (``resnet50.a1_in1k``) names the part before the dot."""
+    architecture = name.split(".", 1)[0]
+    if "timm" not in sys.modules and architecture in _cached_architectures():
+        return True
+    import timm
+
+    known = timm.is_model(name)
+    if known:
+        _remember(timm.list_models())
+    return known
+
+
+def _cache_file() -> Path | None:
+    try:
+        version = metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        return None
+    return CACHE_DIR.expanduser() / f"timm-{version}-architectures.txt"
+
+
+def _cached_architectures() -> frozenset[str]:
+    path = _cache_file()
+    try:
+        return frozenset(path.read_text().split()) if path else frozenset()
+    except OSError:
+        return frozenset()
+
+
+def _remember(architectures: list[str]) -> None:
+    """Write the list once per timm version; a read-only or full disk only costs the speed-up."""
+    path = _cache_file()
+    if path is None or path.is_file():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write("\n".join(sorted(architectures)) + "\n")
+        os.replace(tmp, path)  # concurrent processes never read half a list
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
