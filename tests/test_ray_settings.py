@@ -11,6 +11,7 @@ from jobs.train import CONTROLLER_POLL_S, controller_env_defaults, local_instanc
 
 POLL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 SOFT_LIMIT = "RAY_num_workers_soft_limit"
+PREEMPTION = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def test_controller_poll_interval_defaults_and_a_user_value_wins(monkeypatch) -> None:
@@ -24,12 +25,15 @@ def test_controller_poll_interval_defaults_and_a_user_value_wins(monkeypatch) ->
 
 def test_local_instance_keeps_more_worker_processes_than_cpus_and_a_user_value_wins(monkeypatch) -> None:
     monkeypatch.delenv(SOFT_LIMIT, raising=False)
+    monkeypatch.delenv(PREEMPTION, raising=False)
     local_instance_env()
     # Above the ~10 actor processes of one Train run plus the CPUs' data tasks.
     assert int(os.environ[SOFT_LIMIT]) >= (os.cpu_count() or 1) + 12
+    assert os.environ[PREEMPTION] == "0"  # no node of a local instance is ever drained
     monkeypatch.setenv(SOFT_LIMIT, "3")
+    monkeypatch.setenv(PREEMPTION, "1")
     local_instance_env()
-    assert os.environ[SOFT_LIMIT] == "3"
+    assert os.environ[SOFT_LIMIT] == "3" and os.environ[PREEMPTION] == "1"
 
 
 @pytest.mark.timeout(120)

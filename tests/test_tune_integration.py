@@ -30,6 +30,7 @@ def sweep(mosaic_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as env:
         env.delenv("RAY_num_workers_soft_limit", raising=False)  # restored on exit: later modules' Ray starts as before
+        env.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
         local_instance_env()  # what `salgl tune` sets before it starts Ray
         ray.init(num_cpus=2, log_to_driver=False)
     try:
@@ -47,6 +48,16 @@ def test_asha_stops_a_trial_and_the_summary_covers_every_trial(sweep) -> None:
     assert stopped, f"ASHA stopped nothing: {sweep.summary}"
     assert all(row["epochs"] < MAX_EPOCHS for row in stopped)
     assert sweep.best["best_ema_mAP"] == max(r["best_ema_mAP"] for r in sweep.summary if r["best_ema_mAP"] is not None)
+
+
+@pytest.mark.timeout(900)
+def test_trials_on_a_local_instance_start_no_preemption_watcher(sweep) -> None:
+    """Every trial's Train run read the local instance's settings from the environment the raylet
+    passed on: one actor process fewer per trial."""
+    from ray.util.state import list_actors
+
+    classes = {actor.class_name for actor in list_actors(limit=10_000)}  # ended actors included
+    assert "TrainController" in classes and "PreemptionWatcher" not in classes
 
 
 @pytest.mark.timeout(900)
