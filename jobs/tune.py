@@ -96,10 +96,8 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from jobs.train import RUN_FILE, train
 
-    base = dict(config["__base__"])
-    sampled = {k: v for k, v in config.items() if not k.startswith("__")}
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = with_overrides(from_flat(base), {**sampled, "run.name": f"trial-{trial_id}"})
+    cfg = trial_config(config, trial_id)
     flat = to_flat(cfg)
     run_dir = Path(cfg.run.storage) / cfg.run.name
     resume = cfg.run.name if (run_dir / RUN_FILE).is_file() else None  # a restored sweep continues the trial
@@ -116,6 +114,22 @@ def run_trial(config: dict[str, Any]) -> None:
         resource_share=float(config["__resource_share__"]),
         quiet=True,
     )
+
+
+def trial_config(config: Mapping[str, Any], trial_id: str) -> Config:
+    """The sweep's base config with the trial's sampled values.
+
+    Train never restarts a trial's workers (``run.max_failures=0``); Tune retries the whole trial
+    instead (``tune.FailureConfig``), and the retry continues from the trial's last checkpoint.
+    When ASHA stops a trial, Tune ends the trial's process and with it the trial's workers, while
+    its Train controller can still be alive for a moment: allowed to retry, it took the workers'
+    end for a failure and asked for a new placement group for them. That group outlived the
+    controller and held a CPU until the sweep ended, so on 2 CPUs the next trial's workers never
+    started (seen in the sweep test).
+    """
+    base = from_flat(config["__base__"])
+    sampled = {k: v for k, v in config.items() if not k.startswith("__")}
+    return with_overrides(base, {**sampled, "run.name": f"trial-{trial_id}", "run.max_failures": 0})
 
 
 def _report_if_complete(run_dir: Path, epochs: int) -> bool:
@@ -222,7 +236,10 @@ def tune_sweep(
                 if scheduler == "asha" else FIFOScheduler()
             ),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(sweep_dir), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),  # see trial_config
+        ),
     )
     return _finish(tuner.fit(), sweep_dir, record, register_as)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.tune import build_space, expected_trials, parse_space_item, trial_label
+from jobs.tune import build_space, expected_trials, parse_space_item, trial_config, trial_label
+from salgl.config import preset, to_flat
 
 
 def test_space_items_parse_to_tune_domains() -> None:
@@ -34,6 +35,15 @@ def test_expected_trials_multiply_grids_by_samples() -> None:
 def test_trial_label_names_k_lambda_t() -> None:
     flat = {"model.head.num_scenes": 6, "loss.entropy_weight": 0.123456, "model.head.steps": 3}
     assert trial_label(flat, "ab12_00003") == "K6-lam0.123-T3-ab12_00003"
+
+
+def test_a_trial_takes_its_sampled_values_and_leaves_retries_to_tune() -> None:
+    base = preset("tiny", {"run.max_failures": 2})
+    config = {"__base__": to_flat(base), "__parent_run_id__": "p", "model.head.num_scenes": 3, "loss.entropy_weight": 0.5}
+    cfg = trial_config(config, "ab12_00001")
+    assert (cfg.model.head.num_scenes, cfg.loss.entropy_weight, cfg.run.name) == (3, 0.5, "trial-ab12_00001")
+    # A Train-level retry raced Tune's stop of the trial and leaked a placement group.
+    assert cfg.run.max_failures == 0 and cfg.optim == base.optim
 
 
 def test_closing_trial_runs_marks_tune_stops_killed_and_keeps_real_failures(tmp_path) -> None:
