@@ -44,7 +44,22 @@ def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grac
     seconds = time.perf_counter() - start
     epochs = sum(row["epochs"] for row in outcome.summary)
     return {"seconds": seconds, "trial_epochs": epochs, "stopped_early": sum(r["stopped_early"] for r in outcome.summary),
-            "best_ema_mAP": outcome.best.get("best_ema_mAP"), "overheads": outcome.trial_start_overheads}
+            "best_ema_mAP": outcome.best.get("best_ema_mAP"), "overheads": outcome.trial_start_overheads,
+            "time_split": time_split(Path(outcome.sweep_dir) / "tune", seconds)}
+
+
+def time_split(tune_dir: Path, wall: float) -> dict[str, float]:
+    """Where a sweep's wall time went, from each trial's Tune results: from each trial's start to
+    its first report (start-up and the first epoch), its later epochs, and the rest (Tune between
+    trials, the end of each trial after its last report, the sweep's own set-up and summary).
+    Sums over trials; one trial at a time, so they add up to the wall time."""
+    first = later = 0.0
+    for results in tune_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if rows:
+            first += rows[0]["time_this_iter_s"]
+            later += sum(r["time_this_iter_s"] for r in rows[1:])
+    return {"to_first_report_s": first, "later_epochs_s": later, "outside_trials_s": wall - first - later}
 
 
 def main() -> None:
@@ -82,6 +97,10 @@ def main() -> None:
     for kind, r in rows.items():
         best = f"{r['best_ema_mAP']:.2f}" if r["best_ema_mAP"] is not None else "-"
         print(f"{kind:<10}{r['seconds']:>10.1f}{r['trial_epochs']:>14}{r['stopped_early']:>9}{best:>10}")
+    print(f"{'time split (s)':<16}{'to 1st report':>14}{'later epochs':>14}{'outside trials':>16}")
+    for kind, r in rows.items():
+        split = r["time_split"]
+        print(f"{kind:<16}{split['to_first_report_s']:>14.1f}{split['later_epochs_s']:>14.1f}{split['outside_trials_s']:>16.1f}")
     print(f"ASHA / full wall time: {ratio:.2f} (target <= 0.5)")
     print(f"trial-start overhead: median {statistics.median(overheads):.1f} s over {len(overheads)} trials" if overheads else "trial-start overhead: n/a")
     out = Path(args.out)
