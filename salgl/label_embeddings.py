@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from salgl.atomic_file import write_atomic
 from salgl.config import LabelEmbeddingConfig
 
 CACHE_VERSION = 1  # bump when a recipe changes, so stale caches are not reused
@@ -55,7 +55,7 @@ def label_embeddings(labels: list[str], cfg: LabelEmbeddingConfig) -> torch.Tens
     if cached is not None:
         return cached
     emb = encode_labels(labels, load_text_encoder(cfg.encoder), cfg.recipe, normalize=_normalizes(cfg))
-    _write_atomic(path, emb.numpy())
+    write_atomic(path, lambda handle: np.save(handle, emb.numpy()))
     return emb
 
 
@@ -189,16 +189,3 @@ def _read_cache(path: Path, n: int) -> torch.Tensor | None:
     if arr.ndim != 2 or arr.shape[0] != n:
         return None
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-
-
-def _write_atomic(path: Path, arr: np.ndarray) -> None:
-    """Write to a temporary file in the same folder, then rename: concurrent workers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

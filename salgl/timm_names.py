@@ -10,11 +10,13 @@ itself, so a stale or partial file can never reject a valid name.
 
 from __future__ import annotations
 
-import os
+import functools
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
+
+from salgl.atomic_file import write_atomic
 
 CACHE_DIR = Path("~/.cache/salgl")
 
@@ -28,11 +30,13 @@ def is_timm_model(name: str) -> bool:
 
     known = timm.is_model(name)
     if known:
-        _remember(timm.list_models())
+        _remember(timm.list_models)
     return known
 
 
+@functools.cache
 def _cache_file() -> Path | None:
+    """One file per timm version (looked up once per process: config checks run on every rebuild)."""
     try:
         version = metadata.version("timm")
     except metadata.PackageNotFoundError:
@@ -48,19 +52,13 @@ def _cached_architectures() -> frozenset[str]:
         return frozenset()
 
 
-def _remember(architectures: list[str]) -> None:
+def _remember(list_architectures: Callable[[], list[str]]) -> None:
     """Write the list once per timm version; a read-only or full disk only costs the speed-up."""
     path = _cache_file()
     if path is None or path.is_file():
         return
+    text = "\n".join(sorted(list_architectures())) + "\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        write_atomic(path, lambda handle: handle.write(text.encode()))
     except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write("\n".join(sorted(architectures)) + "\n")
-        os.replace(tmp, path)  # concurrent processes never read half a list
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
+        pass
