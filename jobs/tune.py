@@ -128,8 +128,12 @@ def trial_config(config: Mapping[str, Any], trial_id: str) -> Config:
     started (seen in the sweep test).
     """
     base = from_flat(config["__base__"])
-    sampled = {k: v for k, v in config.items() if not k.startswith("__")}
-    return with_overrides(base, {**sampled, "run.name": f"trial-{trial_id}", "run.max_failures": 0})
+    return with_overrides(base, {**sampled_values(config), "run.name": f"trial-{trial_id}", "run.max_failures": 0})
+
+
+def sampled_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's searched values: its Tune config without the sweep's ``__``-prefixed entries."""
+    return {k: v for k, v in config.items() if not k.startswith("__")}
 
 
 def _report_if_complete(run_dir: Path, epochs: int) -> bool:
@@ -307,7 +311,7 @@ def summarize(results: Any, max_epochs: int) -> list[dict[str, Any]]:
     for result in results:
         if result.config is None:  # a trial an interrupt caught before it wrote anything
             continue
-        config = {k: v for k, v in result.config.items() if not k.startswith("__")}
+        config = sampled_values(result.config)
         flat = {**result.config["__base__"], **config}
         history = result.metrics_dataframe
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
