@@ -42,6 +42,11 @@ class HeadOutput(NamedTuple):
     graph: Tensor  # (B, n, n), P^I used for this batch
 
 
+def _settle_before_saving(head: "SALGLHead", prefix: str, keep_vars: bool) -> None:
+    """state_dict pre-hook (a module-level function, so the module still pickles)."""
+    head.settle_counts()
+
+
 class SALGLHead(nn.Module):
     """Semantic attention, scene detection, per-scene counts, gated propagation, classifier.
 
@@ -57,6 +62,10 @@ class SALGLHead(nn.Module):
         self.register_buffer(
             "counts", torch.zeros(cfg.num_scenes, num_labels, num_labels, dtype=torch.float64)
         )  # (K, n, n)
+        # A count update left pending by ``forward(..., defer_count_update=True)``; every reader of
+        # the counts here settles it first (``settle_counts``), and so does ``state_dict``.
+        self._pending_update: Tensor | PendingDelta | None = None
+        self.register_state_dict_pre_hook(_settle_before_saving)
         self.token_encoder = (
             build_token_encoder(token_dim, heads=cfg.encoder_heads, ffn=cfg.encoder_ffn, dropout=cfg.encoder_dropout)
             if cfg.token_encoder
@@ -76,13 +85,24 @@ class SALGLHead(nn.Module):
         return self.counts.shape[-1]
 
     def forward(
-        self, tokens: Tensor, targets: Tensor | None = None, *, sync: CountSync = local_count_delta
+        self,
+        tokens: Tensor,
+        targets: Tensor | None = None,
+        *,
+        sync: CountSync = local_count_delta,
+        defer_count_update: bool = False,
     ) -> HeadOutput:
         """tokens (B, m, d); targets (B, n) multi-hot, counted only in training mode.
 
         ``sync`` sums the batch's count delta over workers (the default is the single-process one),
         so every replica applies the same update and the counts never diverge.
+
+        ``defer_count_update`` (counting after use only): leave this batch's update pending when the
+        forward returns, so a distributed sync's collective runs behind the backward as well; the
+        caller applies it with ``settle_counts()`` before reading the counts. The next forward and
+        ``state_dict`` settle it too, so the counts any step uses are eq. 7's either way.
         """
+        self.settle_counts()
         if self.token_encoder is not None:
             tokens = self.token_encoder(tokens)  # (B, m, d)
         scene_probs = self.scenes(tokens)  # (B, K)
@@ -101,7 +121,10 @@ class SALGLHead(nn.Module):
         fused = torch.cat([features, h], dim=-1) if self.cfg.steps > 0 else features  # (B, n, 2d)
         logits = self.classifier(self.phi_c(fused))  # (B, n)
         if pending is not None:
-            self.apply_count_update(pending)
+            if defer_count_update:
+                self._pending_update = pending
+            else:
+                self.apply_count_update(pending)
         return HeadOutput(logits, scene_probs, alpha, graph)
 
     def label_graph(self, scene_probs: Tensor) -> Tensor:
@@ -121,6 +144,13 @@ class SALGLHead(nn.Module):
         """Eq. 7's batch payload -> ``sync`` (which may only start its collective)."""
         weights = scene_weights_for_counting(scene_probs, self.cfg.counting)  # (B, K) float64
         return sync(weights, targets.detach().to(torch.float64))
+
+    @torch.no_grad()
+    def settle_counts(self) -> None:
+        """Apply the update a deferred forward left pending (waiting for its collective), if any."""
+        pending, self._pending_update = self._pending_update, None
+        if pending is not None:
+            self.apply_count_update(pending)
 
     @torch.no_grad()
     def apply_count_update(self, delta: Tensor | PendingDelta) -> None:

@@ -29,14 +29,25 @@ class SALGL(nn.Module):
         return self.backbone(images)
 
     def forward_head(
-        self, tokens: Tensor, targets: Tensor | None = None, *, sync: CountSync = local_count_delta
+        self,
+        tokens: Tensor,
+        targets: Tensor | None = None,
+        *,
+        sync: CountSync = local_count_delta,
+        defer_count_update: bool = False,
     ) -> HeadOutput:
-        return self.head(tokens, targets, sync=sync)
+        """See ``SALGLHead.forward``."""
+        return self.head(tokens, targets, sync=sync, defer_count_update=defer_count_update)
 
     def forward(
-        self, images: Tensor, targets: Tensor | None = None, *, sync: CountSync = local_count_delta
+        self,
+        images: Tensor,
+        targets: Tensor | None = None,
+        *,
+        sync: CountSync = local_count_delta,
+        defer_count_update: bool = False,
     ) -> HeadOutput:
-        return self.forward_head(self.forward_features(images), targets, sync=sync)
+        return self.forward_head(self.forward_features(images), targets, sync=sync, defer_count_update=defer_count_update)
 
 
 def build_model(cfg: ModelConfig, *, num_labels: int, label_dim: int) -> SALGL:

@@ -106,6 +106,39 @@ def test_a_pending_sync_gives_what_an_immediate_one_gives_and_is_waited_for_once
     assert len(waits) == 3 and torch.equal(immediate.counts, deferred.counts)
 
 
+
+def test_a_deferred_count_update_waits_until_settled_and_changes_nothing_else() -> None:
+    """``defer_count_update`` (counting after use) leaves the collective in flight after the
+    forward, so it runs behind the backward; settling applies it. The next forward and
+    ``state_dict`` settle it themselves, so no step and no checkpoint sees stale counts."""
+    torch.manual_seed(0)
+    tokens, y = torch.randn(4, 5, D), (torch.rand(4, N) < 0.5).float()
+    immediate, deferred = _head().train(), _head().train()
+    deferred.load_state_dict(immediate.state_dict())
+    waits = []
+
+    def started(weights: torch.Tensor, targets: torch.Tensor):
+        delta = torch.einsum("bk,bi,bj->kij", weights, targets, targets)
+        return lambda: waits.append(1) or delta
+
+    for step in range(3):
+        a, b = immediate(tokens, y), deferred(tokens, y, sync=started, defer_count_update=True)
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)  # settled by this forward
+        assert len(waits) == step  # this step's collective is still pending
+    assert not torch.equal(immediate.counts, deferred.counts)
+    deferred.settle_counts()
+    deferred.settle_counts()  # a second settle applies nothing twice
+    assert len(waits) == 3 and torch.equal(immediate.counts, deferred.counts)
+
+    deferred(tokens, y, sync=started, defer_count_update=True)
+    immediate(tokens, y)
+    torch.testing.assert_close(deferred.state_dict()["counts"], immediate.counts, rtol=0, atol=0)
+    assert len(waits) == 4
+
+    before_use = _head(count_before_use=True).train()  # needs the delta inside the forward
+    before_use(tokens, y, sync=started, defer_count_update=True)
+    assert len(waits) == 5 and before_use.counts.sum() > 0
+
 def test_official_resnet101_has_the_released_parameter_count() -> None:
     cfg = preset("official", {"model.backbone.weights": "none"}).model
     model = build_model(cfg, num_labels=80, label_dim=768)
