@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from jobs.checkpoints import TrainingState, read_checkpoint, write_checkpoint
-from jobs.distributed import check_counts_consistent, gather_objects, make_count_sync, world
+from jobs.distributed import check_counts_consistent, count_sync_for, gather_objects, world
 from salgl.config import Config, from_flat
 from salgl.ema import ModelEma
 from salgl.losses import salgl_loss
@@ -96,7 +96,7 @@ class Recipe:
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=self.cfg.optim.lr, total_steps=total_steps, pct_start=self.cfg.optim.pct_start
         )
-        self.sync = make_count_sync(self.per_worker_batch)
+        self.sync = count_sync_for(self.model, self.per_worker_batch)
         self.state = TrainingState(epoch=0, step=0, data_seed=self.cfg.run.seed)
         if restored is not None:
             self._restore(restored)
@@ -168,9 +168,12 @@ class Recipe:
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
         with grad_ctx:
             with amp:
-                out = self.model(images, targets, sync=self.sync)
+                # The count payload rides the backward's gradient all-reduce (or, unwrapped, its
+                # own collective); settled before the optimiser step, EMA, checksum or checkpoint.
+                out = self.model(images, targets, sync=self.sync, defer_count_update=True)
             terms = salgl_loss(out.logits.float(), out.scene_probs.float(), targets, self.cfg.loss, mask=ignore)
             (terms.total / self.cfg.optim.grad_accum).backward()
+        self.unwrapped.head.settle_counts()
         return tuple(t.detach() for t in terms)
 
     def _optimizer_step(self) -> None:

@@ -70,3 +70,61 @@ def test_world_size_one_degrades_to_local() -> None:
     torch.testing.assert_close(make_count_sync(4)(weights, targets), count_delta(weights, targets))
     check_counts_consistent(torch.zeros(K, N, N), step=0)
     assert gather_objects(7) == [7]
+
+
+def _ddp_worker(rank: int, port: int, results: dict) -> None:
+    """Two DDP copies of one head: counts riding the gradient all-reduce against the standalone
+    collective, over synced steps and a ``no_sync`` (gradient accumulation) step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from jobs.distributed import count_sync_for
+    from salgl.config import HeadConfig
+    from salgl.head import SALGLHead
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        head = SALGLHead(HeadConfig(num_scenes=K, steps=2, attn_dim=8, attn_hidden=8, selection="soft", counting="soft"),
+                         num_labels=N, token_dim=16, label_dim=8)
+        head.label_embeddings.normal_()
+        clone = SALGLHead(head.cfg, num_labels=N, token_dim=16, label_dim=8)
+        clone.load_state_dict(head.state_dict())
+        riding = DistributedDataParallel(head.train(), broadcast_buffers=False)
+        separate = DistributedDataParallel(clone.train(), broadcast_buffers=False)
+        ride_sync, separate_sync = count_sync_for(riding, 4), make_count_sync(4)
+        piggyback, fallbacks = ride_sync.__self__, []  # which steps fell back to a separate collective
+        standalone = piggyback.standalone
+        piggyback.standalone = lambda weights, targets: fallbacks.append(step) or standalone(weights, targets)
+        gen = torch.Generator().manual_seed(rank)
+        same_grads = []
+        for step in range(4):
+            tokens, y = torch.randn(4 - rank, 5, 16, generator=gen), (torch.rand(4 - rank, N, generator=gen) < 0.5).float()
+            grads = []
+            for model, sync in ((riding, ride_sync), (separate, separate_sync)):
+                context = model.no_sync() if step == 2 else torch.enable_grad()
+                with context:
+                    out = model(tokens, y, sync=sync, defer_count_update=True)
+                    (out.logits.sigmoid().mean() + out.scene_probs.square().mean()).backward()
+                model.module.settle_counts()
+                grads.append([p.grad.clone() for p in model.parameters()])
+                model.zero_grad(set_to_none=True)
+            same_grads.append(all(torch.equal(a, b) for a, b in zip(*grads)))
+        results[rank] = (head.counts.clone(), clone.counts.clone(), same_grads, fallbacks)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_counts_riding_the_gradient_all_reduce_equal_the_separate_collective() -> None:
+    """Soft counting (pi is not an integer) and unequal batches: the ride must be exact, the
+    gradients those of DDP's own all-reduce, and a no_sync step must still count."""
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=2, join=True)
+    riding, separate, same_grads, fallbacks = results[0]
+    assert fallbacks == [2] and results[1][3] == [2]  # only the no_sync step, where no bucket is reduced
+    assert riding.sum() > 0
+    torch.testing.assert_close(riding, separate, rtol=0, atol=0)
+    torch.testing.assert_close(results[1][0], riding, rtol=0, atol=0)
+    assert same_grads == [True] * 4 and results[1][2] == [True] * 4
