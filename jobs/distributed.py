@@ -93,18 +93,21 @@ class CountPiggyback:
     delta from the same rows, as the standalone gather does. Gradients are averaged as DDP's own
     all-reduce hook averages them.
 
-    A step whose backward carried nothing (a ``no_sync`` micro-step of gradient accumulation, where
-    DDP reduces no bucket) falls back to ``standalone``: every rank is in the same case, so every
-    rank runs the same collectives.
+    A ``no_sync`` micro-step of gradient accumulation reduces no bucket, so its payload goes by
+    ``standalone`` (started at once, as without DDP); so does a step whose backward did not carry it.
+    Every rank is in the same case, so every rank runs the same collectives.
     """
 
-    def __init__(self, max_batch: int, standalone: CountSync) -> None:
+    def __init__(self, model: torch.nn.parallel.DistributedDataParallel, max_batch: int, standalone: CountSync) -> None:
+        self.model = model
         self.max_batch = max_batch
         self.standalone = standalone
         self._outgoing: Tensor | None = None  # this rank's slot of the block, flat
         self._summed: Tensor | None = None  # the block summed over ranks, after the backward
 
-    def sync(self, weights: Tensor, targets: Tensor) -> PendingDelta:
+    def sync(self, weights: Tensor, targets: Tensor) -> Tensor | PendingDelta:
+        if not self.model.require_backward_grad_sync:  # inside DDP's no_sync()
+            return self.standalone(weights, targets)
         w = world()
         num_scenes, num_labels = weights.shape[1], targets.shape[1]
         block = torch.zeros(w.size, self.max_batch, num_scenes + num_labels, dtype=torch.float64, device=weights.device)
@@ -139,13 +142,15 @@ class CountPiggyback:
         return dist.all_reduce(flat, async_op=True).get_future().then(split)
 
 
-def count_sync_for(model: torch.nn.Module, max_batch: int) -> CountSync:
-    """The step's ``CountSync``: riding DDP's gradient all-reduce when ``model`` is wrapped in DDP
-    (``CountPiggyback``, its hook registered here), else ``make_count_sync``."""
+def count_sync_for(model: torch.nn.Module, max_batch: int, *, count_before_use: bool) -> CountSync:
+    """The step's ``CountSync``: riding DDP's gradient all-reduce (``CountPiggyback``, its hook
+    registered here) when ``model`` is wrapped in DDP and counts after use, so the head can leave
+    the update pending until after the backward; else ``make_count_sync``, whose collective runs
+    behind the attention (counting before use needs the sum before P is built)."""
     standalone = make_count_sync(max_batch)
-    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    if count_before_use or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return standalone
-    piggyback = CountPiggyback(max_batch, standalone)
+    piggyback = CountPiggyback(model, max_batch, standalone)
     model.register_comm_hook(None, piggyback.hook)
     return piggyback.sync
 

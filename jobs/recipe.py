@@ -96,7 +96,7 @@ class Recipe:
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=self.cfg.optim.lr, total_steps=total_steps, pct_start=self.cfg.optim.pct_start
         )
-        self.sync = count_sync_for(self.model, self.per_worker_batch)
+        self.sync = count_sync_for(self.model, self.per_worker_batch, count_before_use=self.cfg.model.head.count_before_use)
         self.state = TrainingState(epoch=0, step=0, data_seed=self.cfg.run.seed)
         if restored is not None:
             self._restore(restored)

@@ -92,8 +92,10 @@ def _ddp_worker(rank: int, port: int, results: dict) -> None:
         clone.load_state_dict(head.state_dict())
         riding = DistributedDataParallel(head.train(), broadcast_buffers=False)
         separate = DistributedDataParallel(clone.train(), broadcast_buffers=False)
-        ride_sync, separate_sync = count_sync_for(riding, 4), make_count_sync(4)
+        ride_sync, separate_sync = count_sync_for(riding, 4, count_before_use=False), make_count_sync(4)
         piggyback, fallbacks = ride_sync.__self__, []  # which steps fell back to a separate collective
+        # Counting before use needs the sum inside the forward: the separate collective, no hook.
+        assert not hasattr(count_sync_for(separate, 4, count_before_use=True), "__self__")
         standalone = piggyback.standalone
         piggyback.standalone = lambda weights, targets: fallbacks.append(step) or standalone(weights, targets)
         gen = torch.Generator().manual_seed(rank)
