@@ -38,6 +38,22 @@ def world() -> World:
     return World()
 
 
+def padded_payload(weights: Tensor, targets: Tensor, max_batch: int) -> Tensor:
+    """A batch's (scene weights, labels) rows, (max_batch, K + n) float64; short batches are
+    padded with zero-weight rows, which count nothing (collectives need equal shapes)."""
+    num_scenes = weights.shape[1]
+    payload = torch.zeros(max_batch, num_scenes + targets.shape[1], dtype=torch.float64, device=weights.device)
+    payload[: weights.shape[0], :num_scenes] = weights
+    payload[: targets.shape[0], num_scenes:] = targets
+    return payload
+
+
+def delta_from_payloads(flat: Tensor, num_scenes: int, num_labels: int) -> Tensor:
+    """Eq. 7's delta from every rank's ``padded_payload``, concatenated and flattened."""
+    rows = flat.to(torch.float64).reshape(-1, num_scenes + num_labels)
+    return count_delta(rows[:, :num_scenes], rows[:, num_scenes:])
+
+
 def make_count_sync(max_batch: int) -> CountSync:
     """The ``CountSync`` for the current process group: one collective per step, started
     asynchronously (the head waits for it only where the counts are next read).
@@ -53,16 +69,13 @@ def make_count_sync(max_batch: int) -> CountSync:
         size = world().size
         num_scenes, num_labels = weights.shape[1], targets.shape[1]
         if size * max_batch * (num_scenes + num_labels) < num_scenes * num_labels * num_labels:
-            payload = torch.zeros(max_batch, num_scenes + num_labels, dtype=torch.float64, device=weights.device)
-            payload[: weights.shape[0], :num_scenes] = weights
-            payload[: targets.shape[0], num_scenes:] = targets
+            payload = padded_payload(weights, targets, max_batch)
             gathered = torch.empty(size * payload.numel(), dtype=payload.dtype, device=payload.device)
             work = dist.all_gather_single(gathered, payload.reshape(-1), async_op=True)
 
             def summed_from_payloads() -> Tensor:
                 work.wait()
-                rows = gathered.reshape(size * max_batch, num_scenes + num_labels)
-                return count_delta(rows[:, :num_scenes], rows[:, num_scenes:])
+                return delta_from_payloads(gathered, num_scenes, num_labels)
 
             return summed_from_payloads
         delta = count_delta(weights, targets)
@@ -110,17 +123,16 @@ class CountPiggyback:
             return self.standalone(weights, targets)
         w = world()
         num_scenes, num_labels = weights.shape[1], targets.shape[1]
-        block = torch.zeros(w.size, self.max_batch, num_scenes + num_labels, dtype=torch.float64, device=weights.device)
-        block[w.rank, : weights.shape[0], :num_scenes] = weights
-        block[w.rank, : targets.shape[0], num_scenes:] = targets
+        payload = padded_payload(weights, targets, self.max_batch)
+        block = torch.zeros((w.size, *payload.shape), dtype=payload.dtype, device=payload.device)
+        block[w.rank] = payload
         self._outgoing, self._summed = block.reshape(-1), None
 
         def summed_from_bucket() -> Tensor:
             summed, self._outgoing, self._summed = self._summed, None, None
             if summed is None:  # no bucket was reduced this step
                 return resolve_delta(self.standalone(weights, targets))
-            rows = summed.to(torch.float64).reshape(w.size * self.max_batch, num_scenes + num_labels)
-            return count_delta(rows[:, :num_scenes], rows[:, num_scenes:])
+            return delta_from_payloads(summed, num_scenes, num_labels)
 
         return summed_from_bucket
 
