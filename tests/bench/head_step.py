@@ -47,9 +47,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -307,7 +307,6 @@ def worker(name: str, sizes: Sizes, repeats: int, seed: int, result_path: Path, 
         "times": [s["time"] for s in steps], "time": best["time"], "forward": best["forward"],
         "matmul_rates": [s["matmul_rate"] for s in steps],
         "matmul_rates_after": [s["matmul_rate_after"] for s in steps],
-        "all_times": [s["time"] for s in steps],
         "backward": best["backward"], "parts": best["parts"],
         "step_peak_mib": max(s["step_peak_mib"] for s in steps),
         "process_peak_mib": max(s["process_peak_mib"] for s in steps),
@@ -359,20 +358,21 @@ def report(sizes: Sizes, results: dict[str, dict[str, Any]], diffs: dict[str, An
     ours = results["ours"]
     flops = ours["matmul_flops"]["forward"] + ours["matmul_flops"]["backward"]
     # The fastest rate sampled anywhere in the run: the floor is the lowest it could honestly be.
-    rate = max([rate, *(r for v in results.values() for r in v.get("matmul_rates", []))])
+    samples = [r for v in results.values() for key in ("matmul_rates", "matmul_rates_after") for r in v.get(key, [])]
+    rate = max([rate, *samples])
     floor = flops / rate
     out: dict[str, Any] = {
         "sizes": asdict(sizes), "attention_tile_mib": TILE_BYTES / 2**20, "variants": results,
         "matmul_rate_gflops": rate / 1e9,
         "ours_matmul_gflop": flops / 1e9, "ours_matmul_gflop_3x_forward": 3 * ours["matmul_flops"]["forward"] / 1e9,
         "matmul_floor_s": floor, "ours_over_floor": ours["time"] / floor,
-        "matmul_rates_sampled_gflops": [r / 1e9 for v in results.values() for r in v.get("matmul_rates", [])],
+        "matmul_rates_sampled_gflops": [r / 1e9 for r in samples],
         # Each step against the rate sampled just before and just after it (their mean): the
         # machine's speed drifts over minutes, so a rate sampled minutes away says little about
         # what a given step could get.
         "ours_over_paired_floor": [
             t / (flops / ((before + after) / 2))
-            for t, before, after in zip(ours["all_times"], ours["matmul_rates"], ours["matmul_rates_after"])
+            for t, before, after in zip(ours["times"], ours["matmul_rates"], ours["matmul_rates_after"])
         ],
     }
     if "released" in results:

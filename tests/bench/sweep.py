@@ -46,11 +46,11 @@ def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grac
                          register_as=f"bench-{kind}", scheduler=kind,
                          grace_period=grace_period, reduction_factor=reduction_factor)
     seconds = time.perf_counter() - start
+    times = epoch_times(Path(outcome.sweep_dir) / "tune")
     epochs = sum(row["epochs"] for row in outcome.summary)
     return {"seconds": seconds, "trial_epochs": epochs, "stopped_early": sum(r["stopped_early"] for r in outcome.summary),
             "best_ema_mAP": outcome.best.get("best_ema_mAP"), "overheads": outcome.trial_start_overheads,
-            "time_split": time_split(Path(outcome.sweep_dir) / "tune", seconds),
-            "epoch_times": epoch_times(Path(outcome.sweep_dir) / "tune")}
+            "time_split": time_split(times, seconds), "epoch_times": times}
 
 
 def epoch_times(tune_dir: Path) -> dict[str, list[float]]:
@@ -69,17 +69,13 @@ def speed_ratio(slow: dict[str, list[float]], fast: dict[str, list[float]]) -> f
     return statistics.median(ratios) if ratios else None
 
 
-def time_split(tune_dir: Path, wall: float) -> dict[str, float]:
-    """Where a sweep's wall time went, from each trial's Tune results: from each trial's start to
+def time_split(times: dict[str, list[float]], wall: float) -> dict[str, float]:
+    """Where a sweep's wall time went, from each trial's ``epoch_times``: from each trial's start to
     its first report (start-up and the first epoch), its later epochs, and the rest (Tune between
     trials, the end of each trial after its last report, the sweep's own set-up and summary).
     Sums over trials; one trial at a time, so they add up to the wall time."""
-    first = later = 0.0
-    for results in tune_dir.glob("*/result.json"):
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        if rows:
-            first += rows[0]["time_this_iter_s"]
-            later += sum(r["time_this_iter_s"] for r in rows[1:])
+    first = sum(t[0] for t in times.values() if t)
+    later = sum(sum(t[1:]) for t in times.values())
     return {"to_first_report_s": first, "later_epochs_s": later, "outside_trials_s": wall - first - later}
 
 
