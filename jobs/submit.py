@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TextIO
 
+from jobs.resources import WORKER_ALLOCATOR_ENV
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DASHBOARD_PORT = 8265
 SUBMITTABLE = ("train", "tune", "evaluate", "prepare")
@@ -192,7 +194,10 @@ def parse_env(items: Sequence[str], environ: Mapping[str, str] = os.environ) -> 
 
 
 def runtime_env(working_dir: Path, env_vars: Mapping[str, str], pip: Sequence[str] = ()) -> dict[str, Any]:
-    env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": dict(env_vars)}
+    """The job's runtime env: every worker process of the job starts with its ``env_vars``, the
+    allocator settings of ``jobs.resources.WORKER_ALLOCATOR_ENV`` under the user's ``--env``."""
+    env_vars = {**WORKER_ALLOCATOR_ENV, **env_vars}
+    env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env_vars}
     if pip:
         env["pip"] = {"packages": list(pip), "pip_check": False}
     return env

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from jobs.resources import ResourcePlan, plan_resources
+from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, plan_resources
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from salgl.config import Config, from_flat, to_flat, with_overrides
 
@@ -134,11 +134,16 @@ def local_instance_env() -> None:
 
     Ray Train starts a preemption watcher actor with every run, to act on a cluster's node being
     drained (spot instances). A local instance has no nodes to drain, so it is switched off there:
-    one process fewer to start per run and per sweep trial. The raylet started here, and so every
-    trial and controller process, inherits this environment.
+    one process fewer to start per run and per sweep trial.
+
+    The raylet started here, and so every worker, trial and controller process, inherits this
+    environment, the allocator settings of ``WORKER_ALLOCATOR_ENV`` included (this process has read
+    its own already). On a cluster, ``salgl submit`` passes them in the job's runtime env.
     """
     os.environ.setdefault("RAY_num_workers_soft_limit", str(4 * (os.cpu_count() or 1) + 16))
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    for key, value in WORKER_ALLOCATOR_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def init_ray(address: str | None = None) -> None:

@@ -21,6 +21,8 @@ import jsonschema
 import pytest
 import yaml
 
+from jobs.resources import WORKER_ALLOCATOR_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
@@ -197,7 +199,8 @@ def test_rayjob_entrypoint_is_a_salgl_command_with_a_bundled_config_and_valid_ov
     gpus = sum(g["minReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) for g in workers)
     assert gpus >= cfg.run.workers, "every Train worker gets a GPU"
     assert job["shutdownAfterJobFinishes"] is True
-    assert yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]
+    env_vars = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]
+    assert env_vars.items() >= WORKER_ALLOCATOR_ENV.items()  # the copy there follows the project's values
 
 
 # ---------------------------------------------------------------------------------------------

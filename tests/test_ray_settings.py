@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from jobs.resources import WORKER_ALLOCATOR_ENV
 from jobs.train import CONTROLLER_POLL_S, controller_env_defaults, local_instance_env, make_tracking_warmup
 
 POLL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -34,6 +35,16 @@ def test_local_instance_keeps_more_worker_processes_than_cpus_and_a_user_value_w
     monkeypatch.setenv(PREEMPTION, "1")
     local_instance_env()
     assert os.environ[SOFT_LIMIT] == "3" and os.environ[PREEMPTION] == "1"
+
+
+def test_local_instance_workers_get_the_allocator_settings_and_a_user_value_wins(monkeypatch) -> None:
+    for key in WORKER_ALLOCATOR_ENV:
+        monkeypatch.delenv(key, raising=False)
+    local_instance_env()
+    assert {key: os.environ[key] for key in WORKER_ALLOCATOR_ENV} == WORKER_ALLOCATOR_ENV
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    local_instance_env()
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "0"
 
 
 @pytest.mark.timeout(120)

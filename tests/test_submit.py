@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs import submit as sj
+from jobs.resources import WORKER_ALLOCATOR_ENV
 from jobs.cli import main
 from salgl.config import ConfigError, preset
 
@@ -72,7 +73,9 @@ def test_env_forwards_tracking_uri_and_refuses_a_ray_address() -> None:
 
 def test_runtime_env_uploads_the_project_without_data_and_pip_only_when_asked() -> None:
     env = sj.runtime_env(ROOT, {"K": "V"})
-    assert env["working_dir"] == str(ROOT) and env["env_vars"] == {"K": "V"} and "pip" not in env
+    assert env["working_dir"] == str(ROOT) and env["env_vars"] == {**WORKER_ALLOCATOR_ENV, "K": "V"} and "pip" not in env
+    mine = {"MALLOC_TRIM_THRESHOLD_": "0"}
+    assert sj.runtime_env(ROOT, mine)["env_vars"]["MALLOC_TRIM_THRESHOLD_"] == "0"  # the user's --env wins
     for pattern in (".venv", ".git", "/data/", "/runs/", "/mlruns/", "*.db"):
         assert pattern in env["excludes"]
     pins = sj.pinned_requirements(ROOT / "pyproject.toml")
