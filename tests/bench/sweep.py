@@ -2,7 +2,7 @@
 (FIFO), and the trial-start overhead, on the tiny config and mosaic data.
 
     .venv/bin/python -m tests.bench.sweep [--trials 8] [--max-epochs 4] [--reduction-factor 2]
-        [--grace-period 1] [--train-images 128] [--space K=1,2,3,4 ...] [--out bench_out/sweep.json]
+        [--grace-period 1] [--train-images 128] [--space K=1,2,3,4 ...] [--seed 1] [--out bench_out/sweep.json]
 
 Longer trials (``--max-epochs 16 --reduction-factor 4``, more ``--train-images``) show the regime
 where per-trial start-up no longer dominates. The space is ``salgl tune``'s default unless
@@ -13,28 +13,37 @@ minutes, so the bench also compares the same trial's same epochs across the two 
 of those time ratios is how much slower the full sweep's machine was, and the ratio at equal speed
 divides it out.
 
+One ASHA sweep is also one draw of the order the trials come in: the first always runs to the
+end, and a later one stops only when it is worse than most of those before it at the same rung.
+So the bench also replays Ray's ASHA rule on the full sweep's per-epoch metrics and times, over
+every arrival order of its trials, and prints the median and range of the estimated ratio.
+
 Target (issue 5): ASHA's sweep takes at most half the time of the full one.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from salgl.config import preset
 
 def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grace_period: int, reduction_factor: int,
-        space: dict[str, str]) -> dict:
+        space: dict[str, str], seed: int) -> dict:
     from jobs.tune import tune_sweep
 
     cfg = preset("tiny", {
         "data.path": data_dir, "data.img_size": 64, "optim.batch_size": 16, "run.workers": 1,
         "run.storage": str(root / kind), "run.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-        "run.name": f"bench-{kind}", "run.keep_checkpoints": 1, "run.seed": 1,
+        "run.name": f"bench-{kind}", "run.keep_checkpoints": 1, "run.seed": seed,
         # ASHA ranks trials by EMA mAP. The tiny preset's decay (0.9997, the paper's, for thousands
         # of steps an epoch) keeps the EMA at the shared initial weights for these few hundred
         # steps, so trials tie at the early rungs and ASHA cannot rank them; 0.99 as
@@ -46,21 +55,88 @@ def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grac
                          register_as=f"bench-{kind}", scheduler=kind,
                          grace_period=grace_period, reduction_factor=reduction_factor)
     seconds = time.perf_counter() - start
-    times = epoch_times(Path(outcome.sweep_dir) / "tune")
+    reports = trial_reports(Path(outcome.sweep_dir) / "tune")
+    times = epoch_times(reports)
     epochs = sum(row["epochs"] for row in outcome.summary)
     return {"seconds": seconds, "trial_epochs": epochs, "stopped_early": sum(r["stopped_early"] for r in outcome.summary),
             "best_ema_mAP": outcome.best.get("best_ema_mAP"), "overheads": outcome.trial_start_overheads,
-            "time_split": time_split(times, seconds), "epoch_times": times}
+            "time_split": time_split(times, seconds), "epoch_times": times, "reports": reports}
 
 
-def epoch_times(tune_dir: Path) -> dict[str, list[float]]:
-    """Each trial's seconds per report, keyed by the trial's index in the seeded draw."""
-    times = {}
+def trial_reports(tune_dir: Path) -> dict[str, list[dict]]:
+    """Each trial's reports (Tune's result.json rows), keyed by the trial's index in the seeded draw."""
+    reports = {}
     for results in tune_dir.glob("*/result.json"):
         index = results.parent.name.split("_")[3]  # run_trial_<id>_<index>_<config>_<date>
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        times[index] = [r["time_this_iter_s"] for r in rows]
-    return times
+        reports[index] = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return reports
+
+
+def epoch_times(reports: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Each trial's seconds per report."""
+    return {index: [r["time_this_iter_s"] for r in rows] for index, rows in reports.items()}
+
+
+def metric_curves(reports: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Each trial's ASHA metric (EMA mAP) per epoch."""
+    from jobs.tune import METRIC
+
+    return {index: [r[METRIC] for r in rows] for index, rows in reports.items()}
+
+
+def asha_epochs(curves: Sequence[Sequence[float]], max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """Epochs each trial runs under ASHA when the trials arrive in this order, one at a time.
+
+    Ray 2.60's rule (``ray.tune.schedulers.async_hyperband._Bracket``, one bracket): rungs at
+    grace * rf^k below max_t; at a rung a trial stops when its value is below the (1 - 1/rf)
+    percentile of the values recorded there by earlier trials, and its value is recorded either way.
+    """
+    rungs = []
+    milestone = grace_period
+    while milestone < max_t:
+        rungs.append(milestone)
+        milestone *= reduction_factor
+    recorded: dict[int, list[float]] = {rung: [] for rung in rungs}
+    epochs = []
+    for curve in curves:
+        ran = max_t
+        for rung in rungs:
+            value = curve[rung - 1]
+            cutoff = np.nanpercentile(recorded[rung], (1 - 1 / reduction_factor) * 100) if recorded[rung] else None
+            recorded[rung].append(value)
+            if cutoff is not None and value < cutoff:
+                ran = rung
+                break
+        epochs.append(ran)
+    return epochs
+
+
+def asha_over_orders(reports: dict[str, list[dict]], wall: float, max_t: int, grace_period: int,
+                     reduction_factor: int, samples: int = 5040) -> dict[str, float]:
+    """ASHA replayed on the full sweep's own curves and times, for many arrival orders of its trials.
+
+    One ASHA sweep is one draw: which trials come first decides how many epochs it keeps (the
+    first always runs to the end). Replaying Ray's rule on the full sweep's per-epoch metrics, each
+    order's wall time is estimated as the full sweep's, less the epochs ASHA would have skipped
+    (each trial's own epoch times). Every order when there are at most 8 trials (40,320
+    orders, about 20 s), else ``samples`` random ones.
+    """
+    times, curves = epoch_times(reports), metric_curves(reports)
+    trials = sorted(reports)
+    if len(trials) <= 8:
+        orders = list(itertools.permutations(trials))
+    else:
+        rng = np.random.default_rng(0)
+        orders = [tuple(rng.permutation(trials)) for _ in range(samples)]
+    fractions, ratios = [], []
+    for order in orders:
+        ran = asha_epochs([curves[t] for t in order], max_t, grace_period, reduction_factor)
+        skipped = sum(sum(times[t][e:]) for t, e in zip(order, ran))
+        fractions.append(sum(ran) / (max_t * len(order)))
+        ratios.append((wall - skipped) / wall)
+    return {"orders": len(orders), "epoch_fraction_median": statistics.median(fractions),
+            "time_ratio_median": statistics.median(ratios), "time_ratio_min": min(ratios), "time_ratio_max": max(ratios),
+            "share_of_orders_at_most_half": sum(r <= 0.5 for r in ratios) / len(ratios)}
 
 
 def speed_ratio(slow: dict[str, list[float]], fast: dict[str, list[float]]) -> float | None:
@@ -88,6 +164,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=128)
     parser.add_argument("--space", nargs="*", default=[], metavar="KEY=SPEC",
                         help="search-space entries as `salgl tune` takes them (default: its default space)")
+    parser.add_argument("--seed", type=int, default=1, help="run.seed: which trials the sweeps draw (and each trial's seed)")
     parser.add_argument("--out", default="bench_out/sweep.json")
     args = parser.parse_args()
     space = dict(item.split("=", 1) for item in args.space)
@@ -106,7 +183,8 @@ def main() -> None:
         ray.init(num_cpus=2, log_to_driver=False)
         try:
             rows = {
-                kind: run(kind, root, str(root / "mosaic"), args.trials, args.max_epochs, args.grace_period, args.reduction_factor, space)
+                kind: run(kind, root, str(root / "mosaic"), args.trials, args.max_epochs, args.grace_period, args.reduction_factor, space,
+                          args.seed)
                 for kind in ("asha", "fifo")
             }
             overheads = [o for r in rows.values() for o in r.pop("overheads")]
@@ -114,6 +192,9 @@ def main() -> None:
             ray.shutdown()
     ratio = rows["asha"]["seconds"] / rows["fifo"]["seconds"]
     drift = speed_ratio(rows["fifo"].pop("epoch_times"), rows["asha"].pop("epoch_times"))
+    full_reports = rows["fifo"].pop("reports")
+    rows["asha"].pop("reports")
+    replay = asha_over_orders(full_reports, rows["fifo"]["seconds"], args.max_epochs, args.grace_period, args.reduction_factor)
     print(f"{'scheduler':<10}{'wall (s)':>10}{'trial epochs':>14}{'stopped':>9}{'best mAP':>10}")
     for kind, r in rows.items():
         best = f"{r['best_ema_mAP']:.2f}" if r["best_ema_mAP"] is not None else "-"
@@ -126,11 +207,16 @@ def main() -> None:
     if drift is not None:
         print(f"the same trials' epochs took {drift:.2f}x as long in the full sweep as in the ASHA sweep; "
               f"at equal speed: {rows['asha']['seconds'] / (rows['fifo']['seconds'] / drift):.2f}")
+    print(f"ASHA replayed on the full sweep's curves and times over {replay['orders']} arrival orders: "
+          f"median {replay['time_ratio_median']:.2f} of its time ({replay['time_ratio_min']:.2f} - {replay['time_ratio_max']:.2f}; "
+          f"{100 * replay['share_of_orders_at_most_half']:.0f}% of orders at most 0.5), "
+          f"median {100 * replay['epoch_fraction_median']:.0f}% of its epochs")
     print(f"trial-start overhead: median {statistics.median(overheads):.1f} s over {len(overheads)} trials" if overheads else "trial-start overhead: n/a")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("trials", "max_epochs", "reduction_factor", "grace_period", "train_images", "space")}
-    out.write_text(json.dumps({"settings": settings, "rows": rows, "asha_over_full": ratio, "full_over_asha_epoch_time": drift, "trial_start_overhead_s": overheads}, indent=1, default=str))
+    settings = {k: getattr(args, k) for k in ("trials", "max_epochs", "reduction_factor", "grace_period", "train_images", "space", "seed")}
+    out.write_text(json.dumps({"settings": settings, "rows": rows, "asha_over_full": ratio, "full_over_asha_epoch_time": drift,
+                               "asha_replay": replay, "full_curves": metric_curves(full_reports), "trial_start_overhead_s": overheads}, indent=1, default=str))
     print(f"wrote {out}")
 
 
