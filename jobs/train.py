@@ -138,7 +138,8 @@ def local_instance_env() -> None:
 
     The raylet started here, and so every worker, trial and controller process, inherits this
     environment, the allocator settings of ``WORKER_ALLOCATOR_ENV`` included (this process has read
-    its own already). On a cluster, ``salgl submit`` passes them in the job's runtime env.
+    its own already). On a cluster, ``salgl submit`` passes them in the job's runtime env, and the
+    project's image (cluster/Dockerfile) sets them for every process.
     """
     os.environ.setdefault("RAY_num_workers_soft_limit", str(4 * (os.cpu_count() or 1) + 16))
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
