@@ -60,7 +60,7 @@ def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grac
     epochs = sum(row["epochs"] for row in outcome.summary)
     return {"seconds": seconds, "trial_epochs": epochs, "stopped_early": sum(r["stopped_early"] for r in outcome.summary),
             "best_ema_mAP": outcome.best.get("best_ema_mAP"), "overheads": outcome.trial_start_overheads,
-            "time_split": time_split(times, seconds), "epoch_times": times, "reports": reports}
+            "time_split": time_split(times, seconds), "epoch_times": times, "curves": metric_curves(reports)}
 
 
 def trial_reports(tune_dir: Path) -> dict[str, list[dict]]:
@@ -111,8 +111,8 @@ def asha_epochs(curves: Sequence[Sequence[float]], max_t: int, grace_period: int
     return epochs
 
 
-def asha_over_orders(reports: dict[str, list[dict]], wall: float, max_t: int, grace_period: int,
-                     reduction_factor: int, samples: int = 5040) -> dict[str, float]:
+def asha_over_orders(times: dict[str, list[float]], curves: dict[str, list[float]], wall: float, max_t: int,
+                     grace_period: int, reduction_factor: int, samples: int = 5040) -> dict[str, float]:
     """ASHA replayed on the full sweep's own curves and times, for many arrival orders of its trials.
 
     One ASHA sweep is one draw: which trials come first decides how many epochs it keeps (the
@@ -121,8 +121,7 @@ def asha_over_orders(reports: dict[str, list[dict]], wall: float, max_t: int, gr
     (each trial's own epoch times). Every order when there are at most 8 trials (40,320
     orders, about 20 s), else ``samples`` random ones.
     """
-    times, curves = epoch_times(reports), metric_curves(reports)
-    trials = sorted(reports)
+    trials = sorted(curves)
     if len(trials) <= 8:
         orders = list(itertools.permutations(trials))
     else:
@@ -193,11 +192,12 @@ def main() -> None:
             overheads = [o for r in rows.values() for o in r.pop("overheads")]
         finally:
             ray.shutdown()
-    times = {kind: (r.pop("epoch_times"), r.pop("reports")) for kind, r in rows.items()}
-    full_reports = times["fifo"][1]
+    times = {kind: r.pop("epoch_times") for kind, r in rows.items()}
+    curves = {kind: r.pop("curves") for kind, r in rows.items()}
     ratio = rows["asha"]["seconds"] / rows["fifo"]["seconds"] if "asha" in rows else None
-    drift = speed_ratio(times["fifo"][0], times["asha"][0]) if "asha" in rows else None
-    replay = asha_over_orders(full_reports, rows["fifo"]["seconds"], args.max_epochs, args.grace_period, args.reduction_factor)
+    drift = speed_ratio(times["fifo"], times["asha"]) if "asha" in rows else None
+    replay = asha_over_orders(times["fifo"], curves["fifo"], rows["fifo"]["seconds"], args.max_epochs, args.grace_period,
+                              args.reduction_factor)
     print(f"{'scheduler':<10}{'wall (s)':>10}{'trial epochs':>14}{'stopped':>9}{'best mAP':>10}")
     for kind, r in rows.items():
         best = f"{r['best_ema_mAP']:.2f}" if r["best_ema_mAP"] is not None else "-"
@@ -220,7 +220,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("trials", "max_epochs", "reduction_factor", "grace_period", "train_images", "space", "seed", "full_only")}
     out.write_text(json.dumps({"settings": settings, "rows": rows, "asha_over_full": ratio, "full_over_asha_epoch_time": drift,
-                               "asha_replay": replay, "full_curves": metric_curves(full_reports), "full_epoch_times": times["fifo"][0], "trial_start_overhead_s": overheads}, indent=1, default=str))
+                               "asha_replay": replay, "full_curves": curves["fifo"], "full_epoch_times": times["fifo"], "trial_start_overhead_s": overheads}, indent=1, default=str))
     print(f"wrote {out}")
 
 

@@ -270,8 +270,8 @@ def main() -> None:
         batches = decoded_batches(data_dir, args.rows // batch_size)
         labels = num_labels(data_dir)
         threads = plan_resources(1, {"CPU": CPUS}).torch_threads  # what the 1-worker Ray run gets
-        # The plain loop runs before Ray starts and after it stops; the faster run is the table's row, so a
-        # drift in the machine's speed does not pass for Ray's overhead (or hide it).
+        # The plain loop runs before Ray starts and after it stops: the faster run is the table's row;
+        # the overhead outside Ray compares with the run just before Ray (below).
         plain = [plain_loop(batches, threads=threads, num_labels=labels)]
         local_instance_env()  # the settings `salgl train` runs with
         controller_env_defaults()
