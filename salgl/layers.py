@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from salgl import native
+
 
 class SemanticAttention(nn.Module):
     """Low-rank bilinear attention of every label over the regions (eq. 1-3).
@@ -23,8 +25,8 @@ class SemanticAttention(nn.Module):
     into one d1-vector p = P w_a: the score is p . tanh(...) + const. That avoids applying the
     d1 x d2 matrix P to every (label, region) pair, which is most of the released module's cost.
     What is left is elementwise work on a (B, n, m, d1) intermediate (2 GB at COCO size), done by
-    ``bilinear_tanh_scores`` tile by tile in one buffer of at most ``chunk_mb`` and recomputed in
-    its analytic backward, so memory stays bounded at any n and m.
+    ``bilinear_tanh_scores`` in one fused pass on CPU, or tile by tile in one buffer of at most
+    ``chunk_mb``, and recomputed in its analytic backward, so memory stays bounded at any n and m.
     """
 
     def __init__(self, token_dim: int, label_dim: int, *, attn_dim: int, hidden_dim: int, chunk_mb: int = 64) -> None:
@@ -82,7 +84,9 @@ def _tiles(regions: Tensor, num_labels: int, tile_bytes: int) -> Iterator[tuple[
 
 
 class _BilinearTanhScores(torch.autograd.Function):
-    """Forward and analytic backward of ``bilinear_tanh_scores``, tile by tile in one buffer.
+    """Forward and analytic backward of ``bilinear_tanh_scores``: on CPU in float32 by the fused C
+    kernel of ``salgl.native`` (one pass each way, never storing the intermediate), otherwise
+    (an accelerator, float64, no C compiler) with PyTorch ops tile by tile in one buffer.
 
     Why not autograd on the plain expression: autograd would save each tile's tanh (2 GB in all)
     or, under activation checkpointing, rerun the forward and then make a separate pass with a
@@ -107,36 +111,54 @@ class _BilinearTanhScores(torch.autograd.Function):
     def forward(ctx: Any, regions: Tensor, labels: Tensor, direction: Tensor, tile_bytes: int) -> Tensor:
         ctx.save_for_backward(regions, labels, direction)
         ctx.tile_bytes = tile_bytes
-        (batch, num_regions, attn_dim), num_labels = regions.shape, labels.shape[0]
-        doubled = 2 * labels  # (n, d1): the 2 of sigmoid(2x), folded into the product
-        scores = regions.new_empty(batch, num_labels, num_regions)  # (B, n, m), p . s for now
-        buffer = regions.new_empty(0)
-        for rows, cols in _tiles(regions, num_labels, tile_bytes):
-            s = _logistic_tile(regions[rows], doubled[cols], buffer)  # (bb, c, m, d1)
-            torch.mv(s.view(-1, attn_dim), direction, out=scores[rows, cols].view(-1))  # a contiguous block
-        return scores.mul_(2).sub_(direction.sum())  # p . (2s - 1)
+        if native.usable(regions, labels, direction):
+            weighted = native.logistic_dot(regions, labels, direction)
+        else:
+            weighted = _tiled_logistic_dot(regions, labels, direction, tile_bytes)
+        return weighted.mul_(2).sub_(direction.sum())  # p . (2s - 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
         regions, labels, direction = ctx.saved_tensors
-        grad = grad.contiguous()  # (B, n, m)
-        doubled = 2 * labels  # (n, d1)
-        d_regions = torch.zeros_like(regions)  # (B, m, d1), sum_i w v_i for now
-        d_labels = torch.zeros_like(labels)  # (n, d1), sum_bj w u_j for now
-        d_direction = torch.zeros_like(direction)  # (d1,), sum g s for now
-        buffer = regions.new_empty(0)
-        for rows, cols in _tiles(regions, labels.shape[0], ctx.tile_bytes):
-            g = grad[rows, cols]  # (bb, c, m)
-            s = _logistic_tile(regions[rows], doubled[cols], buffer)  # (bb, c, m, d1)
-            d_direction.addmv_(s.view(-1, s.shape[-1]).t(), g.view(-1))
-            w = torch.addcmul(s, s, s, value=-1, out=s).mul_(g.unsqueeze(-1))  # s (1 - s) g, in place
-            d_rows = d_regions[rows]  # (bb, m, d1)
-            for k, label in enumerate(labels[cols]):  # one fused pass per label: du += w_i v_i
-                d_rows.addcmul_(w[:, k], label)
-            d_labels[cols].add_(w.mul_(regions[rows].unsqueeze(1)).sum(dim=(0, 2)))  # (c, d1)
+        if native.usable(regions, labels, grad):
+            sums = native.logistic_grad_sums(regions, labels, grad)
+        else:
+            sums = _tiled_logistic_grad_sums(regions, labels, grad.contiguous(), ctx.tile_bytes)
+        d_regions, d_labels, d_direction = sums  # sum_i w v_i, sum_bj w u_j, sum g s
         scale = 4 * direction  # (d1,)
         return d_regions.mul_(scale), d_labels.mul_(scale), d_direction.mul_(2).sub_(grad.sum()), None
+
+
+def _tiled_logistic_dot(regions: Tensor, labels: Tensor, direction: Tensor, tile_bytes: int) -> Tensor:
+    """p . s over d1 for every (b, i, j), s = sigmoid(2 u_bj * v_i), tile by tile -> (B, n, m)."""
+    (batch, num_regions, attn_dim), num_labels = regions.shape, labels.shape[0]
+    doubled = 2 * labels  # (n, d1): the 2 of sigmoid(2x), folded into the product
+    out = regions.new_empty(batch, num_labels, num_regions)  # (B, n, m)
+    buffer = regions.new_empty(0)
+    for rows, cols in _tiles(regions, num_labels, tile_bytes):
+        s = _logistic_tile(regions[rows], doubled[cols], buffer)  # (bb, c, m, d1)
+        torch.mv(s.view(-1, attn_dim), direction, out=out[rows, cols].view(-1))  # a contiguous block
+    return out
+
+
+def _tiled_logistic_grad_sums(regions: Tensor, labels: Tensor, grad: Tensor, tile_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(sum_i w v_i (B, m, d1), sum_bj w u_j (n, d1), sum g s (d1,)) with w = g s (1 - s), tile by tile."""
+    doubled = 2 * labels  # (n, d1)
+    d_regions = torch.zeros_like(regions)  # (B, m, d1)
+    d_labels = torch.zeros_like(labels)  # (n, d1)
+    d_direction = regions.new_zeros(regions.shape[-1])  # (d1,)
+    buffer = regions.new_empty(0)
+    for rows, cols in _tiles(regions, labels.shape[0], tile_bytes):
+        g = grad[rows, cols]  # (bb, c, m)
+        s = _logistic_tile(regions[rows], doubled[cols], buffer)  # (bb, c, m, d1)
+        d_direction.addmv_(s.view(-1, s.shape[-1]).t(), g.view(-1))
+        w = torch.addcmul(s, s, s, value=-1, out=s).mul_(g.unsqueeze(-1))  # s (1 - s) g, in place
+        d_rows = d_regions[rows]  # (bb, m, d1)
+        for k, label in enumerate(labels[cols]):  # one fused pass per label: du += w_i v_i
+            d_rows.addcmul_(w[:, k], label)
+        d_labels[cols].add_(w.mul_(regions[rows].unsqueeze(1)).sum(dim=(0, 2)))  # (c, d1)
+    return d_regions, d_labels, d_direction
 
 
 def _logistic_tile(regions: Tensor, doubled: Tensor, buffer: Tensor) -> Tensor:

@@ -1,12 +1,28 @@
-"""The attention's custom autograd kernel against plain autograd on the same expression."""
+"""The attention's custom autograd kernel (PyTorch tiles and the native C kernel) against plain
+autograd on the same expression."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 from torch import Tensor
 
+from salgl import native
 from salgl.layers import SemanticAttention, _tiles, bilinear_tanh_scores
+
+# Where a C compiler exists (CI included) the native kernel must build: a broken build fails here
+# instead of silently falling back.
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+
+
+@pytest.fixture(params=["torch", pytest.param("native", marks=needs_compiler)])
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a float32 test on the PyTorch tiles and on the native kernel."""
+    monkeypatch.setenv("SALGL_NATIVE_KERNELS", "1" if request.param == "native" else "0")
+    assert native.usable(torch.zeros(1)) == (request.param == "native")
+    return request.param
 
 B, M, N, D1 = 3, 5, 4, 6
 
@@ -38,7 +54,7 @@ def test_gradcheck_float64(pairs: int) -> None:
 
 @pytest.mark.parametrize("pairs", TILE_PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_plain_autograd(pairs: int, dtype: torch.dtype) -> None:
+def test_matches_plain_autograd(pairs: int, dtype: torch.dtype, cpu_path: str) -> None:
     """float64: equal to rounding. float32: within 1e-5 of the magnitude of the float64 values.
 
     The kernel sums p . (2s - 1) as 2 p.s - sum p (and likewise dp), so its float32 rounding is of
@@ -98,3 +114,71 @@ def test_semantic_attention_uses_the_kernel_faithfully() -> None:
     hidden = torch.tanh(att.region_proj(tokens).unsqueeze(1) * att.label_proj(embeddings)[None, :, None, :])
     expected = att.score(att.hidden(hidden)).squeeze(-1).softmax(-1)  # (B, n, m), as released
     torch.testing.assert_close(alpha, expected)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3, 1024), (1, 1, 1, 1), (3, 9, 2, 37)])  # vector body, scalar, both
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_native_matches_float64(shape: tuple[int, int, int, int], threads: int, cpu_path: str) -> None:
+    """Either float32 path within 1e-5 (of the largest value) of float64, at attention widths the
+    C compiler vectorises and at odd ones it finishes in scalar code, the regions split over threads."""
+    batch, regions_n, labels_n, dim = shape
+    gen = torch.Generator().manual_seed(7)
+    regions, labels = torch.randn(batch, regions_n, dim, generator=gen), torch.randn(labels_n, dim, generator=gen)
+    direction, grad = torch.randn(dim, generator=gen) / dim**0.5, torch.randn(batch, labels_n, regions_n, generator=gen)
+    expected64 = [x.double().requires_grad_() for x in (regions, labels, direction)]
+    expected = _plain(*expected64)
+    expected_grads = torch.autograd.grad(expected, expected64, grad.double())
+    inputs = [x.clone().requires_grad_() for x in (regions, labels, direction)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = bilinear_tanh_scores(*inputs)
+        got_grads = torch.autograd.grad(got, inputs, grad)
+    finally:
+        torch.set_num_threads(before)
+    for g, e in zip((got, *got_grads), (expected, *expected_grads)):
+        torch.testing.assert_close(g.double(), e, atol=1e-5 * e.abs().max().item(), rtol=0)
+
+
+def test_saturated_and_nan_inputs(cpu_path: str) -> None:
+    """|u v| far beyond tanh's range gives +-1 exactly; a NaN region poisons its own scores only."""
+    regions = torch.tensor([[[100.0, -100.0, 1e30], [0.5, float("nan"), 0.5]]])  # (1, 2, 3)
+    labels, direction = torch.ones(1, 3), torch.ones(3)
+    scores = bilinear_tanh_scores(regions, labels, direction)  # (1, 1, 2)
+    assert scores[0, 0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    assert scores[0, 0, 1].isnan()
+
+
+@needs_compiler
+def test_native_build_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("SALGL_NATIVE_KERNELS", "1")
+    monkeypatch.setenv("SALGL_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "false")  # a "compiler" that always fails
+    native._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="building the native attention kernel failed"):
+            assert not native.usable(torch.zeros(1))
+        regions, labels, direction = _inputs(torch.float32, seed=4)
+        torch.testing.assert_close(bilinear_tanh_scores(regions, labels, direction), _plain(regions, labels, direction))
+        assert not list(tmp_path.iterdir())  # no half-built library left behind
+    finally:
+        native._library.cache_clear()
+
+
+@needs_compiler
+def test_native_kernel_runs_in_a_forked_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread pool is per process: a child forked after the parent used it still computes."""
+    import multiprocessing
+
+    monkeypatch.setenv("SALGL_NATIVE_KERNELS", "1")
+    regions, labels, direction = (x.detach() for x in _inputs(torch.float32, seed=5))
+    torch.set_num_threads(2)  # as a 2-core machine has; the parent's pool then exists
+    expected = bilinear_tanh_scores(regions, labels, direction)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_scores_on_two_threads, (regions, labels, direction)).get(timeout=60)
+    torch.testing.assert_close(got, expected)
+
+
+def _scores_on_two_threads(regions: Tensor, labels: Tensor, direction: Tensor) -> Tensor:
+    torch.set_num_threads(2)  # a forked child starts with one
+    return bilinear_tanh_scores(regions, labels, direction)
