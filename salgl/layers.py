@@ -253,11 +253,60 @@ def build_phi_c(in_dim: int, dim: int, kind: str) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
 
 
-def build_token_encoder(dim: int, *, heads: int, ffn: int, dropout: float) -> nn.TransformerEncoder:
+def build_token_encoder(dim: int, *, heads: int, ffn: int, dropout: float) -> TokenEncoder:
     """The released code's single post-norm transformer layer over the backbone tokens."""
     if dim % heads:
         raise ValueError(f"model.head.encoder_heads: token dim {dim} is not divisible by {heads} heads")
-    layer = nn.TransformerEncoderLayer(
-        dim, heads, dim_feedforward=ffn, dropout=dropout, activation="relu", batch_first=True, norm_first=False
-    )
-    return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+    return TokenEncoder(dim, heads=heads, ffn=ffn, dropout=dropout)
+
+
+class TokenEncoder(nn.Module):
+    """``nn.TransformerEncoder`` of one post-norm ``nn.TransformerEncoderLayer`` (ReLU, batch first),
+    as released: the same parameters under the same names (``layers.0.self_attn.in_proj_weight``, ...),
+    initialised alike, computing the same function.
+
+    Why not the torch modules themselves: in training, ``nn.MultiheadAttention`` works in a
+    sequence-first layout, so the batch-first tokens are transposed on the way in and out, and the
+    packed q/k/v projection is re-laid out (forward, and zero-filled and added back in backward),
+    all full copies of (B, m, 3d) tensors. Here q, k and v are views of the one projection's
+    output, handed to ``scaled_dot_product_attention`` as they are. COCO size on 2 cores: forward +
+    backward 3.5 s against 3.9 s.
+    """
+
+    def __init__(self, dim: int, *, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_PostNormEncoderLayer(dim, heads=heads, ffn=ffn, dropout=dropout)])
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        for layer in self.layers:
+            tokens = layer(tokens)
+        return tokens  # (B, m, d)
+
+
+class _PostNormEncoderLayer(nn.Module):
+    """x = norm1(x + drop(SA(x))); x = norm2(x + drop(W2 drop(relu(W1 x)))), submodules named and
+    created in ``nn.TransformerEncoderLayer``'s order (so a seed gives the same initial weights)."""
+
+    def __init__(self, dim: int, *, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(dim, ffn)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm1(x + self.dropout1(self._self_attention(x)))
+        return self.norm2(x + self.dropout2(self.linear2(self.dropout(torch.relu(self.linear1(x))))))  # (B, m, d)
+
+    def _self_attention(self, x: Tensor) -> Tensor:
+        attn = self.self_attn
+        batch, num_tokens, dim = x.shape
+        heads = attn.num_heads
+        qkv = nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, m, 3d)
+        q, k, v = qkv.view(batch, num_tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, m, d/h)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if self.training else 0.0)
+        return attn.out_proj(out.transpose(1, 2).reshape(batch, num_tokens, dim))  # (B, m, d)
