@@ -34,6 +34,10 @@ flash attention and matrix-vector products), divided by the machine's float32 ma
 (best of several 2048^3 ``torch.matmul``). The rate of a shared 2-core VM swings widely (80-165
 GFLOP/s between samples a minute apart), so it is sampled before and after the variants and right
 before every timed step, and the fastest sample sets the floor: the ratio errs against us.
+The step's matmuls are also recorded (op, shapes, strides) and replayed alone right after each
+timed step: that is the floor at the rate the machine gives these shapes (its large matmuls run
+slower per FLOP than 2048^3 on the development VM), and the step against it is what the rest of
+the step costs.
 
 Equality: the two compute the same function in float32 with different summation orders (ours
 folds Phi_a into P, the released one applies P to every pair), so they agree to rounding only.
@@ -61,6 +65,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from salgl.layers import TILE_BYTES
@@ -268,6 +274,73 @@ def count_step_flops(variant: Variant, inputs: dict[str, Tensor], initial_counts
     return {"forward": fwd.get_total_flops(), "backward": bwd.get_total_flops()}
 
 
+# The ops whose FLOPs make the floor (the keys of FlopCounterMode's own table that run on CPU, plus
+# EXTRA_FLOP_FORMULAS'), recorded with their shapes and strides so they can be replayed alone.
+MATMUL_OPS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default, torch.ops.aten.mv.default, torch.ops.aten.addmv.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: Tensor) -> "TensorSpec":
+        return cls(tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    def make(self) -> Tensor:
+        """Random values laid out like the original (transposed and expanded layouts included)."""
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride) if size > 0)
+        return torch.randn(extent, dtype=self.dtype).as_strided(self.shape, self.stride)
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Records every matmul-class op a step runs (forward and backward): op, argument specs, count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[tuple[Any, str], tuple[Any, Any, int]] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in MATMUL_OPS:
+            spec = tree_map_only(Tensor, TensorSpec.of, (args, kwargs))
+            key = (func, repr(spec))
+            count = self.calls[key][2] + 1 if key in self.calls else 1
+            self.calls[key] = (func, spec, count)
+        return func(*args, **kwargs)
+
+
+def record_step_matmuls(variant: Variant, inputs: dict[str, Tensor], initial_counts: Tensor) -> list[tuple[Any, Any, int]]:
+    recorder = MatmulRecorder()
+    with recorder:
+        run_step(variant, inputs, initial_counts)
+    return list(recorder.calls.values())
+
+
+def replay_matmuls(calls: list[tuple[Any, Any, int]], repeats: int = 3) -> float:
+    """Seconds the step's matmuls take alone, at the step's own shapes and layouts: each distinct
+    call timed on fresh random operands (the best of ``repeats``) times the number of such calls.
+    The floor at the rate this machine gets on these shapes, which large or skinny matmuls need
+    not share with 2048^3."""
+    total = 0.0
+    for func, spec, count in calls:
+        args, kwargs = tree_map_only(TensorSpec, TensorSpec.make, spec)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            func(*args, **kwargs)
+            best = min(best, time.perf_counter() - start)
+        total += count * best
+    return total
+
+
 def profile_step(variant: Variant, inputs: dict[str, Tensor], initial_counts: Tensor, top: int = 15) -> list[dict[str, Any]]:
     """The ops that take the most self CPU time in one step (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -287,6 +360,7 @@ def worker(name: str, sizes: Sizes, repeats: int, seed: int, result_path: Path, 
     inputs = make_inputs(sizes, seed)
     initial_counts = variant.counts.clone()
     flops = count_step_flops(variant, inputs, initial_counts)  # also the warm-up step
+    matmul_calls = record_step_matmuls(variant, inputs, initial_counts)
     steps = []
     for i in range(repeats):
         rate = matmul_rate()  # sampled around the steps too: the fastest the machine showed counts
@@ -294,6 +368,7 @@ def worker(name: str, sizes: Sizes, repeats: int, seed: int, result_path: Path, 
         step["parts"] = clock.breakdown(*step.pop("marks"))
         step["matmul_rate"] = rate
         step["matmul_rate_after"] = matmul_rate()
+        step["own_shape_matmuls_s"] = replay_matmuls(matmul_calls)
         print(f"  {name}: step {i + 1}/{repeats} {step['time']:.2f} s (matmul rate just before: {rate / 1e9:.0f} GFLOP/s)",
               file=sys.stderr, flush=True)
         steps.append(step)
@@ -307,6 +382,7 @@ def worker(name: str, sizes: Sizes, repeats: int, seed: int, result_path: Path, 
         "times": [s["time"] for s in steps], "time": best["time"], "forward": best["forward"],
         "matmul_rates": [s["matmul_rate"] for s in steps],
         "matmul_rates_after": [s["matmul_rate_after"] for s in steps],
+        "own_shape_matmuls_s": [s["own_shape_matmuls_s"] for s in steps],
         "backward": best["backward"], "parts": best["parts"],
         "step_peak_mib": max(s["step_peak_mib"] for s in steps),
         "process_peak_mib": max(s["process_peak_mib"] for s in steps),
@@ -375,6 +451,10 @@ def report(sizes: Sizes, results: dict[str, dict[str, Any]], diffs: dict[str, An
             for t, before, after in zip(ours["times"], ours["matmul_rates"], ours["matmul_rates_after"])
         ],
     }
+    # Each step against its own matmuls replayed alone right after it: what is not matmul work,
+    # whatever rate the machine gives these shapes.
+    out["ours_over_own_shape_matmuls"] = [t / m for t, m in zip(ours["times"], ours["own_shape_matmuls_s"])]
+    out["own_shape_matmuls_over_floor"] = [m / (flops / rate) for m in ours["own_shape_matmuls_s"]]
     if "released" in results:
         out["speedup"] = results["released"]["time"] / ours["time"]
         out["max_diffs"] = diffs
@@ -401,6 +481,11 @@ def print_table(rep: dict[str, Any]) -> None:
     paired = rep["ours_over_paired_floor"]
     print(f"each step against the rate sampled just before and after it: ours / floor = median "
           f"{statistics.median(paired):.3f} ({', '.join(f'{r:.3f}' for r in paired)}; target <= 1.15)")
+    own = rep["ours_over_own_shape_matmuls"]
+    print(f"the step's matmuls alone at its own shapes, replayed after each step: "
+          f"{', '.join(f'{t:.2f}' for t in rep['variants']['ours']['own_shape_matmuls_s'])} s, "
+          f"{', '.join(f'{r:.3f}' for r in rep['own_shape_matmuls_over_floor'])} x the floor; "
+          f"ours / them = median {statistics.median(own):.3f} ({', '.join(f'{r:.3f}' for r in own)})")
     if "speedup" in rep:
         print(f"speed-up {rep['speedup']:.2f}x; outputs match (<= {TOLERANCE:g}): {rep['outputs_match']}")
         for key, d in rep["max_diffs"].items():
