@@ -1,12 +1,16 @@
 """Sweep benchmark: wall time of an 8-trial ASHA sweep against the same 8 trials run to the end
 (FIFO), and the trial-start overhead, on the tiny config and mosaic data.
 
-    .venv/bin/python -m tests.bench.sweep [--trials 8] [--max-epochs 4] [--reduction-factor 2]
-        [--grace-period 1] [--train-images 128] [--space K=1,2,3,4 ...] [--seed 1] [--out bench_out/sweep.json]
+    .venv/bin/python -m tests.bench.sweep [--trials 8] [--max-epochs 16] [--reduction-factor 4]
+        [--grace-period 1] [--train-images 2048] [--space K=1,2,3,4 ...] [--seed 1] [--quick]
+        [--full-only] [--out bench_out/sweep.json]
 
-Longer trials (``--max-epochs 16 --reduction-factor 4``, more ``--train-images``) show the regime
-where per-trial start-up no longer dominates. The space is ``salgl tune``'s default unless
-``--space`` overrides entries (same syntax as the command). Both sweeps draw the same seeded trials.
+The defaults (16 epochs of 2,048 images, reduction factor 4; 35 - 45 minutes on 2 cores) are trials
+long enough that ASHA's savings show: an epoch takes about 10 s and a trial's start-up about 20 s.
+``--quick`` (4 epochs of 128 images, reduction factor 2; about 8 minutes) is a smoke run whose
+trials are mostly start-up, so its ratio says little about ASHA. The space is ``salgl tune``'s
+default unless ``--space`` overrides entries (same syntax as the command). Both sweeps draw the
+same seeded trials.
 
 The two sweeps run one after the other, and this machine's speed drifts by 10 - 30% over tens of
 minutes, so the bench also compares the same trial's same epochs across the two sweeps: the median
@@ -154,13 +158,21 @@ def time_split(times: dict[str, list[float]], wall: float) -> dict[str, float]:
     return {"to_first_report_s": first, "later_epochs_s": later, "outside_trials_s": wall - first - later}
 
 
+# Unless given on the command line. FULL_SIZE is where the README's sweep rows since 2026-11-29 ran.
+FULL_SIZE = {"max_epochs": 16, "reduction_factor": 4, "train_images": 2048}
+QUICK_SIZE = {"max_epochs": 4, "reduction_factor": 2, "train_images": 128}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--max-epochs", type=int, default=4)
-    parser.add_argument("--reduction-factor", type=int, default=2)
+    parser.add_argument("--max-epochs", type=int, help=f"default {FULL_SIZE['max_epochs']} ({QUICK_SIZE['max_epochs']} with --quick)")
+    parser.add_argument("--reduction-factor", type=int,
+                        help=f"default {FULL_SIZE['reduction_factor']} ({QUICK_SIZE['reduction_factor']} with --quick)")
     parser.add_argument("--grace-period", type=int, default=1)
-    parser.add_argument("--train-images", type=int, default=128)
+    parser.add_argument("--train-images", type=int,
+                        help=f"default {FULL_SIZE['train_images']} ({QUICK_SIZE['train_images']} with --quick)")
+    parser.add_argument("--quick", action="store_true", help="short trials, for a smoke run (mostly trial start-up)")
     parser.add_argument("--space", nargs="*", default=[], metavar="KEY=SPEC",
                         help="search-space entries as `salgl tune` takes them (default: its default space)")
     parser.add_argument("--seed", type=int, default=1, help="run.seed: which trials the sweeps draw (and each trial's seed)")
@@ -168,6 +180,9 @@ def main() -> None:
                         help="run only the full sweep, and report ASHA replayed on it (half the time)")
     parser.add_argument("--out", default="bench_out/sweep.json")
     args = parser.parse_args()
+    for key, value in (QUICK_SIZE if args.quick else FULL_SIZE).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     kinds = ("fifo",) if args.full_only else ("asha", "fifo")
     space = dict(item.split("=", 1) for item in args.space)
 
