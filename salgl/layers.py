@@ -75,7 +75,7 @@ def _tiles(regions: Tensor, num_labels: int, tile_bytes: int) -> Iterator[tuple[
     the (B, n, m) output.
     """
     batch, num_regions, attn_dim = regions.shape
-    pairs = max(1, tile_bytes // (num_regions * attn_dim * regions.element_size()))  # (row, label) pairs
+    pairs = max(1, tile_bytes // max(1, num_regions * attn_dim * regions.element_size()))  # (row, label) pairs
     labels_per_tile = min(num_labels, pairs)
     rows_per_tile = pairs // num_labels if labels_per_tile == num_labels else 1
     for b0 in range(0, batch, rows_per_tile):

@@ -88,6 +88,8 @@ def logistic_grad_sums(regions: Tensor, labels: Tensor, grad: Tensor) -> tuple[T
 
 
 def _region_ranges(num_regions: int) -> list[tuple[int, int]]:
+    if num_regions == 0:
+        return [(0, 0)]  # nothing to compute; one (empty) call keeps the callers uniform
     step = -(-num_regions // max(1, min(torch.get_num_threads(), num_regions)))
     return [(j0, min(num_regions, j0 + step)) for j0 in range(0, num_regions, step)]
 

@@ -182,3 +182,13 @@ def test_native_kernel_runs_in_a_forked_child(monkeypatch: pytest.MonkeyPatch) -
 def _scores_on_two_threads(regions: Tensor, labels: Tensor, direction: Tensor) -> Tensor:
     torch.set_num_threads(2)  # a forked child starts with one
     return bilinear_tanh_scores(regions, labels, direction)
+
+
+@pytest.mark.parametrize("batch, regions_n", [(0, 4), (2, 0)])
+def test_empty_batch_or_regions(batch: int, regions_n: int, cpu_path: str) -> None:
+    regions = torch.randn(batch, regions_n, 8, requires_grad=True)
+    labels, direction = torch.randn(3, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+    scores = bilinear_tanh_scores(regions, labels, direction)
+    assert scores.shape == (batch, 3, regions_n)
+    d_regions, d_labels, d_direction = torch.autograd.grad(scores.sum(), (regions, labels, direction))
+    assert d_regions.shape == regions.shape and not d_labels.any() and not d_direction.any()
