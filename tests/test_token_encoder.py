@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from salgl.layers import build_token_encoder
+from tests.bench.released_reference import released_encoder
 
 DIM, HEADS, FFN = 16, 4, 24
 
 
-def _torch_encoder(dropout: float) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(DIM, HEADS, dim_feedforward=FFN, dropout=dropout, activation="relu",
-                                       batch_first=True, norm_first=False)
-    return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
-
-
 def test_same_parameters_and_initial_weights() -> None:
     torch.manual_seed(0)
-    expected = _torch_encoder(0.1).state_dict()
+    expected = released_encoder(DIM, HEADS, FFN, dropout=0.1).state_dict()
     torch.manual_seed(0)
     got = build_token_encoder(DIM, heads=HEADS, ffn=FFN, dropout=0.1).state_dict()
     assert list(got) == list(expected)
@@ -31,7 +25,7 @@ def test_same_parameters_and_initial_weights() -> None:
 def test_same_function_and_gradients(training: bool) -> None:
     """Dropout 0 in training mode: the training code path, deterministic."""
     torch.manual_seed(1)
-    reference = _torch_encoder(0.0).train(training)
+    reference = released_encoder(DIM, HEADS, FFN, dropout=0.0).train(training)
     ours = build_token_encoder(DIM, heads=HEADS, ffn=FFN, dropout=0.0).train(training)
     ours.load_state_dict(reference.state_dict())
     tokens = torch.randn(3, 7, DIM, requires_grad=True)

@@ -15,34 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class PostNormEncoderLayer(nn.Module):
-    def __init__(self, dim: int, heads: int = 8, ffn: int = 2048, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(dim, ffn)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        attended, _ = self.self_attn(x, x, value=x)
-        x = self.norm1(x + self.dropout1(attended))
-        x = self.norm2(x + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-        return x
-
-
-class Encoder(nn.Module):
-    def __init__(self, dim: int, heads: int, ffn: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([PostNormEncoderLayer(dim, heads, ffn)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+def released_encoder(dim: int, heads: int, ffn: int, dropout: float = 0.1) -> nn.TransformerEncoder:
+    """The released token encoder, torch's own modules: one post-norm layer, ReLU, dropout 0.1."""
+    layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=ffn, dropout=dropout, activation="relu",
+                                       batch_first=True, norm_first=False)
+    return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
 
 
 class GatedGNN(nn.Module):
@@ -114,7 +91,7 @@ class ReleasedHead(nn.Module):
     ) -> None:
         super().__init__()
         self.soft, self.normalize, self.ignore_self, self.steps = soft, normalize, ignore_self, steps
-        self.tb = Encoder(dim, heads, ffn)
+        self.tb = released_encoder(dim, heads, ffn)
         self.register_buffer("embeddings", torch.randn(num_labels, label_dim))
         self.scene_linear = nn.Linear(dim, num_scenes, bias=False)
         self.ggnn = GatedGNN(dim, steps, outmess)
