@@ -124,7 +124,7 @@ class _BilinearTanhScores(torch.autograd.Function):
         if native.usable(regions, labels, grad):
             sums = native.logistic_grad_sums(regions, labels, grad)
         else:
-            sums = _tiled_logistic_grad_sums(regions, labels, grad.contiguous(), ctx.tile_bytes)
+            sums = _tiled_logistic_grad_sums(regions, labels, grad, ctx.tile_bytes)
         d_regions, d_labels, d_direction = sums  # sum_i w v_i, sum_bj w u_j, sum g s
         scale = 4 * direction  # (d1,)
         return d_regions.mul_(scale), d_labels.mul_(scale), d_direction.mul_(2).sub_(grad.sum()), None
@@ -144,6 +144,7 @@ def _tiled_logistic_dot(regions: Tensor, labels: Tensor, direction: Tensor, tile
 
 def _tiled_logistic_grad_sums(regions: Tensor, labels: Tensor, grad: Tensor, tile_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
     """(sum_i w v_i (B, m, d1), sum_bj w u_j (n, d1), sum g s (d1,)) with w = g s (1 - s), tile by tile."""
+    grad = grad.contiguous()  # (B, n, m): a tile's block is viewed flat
     doubled = 2 * labels  # (n, d1)
     d_regions = torch.zeros_like(regions)  # (B, m, d1)
     d_labels = torch.zeros_like(labels)  # (n, d1)

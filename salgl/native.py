@@ -61,7 +61,7 @@ def logistic_dot(regions: Tensor, labels: Tensor, direction: Tensor) -> Tensor:
     (batch, num_regions, dim), num_labels = regions.shape, labels.shape[0]
     out = regions.new_empty(batch, num_labels, num_regions)  # (B, n, m)
     lib = _library()
-    _run_over_regions(num_regions, lambda j0, j1, _: lib.bilinear_logistic_forward(
+    _run_over_regions(_region_ranges(num_regions), lambda j0, j1, _: lib.bilinear_logistic_forward(
         regions.data_ptr(), labels.data_ptr(), direction.data_ptr(), out.data_ptr(),
         batch, num_labels, num_regions, dim, j0, j1))
     return out
@@ -73,11 +73,11 @@ def logistic_grad_sums(regions: Tensor, labels: Tensor, grad: Tensor) -> tuple[T
     regions, labels, grad = (t.detach().contiguous() for t in (regions, labels, grad))
     (batch, num_regions, dim), num_labels = regions.shape, labels.shape[0]
     d_regions = torch.zeros_like(regions)  # (B, m, d1): threads write disjoint region rows
-    threads = len(_region_ranges(num_regions))
-    d_labels = regions.new_zeros(threads, num_labels, dim)  # one accumulator per thread
-    d_direction = regions.new_zeros(threads, dim)
+    ranges = _region_ranges(num_regions)
+    d_labels = regions.new_zeros(len(ranges), num_labels, dim)  # one accumulator per thread
+    d_direction = regions.new_zeros(len(ranges), dim)
     lib = _library()
-    _run_over_regions(num_regions, lambda j0, j1, t: lib.bilinear_logistic_backward(
+    _run_over_regions(ranges, lambda j0, j1, t: lib.bilinear_logistic_backward(
         regions.data_ptr(), labels.data_ptr(), grad.data_ptr(), d_regions.data_ptr(),
         d_labels[t].data_ptr(), d_direction[t].data_ptr(), batch, num_labels, num_regions, dim, j0, j1))
     return d_regions, d_labels.sum(0), d_direction.sum(0)
@@ -94,9 +94,8 @@ def _region_ranges(num_regions: int) -> list[tuple[int, int]]:
     return [(j0, min(num_regions, j0 + step)) for j0 in range(0, num_regions, step)]
 
 
-def _run_over_regions(num_regions: int, call) -> None:
-    """call(j0, j1, thread_index) over disjoint region ranges, one per thread, waiting for all."""
-    ranges = _region_ranges(num_regions)
+def _run_over_regions(ranges: list[tuple[int, int]], call) -> None:
+    """call(j0, j1, thread_index) for each region range, one per thread, waiting for all."""
     if len(ranges) == 1:
         call(*ranges[0], 0)
         return
