@@ -216,12 +216,73 @@ class GatedPropagation(nn.Module):
         return torch.cat([graph @ h, graph.transpose(1, 2) @ h], dim=-1)  # (B, n, 2d)
 
     def update(self, x: Tensor, h: Tensor) -> Tensor:
+        """x the message (B, n, in), h (B, n, d) -> h' (B, n, d)."""
+        params = (self.input_proj.weight, self.input_proj.bias, self.hidden_gates.weight, self.hidden_gates.bias,
+                  self.hidden_candidate.weight, self.hidden_candidate.bias)
+        if native.usable(x, h, *params) and not torch.is_autocast_enabled("cpu"):
+            return _FusedGatedUpdate.apply(x, h, *params)
+        return self.update_with_torch_ops(x, h)
+
+    def update_with_torch_ops(self, x: Tensor, h: Tensor) -> Tensor:
+        """``update`` as plain PyTorch ops (any device and dtype; the reference for the fused one)."""
         wz, wr, wc = self.input_proj(x).chunk(3, dim=-1)  # 3 x (B, n, d)
         uz, ur = self.hidden_gates(h).chunk(2, dim=-1)  # 2 x (B, n, d)
         z = torch.sigmoid(wz + uz)
         r = torch.sigmoid(wr + ur)
         c = torch.tanh(wc + self.hidden_candidate(r * h))
-        return torch.lerp(h, c, z)  # (1 - z) h + z c
+        # Under autocast c and z come out of lower-precision matmuls; lerp wants one dtype.
+        return torch.lerp(h, c.to(h.dtype), z.to(h.dtype))  # (1 - z) h + z c
+
+
+class _FusedGatedUpdate(torch.autograd.Function):
+    """``GatedPropagation.update`` on CPU in float32: the five matmuls with PyTorch, the
+    elementwise work between them in the fused kernels of ``salgl.native`` (two passes forward and
+    two backward, where autograd on the plain ops makes about twenty over (B n, d) tensors and
+    re-lays out the chunked gate activations). Formulas: salgl/kernels/gated_update.c.
+
+    Inputs: x (B, n, in), h (B, n, d), then W_in (3d, in), b_in, W_gates (2d, d), b_gates,
+    W_cand (d, d), b_cand as ``GatedPropagation`` holds them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, h: Tensor, w_in: Tensor, b_in: Tensor, w_gates: Tensor, b_gates: Tensor,
+                w_cand: Tensor, b_cand: Tensor) -> Tensor:
+        shape, dim = h.shape, h.shape[-1]
+        x2, h2 = x.reshape(-1, x.shape[-1]).contiguous(), h.reshape(-1, dim).contiguous()  # (N, in), (N, d)
+        # The biases go into the kernels, summed per gate: addmm would first copy them into every row.
+        gi = x2 @ w_in.t()  # (N, 3d): [W1 x; W2 x; W3 x]
+        gh = h2 @ w_gates.t()  # (N, 2d): [U1 h; U2 h]
+        z, r, rh = native.gated_gates(gi, gh, (b_in[: 2 * dim] + b_gates).contiguous(), h2)  # 3 x (N, d)
+        del gh
+        uc = rh @ w_cand.t()  # (N, d): U3 (r h)
+        c, h_new = native.gated_output(gi, uc, (b_in[2 * dim:] + b_cand).contiguous(), h2, z)  # (N, d), (N, d)
+        ctx.save_for_backward(x2, h2, z, r, rh, c, w_in, w_gates, w_cand)
+        ctx.x_shape = x.shape
+        return h_new.view(shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, h2, z, r, rh, c, w_in, w_gates, w_cand = ctx.saved_tensors
+        dim = h2.shape[1]
+        dgi, dh = native.gated_output_backward(grad.reshape(-1, dim).contiguous(), z, c, h2)  # (N, 3d), (N, d)
+        d_cand = dgi[:, 2 * dim:]  # (N, d): dL/d(W3 x + U3 (r h) + b)
+        drh = d_cand @ w_cand  # (N, d)
+        native.gated_gates_backward(drh, r, h2, dgi, dh)  # dgi complete; dh += drh r
+        d_gates = dgi[:, : 2 * dim]  # (N, 2d): the gates' pre-activations take the same gradient from gi and gh
+        dh.addmm_(d_gates, w_gates)
+        needs = ctx.needs_input_grad
+        d_bias = dgi.sum(0) if any(needs[3::2]) else None  # (3d,): each bias's gradient is a part of it
+        return (
+            (dgi @ w_in).view(ctx.x_shape) if needs[0] else None,
+            dh.view(grad.shape),
+            dgi.t() @ x2 if needs[2] else None,
+            d_bias if needs[3] else None,
+            d_gates.t() @ h2 if needs[4] else None,
+            d_bias[: 2 * dim].clone() if needs[5] else None,
+            d_cand.t() @ rh if needs[6] else None,
+            d_bias[2 * dim:].clone() if needs[7] else None,
+        )
 
 
 class PerLabelClassifier(nn.Module):

@@ -11,18 +11,7 @@ from torch import Tensor
 
 from salgl import native
 from salgl.layers import SemanticAttention, _tiles, bilinear_tanh_scores
-
-# Where a C compiler exists (CI included) the native kernel must build: a broken build fails here
-# instead of silently falling back.
-needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
-
-
-@pytest.fixture(params=["torch", pytest.param("native", marks=needs_compiler)])
-def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a float32 test on the PyTorch tiles and on the native kernel."""
-    monkeypatch.setenv("SALGL_NATIVE_KERNELS", "1" if request.param == "native" else "0")
-    assert native.usable(torch.zeros(1)) == (request.param == "native")
-    return request.param
+from tests._native import cpu_path, needs_compiler  # noqa: F401 (cpu_path is a fixture)
 
 B, M, N, D1 = 3, 5, 4, 6
 
@@ -156,7 +145,7 @@ def test_native_build_failure_falls_back_with_a_warning(monkeypatch: pytest.Monk
     monkeypatch.setenv("CC", shutil.which("false") or "false")  # a "compiler" that always fails
     native._library.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="building the native attention kernel failed"):
+        with pytest.warns(UserWarning, match="building the native kernels failed"):
             assert not native.usable(torch.zeros(1))
         regions, labels, direction = _inputs(torch.float32, seed=4)
         torch.testing.assert_close(bilinear_tanh_scores(regions, labels, direction), _plain(regions, labels, direction))

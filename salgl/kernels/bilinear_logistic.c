@@ -8,36 +8,9 @@
    dv and dp are per-thread accumulators that the caller sums. Plain C, vectorised by the compiler
    (no fast-math: NaN and infinities keep their meaning). */
 
-#include <stdint.h>
-#include <string.h>
+#include "logistic.h"
 
-/* exp(x) for x in [-87, 87] (Cephes' expf: a degree-6 polynomial on x - n ln2, times 2^n). */
-static inline float exp_bounded(float x)
-{
-    float n = __builtin_rintf(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
-}
-
-/* logistic(2x). Beyond |2x| = 40 the logistic is 0 or 1 to far below float32's resolution of the
-   sums it enters, so the argument is clamped there (a NaN passes through the comparisons). */
-static inline float logistic2(float x)
-{
-    float z = -2.0f * x;
-    z = z > 40.0f ? 40.0f : z;
-    z = z < -40.0f ? -40.0f : z;
-    return 1.0f / (1.0f + exp_bounded(z));
-}
+static inline float logistic2(float x) { return sigmoid(2.0f * x); }
 
 void bilinear_logistic_forward(const float *restrict u, const float *restrict v, const float *restrict p,
                                float *restrict scores, long batch, long n, long m, long d, long j0, long j1)

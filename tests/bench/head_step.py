@@ -253,12 +253,19 @@ def _addmv_flops(bias: Any, matrix: Any, vector: Any, *args: Any, out_shape: Any
     return 2 * matrix[0] * matrix[1]
 
 
-# FlopCounterMode knows mm/addmm/bmm and the GPU attention kernels; the CPU ones are added here.
+def _addmm_inplace_flops(self: Any, mat1: Any, mat2: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * mat1[0] * mat1[1] * mat2[1]
+
+
+# FlopCounterMode knows mm/addmm/bmm and the GPU attention kernels; the CPU ones and the in-place
+# forms (the fused gated update's backward accumulates with addmm_) are added here.
 EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
     torch.ops.aten.mv: _mv_flops,
     torch.ops.aten.addmv: _addmv_flops,
+    torch.ops.aten.addmv_: _addmv_flops,
+    torch.ops.aten.addmm_: _addmm_inplace_flops,
 }
 
 
@@ -279,6 +286,7 @@ def count_step_flops(variant: Variant, inputs: dict[str, Tensor], initial_counts
 MATMUL_OPS = {
     torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
     torch.ops.aten.baddbmm.default, torch.ops.aten.mv.default, torch.ops.aten.addmv.default,
+    torch.ops.aten.addmm_.default, torch.ops.aten.addmv_.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
 }
