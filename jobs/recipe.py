@@ -15,7 +15,6 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -25,27 +24,12 @@ from torch import nn
 
 from jobs.checkpoints import TrainingState, read_checkpoint, write_checkpoint
 from jobs.distributed import check_counts_consistent, count_sync_for, gather_objects, world
+from jobs.worker_spec import WorkerSpec
 from salgl.config import Config, from_flat
 from salgl.ema import ModelEma
 from salgl.losses import salgl_loss
 from salgl.metrics import multilabel_metrics, scene_entropy, scene_occupancy
 from salgl.model import SALGL, build_model, load_label_embeddings
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What the driver hands every worker (plain values, so Ray can ship it)."""
-
-    config: dict[str, Any]  # flat dotted keys
-    vocabulary: list[str]
-    label_embeddings: list[list[float]]
-    train_rows: int
-    threads: int = 1
-    run_dir: str = ""  # absolute folder of this run (fault-injection marker)
-
-    @staticmethod
-    def from_dict(data: Mapping[str, Any]) -> "WorkerSpec":
-        return WorkerSpec(**data)
 
 
 def step_seed(seed: int, *parts: int | str) -> int:

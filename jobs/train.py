@@ -266,7 +266,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.recipe import WorkerSpec
+    from jobs.worker_spec import WorkerSpec
     from pipeline.ingest import data_config, eval_dataset, train_dataset
     from salgl.label_embeddings import label_embeddings
 

@@ -130,3 +130,27 @@ def test_sqlite_experiments_keep_artifacts_beside_the_database(tmp_path) -> None
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     assert default_artifact_location(uri, "salgl") == (tmp_path / "store" / "mlruns" / "salgl").as_uri()
     assert default_artifact_location("http://127.0.0.1:5000", "salgl") is None
+
+
+def test_a_trial_process_builds_its_trainer_without_the_training_stack(tmp_path) -> None:
+    """Every Tune trial runs ``salgl train``'s driver side in a fresh process. Building the
+    TorchTrainer imports torch (Ray's TorchTrainer does), but not what only workers need: the
+    recipe, timm and the model (about 2 s a trial on 2 cores)."""
+    from pipeline.mosaic import MosaicConfig, convert_mosaic
+
+    convert_mosaic(tmp_path / "data", MosaicConfig(train=8, test=4, canvas=32), progress=False)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import jobs.train\n"
+        "from jobs.resources import plan_resources\n"
+        "from salgl.config import preset\n"
+        "jobs.train.cluster_plan = lambda workers, share=1.0: plan_resources(workers, {'CPU': 2.0})  # no Ray instance\n"
+        f"root = Path({str(tmp_path)!r})\n"
+        "cfg = preset('tiny', {'data.path': str(root / 'data'), 'run.workers': 1})\n"
+        "jobs.train.build_trainer(cfg, data_dir=str(root / 'data'), run_dir=root / 'run', run_name='run', storage=str(root),\n"
+        "              tracking_uri=f'sqlite:///{root}/mlflow.db', mlflow_run_id='0')\n"
+        "print([m for m in ('jobs.recipe', 'timm', 'salgl.model', 'transformers') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

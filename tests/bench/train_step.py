@@ -214,7 +214,7 @@ def ray_loop(data_dir: str, workers: int, rows: int, batches_ref: Any = None) ->
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.recipe import WorkerSpec
+    from jobs.worker_spec import WorkerSpec
     from jobs.train import cluster_plan
     from pipeline.ingest import build_datasets, data_config
     from pipeline.shards import read_manifest

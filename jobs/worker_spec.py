@@ -1,0 +1,27 @@
+"""What the driver hands every training worker (``jobs.recipe.train_loop_per_worker``).
+
+Apart from ``jobs.recipe`` so that the driver, and the process of every Tune trial, can build it
+without importing the training stack (torch.distributed, timm, the model: about 2 s of a trial's
+start-up on 2 cores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Plain values, so Ray can ship it."""
+
+    config: dict[str, Any]  # flat dotted keys
+    vocabulary: list[str]
+    label_embeddings: list[list[float]]
+    train_rows: int
+    threads: int = 1
+    run_dir: str = ""  # absolute folder of this run (fault-injection marker)
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> "WorkerSpec":
+        return WorkerSpec(**data)
