@@ -256,14 +256,14 @@ class _FusedGatedUpdate(torch.autograd.Function):
         del gh
         uc = rh @ w_cand.t()  # (N, d): U3 (r h)
         c, h_new = native.gated_output(gi, uc, (b_in[2 * dim:] + b_cand).contiguous(), h2, z)  # (N, d), (N, d)
-        ctx.save_for_backward(x2, h2, z, r, c, w_in, w_gates, w_cand)  # not r h: one pass recomputes it
+        ctx.save_for_backward(x2, h2, z, r, rh, c, w_in, w_gates, w_cand)
         ctx.x_shape = x.shape
         return h_new.view(shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x2, h2, z, r, c, w_in, w_gates, w_cand = ctx.saved_tensors
+        x2, h2, z, r, rh, c, w_in, w_gates, w_cand = ctx.saved_tensors
         dim = h2.shape[1]
         dgi, dh = native.gated_output_backward(grad.reshape(-1, dim).contiguous(), z, c, h2)  # (N, 3d), (N, d)
         d_cand = dgi[:, 2 * dim:]  # (N, d): dL/d(W3 x + U3 (r h) + b)
@@ -280,7 +280,7 @@ class _FusedGatedUpdate(torch.autograd.Function):
             d_bias if needs[3] else None,
             d_gates.t() @ h2 if needs[4] else None,
             d_bias[: 2 * dim].clone() if needs[5] else None,
-            d_cand.t() @ (r * h2) if needs[6] else None,
+            d_cand.t() @ rh if needs[6] else None,
             d_bias[2 * dim:].clone() if needs[7] else None,
         )
 
