@@ -14,16 +14,13 @@ from tests._native import cpu_path, needs_compiler  # noqa: F401 (cpu_path is a 
 B, N = 3, 5
 
 
-def _propagate_with_torch_ops(prop: GatedPropagation, h: Tensor, graph: Tensor) -> Tensor:
-    for _ in range(prop.steps):
-        h = prop.update_with_torch_ops(prop.gather(h, graph), h)
-    return h
-
-
-def _outputs_and_grads(prop: GatedPropagation, h: Tensor, graph: Tensor, grad: Tensor, fused: bool) -> list[Tensor]:
+def _outputs_and_grads(prop: GatedPropagation, h: Tensor, graph: Tensor, grad: Tensor, *, fused: bool,
+                       monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """One forward + backward, on the fused update or (``SALGL_NATIVE_KERNELS=0``) the torch ops."""
+    monkeypatch.setenv("SALGL_NATIVE_KERNELS", "1" if fused else "0")
     prop.zero_grad()
     h = h.detach().clone().requires_grad_()
-    out = prop(h, graph) if fused else _propagate_with_torch_ops(prop, h, graph)
+    out = prop(h, graph)
     out.backward(grad.to(out.dtype))
     return [out.detach(), h.grad, *(p.grad for p in prop.parameters())]
 
@@ -51,14 +48,14 @@ def test_fused_matches_float64_torch_ops(message: str, dim: int, steps: int, thr
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Outputs and every gradient within 1e-5 of the magnitude of the float64 values: float32's
     rounding, as the float32 PyTorch ops have (checked alongside)."""
-    monkeypatch.setenv("SALGL_NATIVE_KERNELS", "1")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         reference, single, h, graph, grad = _case(dim, steps, message, scale=2.0)
-        expected = _outputs_and_grads(reference, h, graph, grad, fused=False)
-        fused = _outputs_and_grads(single, h.float(), graph.float(), grad, fused=True)
-        plain = _outputs_and_grads(single, h.float(), graph.float(), grad, fused=False)
+        expected = _outputs_and_grads(reference, h, graph, grad, fused=False, monkeypatch=monkeypatch)
+        fused = _outputs_and_grads(single, h.float(), graph.float(), grad, fused=True, monkeypatch=monkeypatch)
+        assert native.usable(h.float())  # the fused path really ran: the build did not fall back
+        plain = _outputs_and_grads(single, h.float(), graph.float(), grad, fused=False, monkeypatch=monkeypatch)
     finally:
         torch.set_num_threads(previous)
     for e, f, p in zip(expected, fused, plain, strict=True):
