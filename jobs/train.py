@@ -183,13 +183,15 @@ def cluster_plan(workers: int, share: float = 1.0) -> ResourcePlan:
 # Progress and tracking on the controller
 
 
-def format_epoch_line(m: Mapping[str, Any], epochs: int) -> str:
+def format_epoch_line(m: Mapping[str, Any], epochs: int, *, label: str = "") -> str:
+    """One epoch's progress line; ``label`` names the run when several share the output (a sweep)."""
+
     def f(key: str, fmt: str = ".2f") -> str:
         value = m.get(key)
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
     return (
-        f"[salgl] epoch {m.get('epoch')}/{epochs}  loss {f('loss', '.4f')}  mAP {f('mAP')}  "
+        f"[salgl] {label + '  ' if label else ''}epoch {m.get('epoch')}/{epochs}  loss {f('loss', '.4f')}  mAP {f('mAP')}  "
         f"EMA mAP {f('ema_mAP')}  scene entropy {f('ema_scene_entropy', '.3f')}  "
         f"{f('images_per_s', '.1f')} img/s"
     )

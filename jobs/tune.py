@@ -196,6 +196,8 @@ def tune_sweep(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from jobs.sweep_progress import SweepProgress
+
     init_ray(address)
     if resume:
         return _resume(resume, register_as)
@@ -225,7 +227,7 @@ def tune_sweep(
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=1))
     param_space = {**space, "__base__": to_flat(base), "__parent_run_id__": parent, "__resource_share__": 1.0 / concurrency}
     policy = f"ASHA on {METRIC}" if scheduler == "asha" else "every trial to the end"
-    print(f"[salgl] sweep {name}: {samples} trials, {policy} over {max_epochs} epochs, "
+    print(f"[salgl] sweep {name}: {record['expected_trials']} trials, {policy} over {max_epochs} epochs, "
           f"{concurrency} at a time; MLflow parent {parent}", flush=True)
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"CPU": TRIAL_CPU}),
@@ -243,6 +245,7 @@ def tune_sweep(
         run_config=tune.RunConfig(
             name="tune", storage_path=str(sweep_dir), verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),  # see trial_config
+            callbacks=[SweepProgress(record["expected_trials"], max_epochs)],  # restored with the sweep by --resume
         ),
     )
     return _finish(tuner.fit(), sweep_dir, record, register_as)

@@ -6,6 +6,8 @@ that learns, so ASHA has a worse trial to stop at its first rung whatever the no
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -21,7 +23,8 @@ MAX_EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def sweep(mosaic_dir, tmp_path_factory):
+def sweep_run(mosaic_dir, tmp_path_factory):
+    """The sweep's outcome and what it printed."""
     import ray
 
     from jobs.train import local_instance_env
@@ -35,9 +38,17 @@ def sweep(mosaic_dir, tmp_path_factory):
         ray.init(num_cpus=2, log_to_driver=False)
     try:
         cfg = preset("tiny", {**sweep_overrides(mosaic_dir, root), "run.name": "sweep-a"})
-        yield tune_sweep(cfg, samples=1, max_epochs=MAX_EPOCHS, space_overrides=SPACE, register_as="salgl-test")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            outcome = tune_sweep(cfg, samples=1, max_epochs=MAX_EPOCHS, space_overrides=SPACE, register_as="salgl-test")
+        yield outcome, printed.getvalue()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_run):
+    return sweep_run[0]
 
 
 @pytest.mark.timeout(900)
@@ -48,6 +59,20 @@ def test_asha_stops_a_trial_and_the_summary_covers_every_trial(sweep) -> None:
     assert stopped, f"ASHA stopped nothing: {sweep.summary}"
     assert all(row["epochs"] < MAX_EPOCHS for row in stopped)
     assert sweep.best["best_ema_mAP"] == max(r["best_ema_mAP"] for r in sweep.summary if r["best_ema_mAP"] is not None)
+
+
+@pytest.mark.timeout(900)
+def test_the_sweep_prints_each_trial_its_epochs_and_asha_stops(sweep_run) -> None:
+    outcome, printed = sweep_run
+    lines = printed.splitlines()
+    for row in outcome.summary:
+        name = f"K{row['K']}-lam1.0-T1-{row['trial']}"
+        assert sum(line.endswith(f"{name} started") for line in lines) == 1, printed
+        epochs = [line for line in lines if f"{name}  epoch " in line]
+        assert len(epochs) == row["epochs"] and "EMA mAP" in epochs[-1]
+        ended = "stopped by ASHA after epoch" if row["stopped_early"] else f"finished {MAX_EPOCHS} epochs"
+        assert sum(f"trial {name} {ended}" in line for line in lines) == 1, printed
+    assert any(line.endswith("[4/4 trials done]") for line in lines)
 
 
 @pytest.mark.timeout(900)

@@ -43,6 +43,7 @@ def test_interrupted_sweep_resumes(mosaic_dir, tmp_path) -> None:
     assert "salgl tune --resume" in output, output[-3000:]
     assert proc.returncode == 130, output[-3000:]
     assert "registered:" not in output, "an interrupted sweep must not pick a best trial yet"
+    assert "epoch 2/2" in output and "trials done]" in output, output[-3000:]  # progress while it ran
 
     resumed = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "tune", "--resume", str(tmp_path / "runs" / "sweep-b")],
@@ -50,6 +51,7 @@ def test_interrupted_sweep_resumes(mosaic_dir, tmp_path) -> None:
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "registered: models:/salgl/" in resumed.stdout
+    assert "[4/4 trials done]" in resumed.stdout, resumed.stdout[-3000:]  # the progress callback came back with the sweep
     assert len(list(trials.glob("trial-*"))) == 4
 
     from mlflow.tracking import MlflowClient
