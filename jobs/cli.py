@@ -32,11 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    overrides = getattr(args, "args", None)  # train's and tune's [CONFIG] key=value ...
+    if extra and isinstance(overrides, list) and all("=" in item and not item.startswith("-") for item in extra):
+        # argparse collects a positional list in one run, so `salgl tune tiny --samples 4 K=2,4`
+        # leaves K=2,4 over: it is one of the overrides all the same.
+        overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from jobs.errors import UsageError
+    from salgl.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError) as err:
+        print(f"salgl {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 def load_config_file(path: str | None) -> dict[str, Any]:
     import yaml
 
+    from jobs.errors import NotFound
+
     file = Path(path) if path else DEFAULT_CONFIG
     if not file.is_file():
         bundled = Path(__file__).parent / "configs" / (str(path) + ("" if str(path).endswith(".yaml") else ".yaml"))
         if path and bundled.is_file():
             file = bundled
         else:
-            raise FileNotFoundError(f"config file {path!r} not found (bundled configs: {', '.join(p.stem for p in DEFAULT_CONFIG.parent.glob('*.yaml'))})")
+            raise NotFound(f"config file {path!r} not found (bundled configs: {', '.join(p.stem for p in DEFAULT_CONFIG.parent.glob('*.yaml'))})")
     return yaml.safe_load(file.read_text()) or {}
 
 

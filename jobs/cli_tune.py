@@ -39,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
     from jobs.tune import default_space, tune_sweep
     from salgl.config import load, parse_overrides
 
-    if args.samples < 1:
-        raise SystemExit("--samples must be >= 1")
     config_file, items = split_config_and_overrides(args.args)
     space, fixed = split_space(parse_overrides(items), set(default_space()))
     cfg = load(load_config_file(config_file), fixed)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from jobs.errors import AlreadyExists, BadValue, NotFound
 from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, plan_resources
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from salgl.config import Config, from_flat, to_flat, with_overrides
@@ -45,12 +46,12 @@ def resolve_data(cfg: Config, *, prepare_default: bool = True) -> str:
     path = Path(cfg.data.path or DEFAULT_DATA).expanduser().resolve()
     if not (path / "manifest.json").is_file():
         if cfg.data.path and cfg.data.path != DEFAULT_DATA:
-            raise FileNotFoundError(
+            raise NotFound(
                 f"data.path={cfg.data.path!r} holds no manifest.json: prepare it first, for example "
                 f"`salgl prepare voc2007 VOCdevkit/VOC2007 --out {cfg.data.path}`"
             )
         if not prepare_default:
-            raise FileNotFoundError(f"no dataset at {path}")
+            raise NotFound(f"no dataset at {path}")
         from pipeline.mosaic import convert_mosaic
 
         print(f"[salgl] preparing the built-in mosaic dataset at {path} (first use)", flush=True)
@@ -82,7 +83,7 @@ def storage_root(cfg: Config) -> str:
     than half-supported. On a cluster, mount shared storage (NFS, EFS, a ReadWriteMany volume).
     """
     if "://" in cfg.run.storage:
-        raise ValueError(
+        raise BadValue(
             f"run.storage={cfg.run.storage}: use a filesystem path every node sees (a shared mount such as "
             "/mnt/shared/runs); object-store URIs are not supported for checkpoints"
         )
@@ -101,7 +102,7 @@ def find_run(run: str, storage: str) -> Path:
     for candidate in (Path(run), Path(storage) / run):
         if (candidate / RUN_FILE).is_file():
             return candidate.resolve()
-    raise FileNotFoundError(f"no salgl run named {run!r} (looked for {RUN_FILE} in {run} and {storage}/{run})")
+    raise NotFound(f"no salgl run named {run!r} (looked for {RUN_FILE} in {run} and {storage}/{run})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +363,7 @@ def train(
         run_name = cfg.run.name or new_run_name()
         run_dir = Path(storage) / run_name
         if run_dir.exists():
-            raise FileExistsError(
+            raise AlreadyExists(
                 f"run {run_name!r} already exists in {storage}: Ray would silently resume it. "
                 f"Use `salgl train --resume {run_name}` to continue it, or another run.name"
             )

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from jobs.errors import AlreadyExists, BadValue, NotFound
 from jobs.resources import plan_resources
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.train import init_ray, new_run_name, resolve_data, storage_root
-from salgl.config import Config, from_flat, resolve_key, to_flat, with_overrides
+from salgl.config import Config, ConfigError, from_flat, resolve_key, to_flat, with_overrides
 
 SWEEP_FILE = "salgl_sweep.json"
 METRIC = "ema_mAP"
@@ -48,19 +49,30 @@ def parse_space_item(key: str, text: str) -> Any:
 
     kind, _, rest = text.partition(":")
     if kind in ("log", "loguniform"):
-        low, high = (float(x) for x in rest.split(":"))
-        return tune.loguniform(low, high)
+        return tune.loguniform(*_range(key, text, rest, log=True))
     if kind == "uniform":
-        low, high = (float(x) for x in rest.split(":"))
-        return tune.uniform(low, high)
-    if kind == "grid":
-        return tune.grid_search([_number(v) for v in rest.split(",") if v != ""])
-    if kind == "choice":
+        return tune.uniform(*_range(key, text, rest, log=False))
+    if kind in ("grid", "choice"):
         text = rest
     values = [_number(v) for v in text.split(",") if v != ""]
     if not values:
-        raise ValueError(f"{key}: empty search values")
+        raise BadValue(f"{key}: empty search values")
+    if kind == "grid":
+        return tune.grid_search(values)
     return tune.choice(values) if len(values) > 1 else values[0]
+
+
+def _range(key: str, text: str, rest: str, *, log: bool) -> tuple[float, float]:
+    """``LOW:HIGH`` of a ``log:`` / ``uniform:`` range, checked."""
+    try:
+        low, high = (float(x) for x in rest.split(":"))
+    except ValueError:
+        raise BadValue(f"{key}={text}: expected {'log' if log else 'uniform'}:LOW:HIGH with two numbers") from None
+    if not low < high:
+        raise BadValue(f"{key}={text}: LOW must be below HIGH")
+    if log and low <= 0:
+        raise BadValue(f"{key}={text}: a log range needs LOW > 0")
+    return low, high
 
 
 def _number(text: str) -> Any:
@@ -77,6 +89,32 @@ def build_space(overrides: Mapping[str, str]) -> dict[str, Any]:
     for key, text in overrides.items():
         space[resolve_key(key)] = parse_space_item(key, text)
     return space
+
+
+def check_space(base: Config, space: Mapping[str, Any]) -> None:
+    """Every value a trial can draw must be one the config takes, found before any trial runs (a
+    bad value failed every trial, then the summary). A range is checked at its ends and at a point
+    between them that is not a whole number, so a range on an integer key is refused."""
+    from ray.tune.search.sample import Categorical, Float
+
+    for key, domain in space.items():
+        between = None
+        if isinstance(domain, dict) and "grid_search" in domain:
+            values = list(domain["grid_search"])
+        elif isinstance(domain, Categorical):
+            values = list(domain.categories)
+        elif isinstance(domain, Float):
+            low, high = float(domain.lower), float(domain.upper)
+            between = low + (high - low) / math.pi
+            values = [low, high, between]
+        else:
+            values = [domain]
+        for value in values:
+            try:
+                with_overrides(base, {key: value})
+            except ConfigError as err:
+                hint = "; a range draws fractional values: list the values this key takes instead (for example 1,2,4)" if value is between else ""
+                raise ConfigError(key, f"in the search space: {str(err).split(': ', 1)[1]}{hint}") from None
 
 
 def trial_label(flat: Mapping[str, Any], trial_id: str) -> str:
@@ -191,6 +229,7 @@ def tune_sweep(
     """Run (or continue) a sweep; returns the summary and where everything went.
 
     ``scheduler="fifo"`` runs every trial to the end (the baseline ASHA is measured against).
+    What the user gave is checked before Ray starts (``jobs.errors``: one line from `salgl tune`).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -198,21 +237,25 @@ def tune_sweep(
 
     from jobs.sweep_progress import SweepProgress
 
-    init_ray(address)
     if resume:
-        return _resume(resume, register_as)
+        sweep_dir = sweep_folder(resume)
+        init_ray(address)
+        return _resume(sweep_dir, register_as)
+    check_schedule(samples, max_epochs, grace_period, reduction_factor)
     storage = storage_root(cfg)
     name = cfg.run.name or new_run_name("sweep")
     sweep_dir = Path(storage) / name
     if sweep_dir.exists():
-        raise FileExistsError(f"sweep {name!r} exists in {storage}: continue it with `salgl tune --resume {sweep_dir}`")
+        raise AlreadyExists(f"sweep {name!r} exists in {storage}: continue it with `salgl tune --resume {sweep_dir}`")
+    space = build_space(space_overrides or {})
+    check_space(cfg, space)
     data_dir = resolve_data(cfg)
     tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
     base = with_overrides(cfg, {
         "optim.epochs": max_epochs, "data.path": data_dir, "run.storage": str(sweep_dir / "trials"),
         "run.tracking_uri": tracking_uri, "run.name": "",
     })
-    space = build_space(space_overrides or {})
+    init_ray(address)
     import ray
 
     concurrency = trial_concurrency(base, ray.cluster_resources())
@@ -251,16 +294,37 @@ def tune_sweep(
     return _finish(tuner.fit(), sweep_dir, record, register_as)
 
 
+def check_schedule(samples: int, max_epochs: int, grace_period: int, reduction_factor: int) -> None:
+    """The sweep's size and ASHA's settings (Ray accepts some nonsense silently: a grace period
+    past the last epoch stops nothing)."""
+    if samples < 1:
+        raise BadValue(f"samples must be >= 1, got {samples}")
+    if max_epochs < 1:
+        raise BadValue(f"max epochs must be >= 1, got {max_epochs}")
+    if not 1 <= grace_period <= max_epochs:
+        raise BadValue(f"the grace period must lie in 1..{max_epochs} (the max epochs), got {grace_period}")
+    if reduction_factor < 2:
+        raise BadValue(f"the reduction factor must be >= 2, got {reduction_factor}")
+
+
+def sweep_folder(path: str) -> Path:
+    """``--resume DIR``: a sweep's folder (it holds the sweep record)."""
+    folder = Path(path).expanduser().resolve()
+    if not (folder / SWEEP_FILE).is_file():
+        raise NotFound(f"{path} is not a sweep folder (no {SWEEP_FILE}); a sweep's folder is run.storage/<sweep name>, "
+                       "printed when the sweep started")
+    return folder
+
+
 def expected_trials(space: Mapping[str, Any], samples: int) -> int:
     """Trials a complete sweep has: ``samples`` times every combination of the grid values."""
     grids = [len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v]
     return samples * math.prod(grids)
 
 
-def _resume(path: str, register_as: str) -> SweepOutcome:
+def _resume(sweep_dir: Path, register_as: str) -> SweepOutcome:
     from ray import tune
 
-    sweep_dir = Path(path).resolve()
     record = json.loads((sweep_dir / SWEEP_FILE).read_text())
     print(f"[salgl] resuming sweep {record['name']} from {sweep_dir}", flush=True)
     tuner = tune.Tuner.restore(

@@ -43,7 +43,6 @@ def test_interrupted_sweep_resumes(mosaic_dir, tmp_path) -> None:
     assert "salgl tune --resume" in output, output[-3000:]
     assert proc.returncode == 130, output[-3000:]
     assert "registered:" not in output, "an interrupted sweep must not pick a best trial yet"
-    assert "epoch 2/2" in output and "trials done]" in output, output[-3000:]  # progress while it ran
 
     resumed = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "tune", "--resume", str(tmp_path / "runs" / "sweep-b")],

@@ -71,3 +71,51 @@ def test_closing_trial_runs_marks_tune_stops_killed_and_keeps_real_failures(tmp_
     status = {t: client.get_run(r).info.status for t, r in runs.items()}
     assert status == {"t1": "KILLED", "t2": "FAILED", "t3": "KILLED", "t4": "FINISHED", "t5": "KILLED"}
     assert client.get_run(runs["t1"]).data.tags["asha.stopped_early"] == "true"
+
+
+def test_a_bad_search_space_is_refused_before_any_trial_runs() -> None:
+    from jobs.tune import check_space
+    from salgl.config import ConfigError
+
+    base = preset("tiny")
+    check_space(base, build_space({"K": "1,2,4", "lambda": "log:0.01:10", "T": "grid:0,3"}))  # the usual kind
+    with pytest.raises(ConfigError, match=r"model.head.num_scenes: in the search space: must be >= 1, got 0$"):
+        check_space(base, build_space({"K": "2,0"}))
+    with pytest.raises(ConfigError, match="expected an integer, got 'foo:1'"):
+        check_space(base, build_space({"K": "foo:1"}))
+    with pytest.raises(ConfigError, match="a range draws fractional values"):  # ends 1 and 8 would pass
+        check_space(base, build_space({"K": "log:1:8"}))
+    with pytest.raises(ConfigError, match="optim.lr: in the search space: must be > 0"):
+        check_space(base, build_space({"optim.lr": "grid:0.001,0"}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        check_space(base, build_space({"optim.nope": "1,2"}))
+
+
+def test_search_ranges_and_schedules_are_checked_with_their_own_words() -> None:
+    from jobs.errors import BadValue
+    from jobs.tune import check_schedule
+
+    for text, words in (("log:1", "expected log:LOW:HIGH"), ("log:0:1", "LOW > 0"), ("uniform:2:1", "LOW must be below HIGH"), ("grid:", "empty")):
+        with pytest.raises(BadValue, match=words):
+            parse_space_item("lambda", text)
+    check_schedule(8, 16, 1, 4)
+    for args, words in (((0, 4, 1, 2), "samples"), ((8, 0, 1, 2), "max epochs"), ((8, 4, 5, 2), r"grace period must lie in 1\.\.4"), ((8, 4, 1, 1), "reduction factor")):
+        with pytest.raises(BadValue, match=words):
+            check_schedule(*args)
+
+
+def test_cli_input_errors_are_one_line_and_overrides_may_follow_options(tmp_path, capsys) -> None:
+    from jobs.cli import main
+
+    assert main(["tune", "--resume", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"salgl tune: error: {tmp_path} is not a sweep folder (no salgl_sweep.json); a sweep's folder is run.storage/<sweep name>, printed when the sweep started\n"
+    # K=2,0 comes after an option: still an override (the space check names it), not an unknown argument.
+    assert main(["tune", "tiny", "--samples", "2", "K=2,0", f"run.storage={tmp_path}"]) == 2
+    assert capsys.readouterr().err == "salgl tune: error: model.head.num_scenes: in the search space: must be >= 1, got 0\n"
+    assert main(["tune", "tiny", f"data.path={tmp_path / 'nope'}"]) == 2
+    assert "holds no manifest.json: prepare it first" in capsys.readouterr().err
+    assert main(["train", "tiny", "--address", "auto", "nope.key=1"]) == 2
+    assert capsys.readouterr().err.startswith("salgl train: error: nope.key: unknown key")
+    with pytest.raises(SystemExit):
+        main(["tune", "tiny", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
