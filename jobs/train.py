@@ -347,7 +347,7 @@ def train(
 
     ``parent_run_id`` / ``mlflow_run_name`` / ``extra_params`` nest the run under a sweep;
     ``resource_share`` is the fraction of the cluster this run may size itself from (several
-    trials at once); ``quiet`` drops the per-epoch console line (Tune prints its own table).
+    trials at once); ``quiet`` drops the per-epoch console line (a sweep prints its own, ``jobs.sweep_progress``).
     """
     storage = storage_root(cfg)
     if resume:

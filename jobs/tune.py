@@ -291,7 +291,19 @@ def tune_sweep(
             callbacks=[SweepProgress(record["expected_trials"], max_epochs)],  # restored with the sweep by --resume
         ),
     )
-    return _finish(tuner.fit(), sweep_dir, record, register_as)
+    return _finish(_fit(tuner, sweep_dir, record), sweep_dir, record, register_as)
+
+
+def _fit(tuner: Any, sweep_dir: Path, record: Mapping[str, Any]) -> Any:
+    """Tune's results. When the sweep itself breaks, its MLflow parent is marked FAILED instead of
+    staying RUNNING for good (Ctrl-C is not a break: Tune returns, and the parent stays open for
+    ``--resume``), and the message says how to continue from Tune's saved state."""
+    try:
+        return tuner.fit()
+    except BaseException:
+        end_run(record["tracking_uri"], record["parent_run_id"], "FAILED")
+        print(f"[salgl] sweep failed; `salgl tune --resume {sweep_dir}` continues it from its saved state", flush=True)
+        raise
 
 
 def check_schedule(samples: int, max_epochs: int, grace_period: int, reduction_factor: int) -> None:
@@ -331,7 +343,7 @@ def _resume(sweep_dir: Path, register_as: str) -> SweepOutcome:
         str(sweep_dir / "tune"), trainable=tune.with_resources(run_trial, {"CPU": TRIAL_CPU}),
         resume_unfinished=True, resume_errored=True,
     )
-    return _finish(tuner.fit(), sweep_dir, record, register_as)
+    return _finish(_fit(tuner, sweep_dir, record), sweep_dir, record, register_as)
 
 
 def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: str) -> SweepOutcome:

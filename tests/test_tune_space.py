@@ -119,3 +119,22 @@ def test_cli_input_errors_are_one_line_and_overrides_may_follow_options(tmp_path
     with pytest.raises(SystemExit):
         main(["tune", "tiny", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_sweep_that_breaks_marks_its_mlflow_parent_failed(tmp_path, capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import start_run
+    from jobs.tune import _fit
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record = {"tracking_uri": uri, "parent_run_id": start_run(uri, "sweep-test", run_name="sweep", params={})}
+
+    class BrokenTuner:
+        def fit(self):
+            raise RuntimeError("the cluster went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        _fit(BrokenTuner(), tmp_path / "sweep", record)
+    assert MlflowClient(uri).get_run(record["parent_run_id"]).info.status == "FAILED"
+    assert f"salgl tune --resume {tmp_path / 'sweep'}" in capsys.readouterr().out
