@@ -19,9 +19,10 @@ from typing import Any, Mapping
 
 from jobs.errors import AlreadyExists, BadValue, NotFound
 from jobs.resources import plan_resources
+from jobs.search_space import build_space, check_space, expected_trials
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.train import init_ray, new_run_name, resolve_data, storage_root
-from salgl.config import Config, ConfigError, from_flat, resolve_key, to_flat, with_overrides
+from salgl.config import Config, from_flat, to_flat, with_overrides
 
 SWEEP_FILE = "salgl_sweep.json"
 METRIC = "ema_mAP"
@@ -29,92 +30,7 @@ TRIAL_CPU = 0.01  # a trial's own process only waits on its TorchTrainer (0 is r
 
 
 # ---------------------------------------------------------------------------------------------
-# Search space
-
-
-def default_space() -> dict[str, Any]:
-    from ray import tune
-
-    return {
-        "model.head.num_scenes": tune.choice([1, 2, 3, 4, 6, 8]),
-        "loss.entropy_weight": tune.loguniform(0.01, 10.0),
-        "model.head.steps": tune.choice([0, 1, 2, 3, 4, 5]),
-    }
-
-
-def parse_space_item(key: str, text: str) -> Any:
-    """``K=2,4,6`` -> choice; ``lambda=log:0.01:10`` -> log-uniform; ``optim.lr=uniform:1e-4:1e-3``;
-    ``K=grid:2,4`` -> every value (multiplies the trials); ``T=3`` -> a fixed value."""
-    from ray import tune
-
-    kind, _, rest = text.partition(":")
-    if kind in ("log", "loguniform"):
-        return tune.loguniform(*_range(key, text, rest, log=True))
-    if kind == "uniform":
-        return tune.uniform(*_range(key, text, rest, log=False))
-    if kind in ("grid", "choice"):
-        text = rest
-    values = [_number(v) for v in text.split(",") if v != ""]
-    if not values:
-        raise BadValue(f"{key}: empty search values")
-    if kind == "grid":
-        return tune.grid_search(values)
-    return tune.choice(values) if len(values) > 1 else values[0]
-
-
-def _range(key: str, text: str, rest: str, *, log: bool) -> tuple[float, float]:
-    """``LOW:HIGH`` of a ``log:`` / ``uniform:`` range, checked."""
-    try:
-        low, high = (float(x) for x in rest.split(":"))
-    except ValueError:
-        raise BadValue(f"{key}={text}: expected {'log' if log else 'uniform'}:LOW:HIGH with two numbers") from None
-    if not low < high:
-        raise BadValue(f"{key}={text}: LOW must be below HIGH")
-    if log and low <= 0:
-        raise BadValue(f"{key}={text}: a log range needs LOW > 0")
-    return low, high
-
-
-def _number(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def build_space(overrides: Mapping[str, str]) -> dict[str, Any]:
-    space = default_space()
-    for key, text in overrides.items():
-        space[resolve_key(key)] = parse_space_item(key, text)
-    return space
-
-
-def check_space(base: Config, space: Mapping[str, Any]) -> None:
-    """Every value a trial can draw must be one the config takes, found before any trial runs (a
-    bad value failed every trial, then the summary). A range is checked at its ends and at a point
-    between them that is not a whole number, so a range on an integer key is refused."""
-    from ray.tune.search.sample import Categorical, Float
-
-    for key, domain in space.items():
-        between = None
-        if isinstance(domain, dict) and "grid_search" in domain:
-            values = list(domain["grid_search"])
-        elif isinstance(domain, Categorical):
-            values = list(domain.categories)
-        elif isinstance(domain, Float):
-            low, high = float(domain.lower), float(domain.upper)
-            between = low + (high - low) / math.pi
-            values = [low, high, between]
-        else:
-            values = [domain]
-        for value in values:
-            try:
-                with_overrides(base, {key: value})
-            except ConfigError as err:
-                hint = "; a range draws fractional values: list the values this key takes instead (for example 1,2,4)" if value is between else ""
-                raise ConfigError(key, f"in the search space: {str(err).split(': ', 1)[1]}{hint}") from None
+# Trial names
 
 
 def trial_label(flat: Mapping[str, Any], trial_id: str) -> str:
@@ -326,12 +242,6 @@ def sweep_folder(path: str) -> Path:
         raise NotFound(f"{path} is not a sweep folder (no {SWEEP_FILE}); a sweep's folder is run.storage/<sweep name>, "
                        "printed when the sweep started")
     return folder
-
-
-def expected_trials(space: Mapping[str, Any], samples: int) -> int:
-    """Trials a complete sweep has: ``samples`` times every combination of the grid values."""
-    grids = [len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v]
-    return samples * math.prod(grids)
 
 
 def _resume(sweep_dir: Path, register_as: str) -> SweepOutcome:

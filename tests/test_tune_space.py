@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.tune import build_space, expected_trials, parse_space_item, trial_config, trial_label
+from jobs.search_space import build_space, check_space, expected_trials, parse_space_item
+from jobs.tune import trial_config, trial_label
 from salgl.config import preset, to_flat
 
 
@@ -74,7 +75,6 @@ def test_closing_trial_runs_marks_tune_stops_killed_and_keeps_real_failures(tmp_
 
 
 def test_a_bad_search_space_is_refused_before_any_trial_runs() -> None:
-    from jobs.tune import check_space
     from salgl.config import ConfigError
 
     base = preset("tiny")
