@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from jobs.train import format_epoch_line
-from jobs.tune import METRIC, sampled_values, trial_label
+from jobs.tune import METRIC, trial_label, trial_values
 
 
 class SweepProgress(Callback):
@@ -38,7 +38,7 @@ class SweepProgress(Callback):
 
     @staticmethod
     def _name(trial: Any) -> str:
-        return trial_label({**trial.config["__base__"], **sampled_values(trial.config)}, trial.trial_id)
+        return trial_label(trial_values(trial.config), trial.trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(f"trial {trials.index(trial) + 1}/{self.total} {self._name(trial)} started")

@@ -90,6 +90,11 @@ def sampled_values(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("__")}
 
 
+def trial_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's flat config: the sweep's base with the trial's searched values on top."""
+    return {**config["__base__"], **sampled_values(config)}
+
+
 def _report_if_complete(run_dir: Path, epochs: int) -> bool:
     """A trial whose run ended but that Tune had not marked ended when the sweep was interrupted:
     report its last epoch's metrics again (Tune needs the metric) instead of training nothing."""
@@ -301,7 +306,7 @@ def summarize(results: Any, max_epochs: int) -> list[dict[str, Any]]:
         if result.config is None:  # a trial an interrupt caught before it wrote anything
             continue
         config = sampled_values(result.config)
-        flat = {**result.config["__base__"], **config}
+        flat = trial_values(result.config)
         history = result.metrics_dataframe
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
         best_map = float(history[METRIC].max()) if history is not None and METRIC in history else None
