@@ -61,6 +61,9 @@ def _add_sources(sources: Any) -> None:
     mosaic.add_argument("--test", type=int, default=1000, help="test images")
     mosaic.add_argument("--seed", type=int, default=0)
     mosaic.add_argument("--format", choices=("png", "jpeg"), default="png", help="image encoding")
+    mosaic.add_argument("--scene-cue", choices=("none", "tint"), default="none",
+                        help="none (default): the scene shows only in which items co-occur; "
+                             "tint: each scene also tints the background, a colour cue that gives it away")
     for parser in (voc, coco, nus, gen, mosaic):
         _common(parser)
 
@@ -93,6 +96,7 @@ def _convert(args: argparse.Namespace, options: dict[str, Any]) -> Any:
         scenes=args.scenes, classes_per_scene=args.classes_per_scene, min_items=args.items[0],
         max_items=args.items[1], canvas=args.canvas, min_scale=args.scale[0], max_scale=args.scale[1],
         in_scene=args.in_scene, train=args.train, test=args.test, seed=args.seed, image_format=args.format,
+        scene_cue=args.scene_cue,
     )
     return convert_mosaic(args.out, config, fashion_mnist=args.fashion_mnist, **options)
 

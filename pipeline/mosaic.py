@@ -1,9 +1,12 @@
 """Scene mosaics: the built-in offline multi-label dataset (SPEC section 4).
 
 What this data is: each image is a small RGB canvas holding a few *real* Fashion-MNIST product
-photos (28x28 grayscale items from Zalando's catalogue), resized and placed at random, on a
-background tinted by a latent scene. Train images use only items of the official Fashion-MNIST
-train file, test images only items of the official t10k (test) file.
+photos (28x28 grayscale items from Zalando's catalogue), resized and placed at random. A latent
+scene decides which items co-occur; by default nothing else shows it (``scene_cue="none"``: one
+neutral background for every scene), so a model can only tell the scene from the items it sees.
+``scene_cue="tint"`` also tints each scene's background, a colour cue that gives the scene away.
+Train images use only items of the official Fashion-MNIST train file, test images only items of
+the official t10k (test) file.
 
 What it is not: the scenes, which classes co-occur in them, the tints and the layout are a
 synthetic design of ours, made so that label co-occurrence depends on a hidden scene (the
@@ -14,7 +17,7 @@ recovery can be measured.
 Generation (everything from one seed, so output is byte-identical run to run):
 - scene k owns ``classes_per_scene`` of the 10 classes (consecutive in a seeded permutation, so the
   scenes together cover the classes and neighbours share some) with Dirichlet(3) weights, and a
-  background tint (evenly spaced hues, muted);
+  background tint (evenly spaced hues, muted), painted only with ``scene_cue="tint"``;
 - an image draws a scene uniformly, then ``min_items..max_items`` items: with probability
   ``in_scene`` a class from the scene's weights (classes not yet in the image first), otherwise any
   of the 10 classes uniformly; then a random item of that class from the split's file;
@@ -48,6 +51,8 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+SCENE_CUES = ("none", "tint")
+NEUTRAL_BACKGROUND = np.array([88, 88, 88], np.int64)  # muted grey, as dark as the tints
 FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion)"
 
 
@@ -67,6 +72,7 @@ class MosaicConfig:
     test: int = 1000
     seed: int = 0
     image_format: str = "png"  # "png" (lossless) or "jpeg"
+    scene_cue: str = "none"  # "none": one neutral background; "tint": the scene's tint gives it away
 
     def __post_init__(self) -> None:
         if not 1 <= self.classes_per_scene <= len(FASHION_MNIST_CLASSES):
@@ -81,6 +87,8 @@ class MosaicConfig:
             raise ValueError("scenes >= 1, canvas >= 8 and non-negative split sizes")
         if self.image_format not in ("png", "jpeg"):
             raise ValueError("image_format is 'png' or 'jpeg'")
+        if self.scene_cue not in SCENE_CUES:
+            raise ValueError(f"scene_cue is one of {', '.join(SCENE_CUES)}")
 
 
 class FashionMNISTNotFound(FileNotFoundError):
@@ -216,7 +224,8 @@ def compose(
     """One mosaic; ``pools[c]`` are the indices of class ``c`` items in ``images``."""
     k = config.canvas
     scene = int(rng.integers(config.scenes))
-    background = np.clip(design.tints[scene].astype(np.int64) + rng.integers(-8, 9, size=3), 0, 255)
+    base = design.tints[scene].astype(np.int64) if config.scene_cue == "tint" else NEUTRAL_BACKGROUND
+    background = np.clip(base + rng.integers(-8, 9, size=3), 0, 255)
     canvas = np.empty((k, k, 3), np.float32)  # (H, W, 3)
     canvas[:] = background
     classes: set[int] = set()
@@ -268,10 +277,15 @@ def _examples(files: tuple[Path, Path], design: SceneDesign, config: MosaicConfi
         )
 
 
+CUE_TEXT = {
+    "none": "on one neutral background; which of {scenes} latent scenes an image belongs to shows only "
+            "in which items co-occur",
+    "tint": "on a background tinted by one of {scenes} latent scenes (a colour cue that gives the scene away)",
+}
 DESCRIPTION = (
     "Scene mosaics: {canvas}x{canvas} RGB images, each composed of {min_items}-{max_items} real "
-    "Fashion-MNIST product photos (28x28 grayscale items, resized and placed at random) on a "
-    "background tinted by one of {scenes} latent scenes. The item pixels are real: train images use "
+    "Fashion-MNIST product photos (28x28 grayscale items, resized and placed at random) {cue}. "
+    "The item pixels are real: train images use "
     "only items of the official Fashion-MNIST train file, test images only items of the official "
     "t10k test file. The scene design (which classes co-occur, with in-scene probability "
     "{in_scene}), the tints and the layout are synthetic and ours. This is not a benchmark of the "
@@ -303,6 +317,6 @@ def convert_mosaic(
         extra_columns=["scene"],
         source={"converter": "mosaic", "parameters": {
             **asdict(config), "scene_design": design.describe(), "fashion_mnist_sha256": checksums}},
-        description=DESCRIPTION.format(**asdict(config)),
+        description=DESCRIPTION.format(cue=CUE_TEXT[config.scene_cue].format(scenes=config.scenes), **asdict(config)),
         **options,
     )

@@ -84,7 +84,7 @@ def test_train_uses_train_file_items_test_uses_t10k(fake_dir: Path, tmp_path: Pa
     train = [pixels(b) for b in table(tmp_path / "m", "train").column("image").to_pylist()]
     test = [pixels(b) for b in table(tmp_path / "m", "test").column("image").to_pylist()]
     assert all(img.max() == 255 for img in train)
-    assert all(img.max() < 140 for img in test)  # only the tinted background
+    assert all(img.max() < 140 for img in test)  # only the background
 
 
 def test_labels_follow_the_scenes(fake_dir: Path) -> None:
@@ -105,6 +105,22 @@ def test_labels_follow_the_scenes(fake_dir: Path) -> None:
         if in_scene:
             for scene, cls in enumerate(design.classes):  # each scene's top labels are its own classes
                 assert set(np.argsort(-per_scene[scene])[: len(cls)]) == set(cls.tolist())
+
+
+@pytest.mark.parametrize("cue", ["none", "tint"])
+def test_background_shows_the_scene_only_with_the_tint_cue(fake_dir: Path, tmp_path: Path, cue: str) -> None:
+    # t10k items of the fake files are fully transparent: a test image is its background alone.
+    config = MosaicConfig(train=4, test=64, canvas=16, scene_cue=cue)
+    convert_mosaic(tmp_path / "m", config, fashion_mnist=fake_dir, progress=False)
+    test = table(tmp_path / "m", "test")
+    colours = np.stack([pixels(b).reshape(-1, 3).mean(0) for b in test.column("image").to_pylist()])  # (N, 3)
+    scenes = np.asarray(test.column("scene").to_pylist())
+    means = np.stack([colours[scenes == k].mean(0) for k in range(config.scenes)])  # (K, 3)
+    spread = np.abs(means - means.mean(0)).max()
+    if cue == "none":
+        assert spread < 4  # one neutral background, jitter only
+    else:
+        assert spread > 15  # each scene its own tint
 
 
 def test_scene_design_covers_classes_and_differs_per_scene() -> None:
