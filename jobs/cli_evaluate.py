@@ -24,19 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 @reports_errors("evaluate")
 def run(args: argparse.Namespace) -> int:
-    from jobs.evaluate import format_report, log_evaluation, score_split, summarize, write_json
+    from jobs.evaluate import format_report, log_evaluation, probe_scenes, score_split, summarize, write_json
     from jobs.inference import read_vocabulary
     from jobs.train import init_ray
 
     loaded = load_from_args(args, vocabulary=read_vocabulary(args.data))
     init_ray(args.address)
     scored = score_split(loaded, args.data, split=args.split, batch_size=args.batch_size, workers=args.workers)
+    probe = probe_scenes(loaded.model, args.data, loaded.cfg, split=args.split)
     result = {
         "checkpoint": args.checkpoint,
         "which": args.which,
         "data": args.data,
         "split": args.split,
-        **summarize(scored, loaded.vocabulary, loaded.cfg.model.head.num_scenes),
+        **summarize(scored, loaded.vocabulary, loaded.cfg.model.head.num_scenes, probe=probe),
     }
     print(f"[salgl] {args.checkpoint} on {args.data} [{args.split}]: {result['images']} images, {len(loaded.vocabulary)} labels")
     print(format_report(result))

@@ -25,13 +25,17 @@ import torch
 
 from jobs.inference import Loaded, score_images
 from jobs.resources import ResourcePlan, plan_resources
+from jobs.scene_metrics import scene_metrics
 from pipeline.transforms import normalize_tensor
 from salgl.config import Config
-from salgl.metrics import multilabel_metrics, scene_entropy, scene_occupancy
+from salgl.metrics import multilabel_metrics
 from salgl.model import SALGL
+from salgl.scenes import train_eval_scenes
 
 THRESHOLD_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 TOPK = 3
+PROBE_IMAGES = 64
+SCENE_EXTRAS = (("NMI vs true scenes", "scene_nmi"), ("ARI", "scene_ari"), ("train/eval agreement", "scene_agreement"))
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Scored:
     scene_probs: np.ndarray  # (N, K)
     targets: np.ndarray  # (N, n) multi-hot
     ignore: np.ndarray  # (N, n) bool
+    true_scenes: np.ndarray | None = None  # (N,) the data's `scene` column, where it has one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +71,7 @@ class ScoreBatches:
         pixels = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (b, 3, S, S) uint8
         images = normalize_tensor(pixels.to(self.device), self.normalize)  # on the GPU, if any
         scores, scene_probs = score_images(self.model, images)
-        keep = ("id", "target", "ignore", "valid")
+        keep = ("id", "target", "ignore", "valid", "scene")
         return {"scores": scores, "scene_probs": scene_probs, **{k: batch[k] for k in keep if k in batch}}
 
 
@@ -114,8 +119,9 @@ def collect(ds: Any) -> Scored:
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         keep = np.asarray(batch["valid"], dtype=bool) if "valid" in batch else slice(None)
-        for key in ("id", "scores", "scene_probs", "target", "ignore"):
-            parts[key].append(np.asarray(batch[key])[keep])
+        for key in ("id", "scores", "scene_probs", "target", "ignore", "scene"):
+            if key in batch:
+                parts[key].append(np.asarray(batch[key])[keep])
     if not parts:
         raise ValueError("the split has no rows")
     stacked = {k: np.concatenate(v) for k, v in parts.items()}
@@ -125,6 +131,7 @@ def collect(ds: Any) -> Scored:
         scene_probs=stacked["scene_probs"],
         targets=stacked["target"],
         ignore=stacked["ignore"].astype(bool),
+        true_scenes=stacked.get("scene"),
     )
 
 
@@ -134,22 +141,36 @@ def score_split(loaded: Loaded, data_dir: str, *, split: str = "test", batch_siz
     return collect(scoring_dataset(loaded.model, data_dir, loaded.cfg, split=split, batch_size=batch_size, plan=plan))
 
 
+def probe_scenes(model: SALGL, data_dir: str, cfg: Config, *, split: str, images: int = PROBE_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+    """Train- and eval-mode argmax scenes of the split's first ``images`` images (the agreement probe)."""
+    from pipeline.ingest import eval_dataset
+
+    batch = eval_dataset(data_dir, cfg.data, num_workers=1, split=split).limit(images).take_batch(images, batch_format="numpy")
+    pixels = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (b, 3, S, S) uint8
+    in_train, in_eval = train_eval_scenes(model, normalize_tensor(pixels, cfg.data.normalize))
+    return in_train.numpy(), in_eval.numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics and reports
 
 
-def summarize(scored: Scored, vocabulary: Sequence[str], num_scenes: int) -> dict[str, Any]:
-    """The paper's metrics (percent), per-class AP by label name, scene entropy and occupancy."""
+def summarize(
+    scored: Scored, vocabulary: Sequence[str], num_scenes: int, *, probe: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """The paper's metrics (percent), per-class AP by label name, and the scene metrics
+    (``jobs.scene_metrics``: entropy, occupancy, NMI / ARI against true scenes, probe agreement)."""
     metrics = multilabel_metrics(scored.scores, scored.targets, scored.ignore, topk=TOPK)
     ap = metrics.pop("ap")
-    scenes = scored.scene_probs.argmax(axis=1)
-    metrics["scene_entropy"] = scene_entropy(scenes, num_scenes) + 0.0  # -0.0 (one scene) prints as 0
+    scenes = scene_metrics(scored.scene_probs.argmax(axis=1), num_scenes, truth=scored.true_scenes, probe=probe)
+    occupancy = scenes.pop("occupancy")
+    metrics.update(scenes)
     return {
         "images": len(scored.ids),
         "metrics": metrics,
         "per_class_ap": dict(zip(vocabulary, ap)),
         "max_scene_entropy": math.log(num_scenes),
-        "occupancy": scene_occupancy(scenes, num_scenes).tolist(),
+        "occupancy": occupancy,
     }
 
 
@@ -169,7 +190,8 @@ def format_report(result: Mapping[str, Any]) -> str:
     lines += [
         "",
         f"non-interpolated mAP {_number(m.get('mAP_noninterp'), '.2f')}; classes without positives: {m.get('classes_without_positives')}",
-        f"scene entropy {m['scene_entropy']:.3f} (max ln K = {result['max_scene_entropy']:.3f})",
+        f"scene entropy {m['scene_entropy']:.3f} (max ln K = {result['max_scene_entropy']:.3f})"
+        + "".join(f"; {name} {m[key]:.3f}" for name, key in SCENE_EXTRAS if key in m),
         "scene occupancy: " + "  ".join(f"{k}: {p:.3f}" for k, p in enumerate(result["occupancy"])),
     ]
     return "\n".join(lines)

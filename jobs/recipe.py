@@ -24,12 +24,17 @@ from torch import nn
 
 from jobs.checkpoints import TrainingState, read_checkpoint, write_checkpoint
 from jobs.distributed import check_counts_consistent, count_sync_for, gather_objects, world
+from jobs.scene_metrics import scene_metrics
 from jobs.worker_spec import WorkerSpec
 from salgl.config import Config, from_flat
 from salgl.ema import ModelEma
 from salgl.losses import salgl_loss
-from salgl.metrics import multilabel_metrics, scene_entropy, scene_occupancy
+from salgl.metrics import multilabel_metrics
 from salgl.model import SALGL, build_model, load_label_embeddings
+from salgl.scenes import train_eval_scenes
+
+
+PROBE_IMAGES = 64
 
 
 def step_seed(seed: int, *parts: int | str) -> int:
@@ -67,6 +72,8 @@ class Recipe:
             from salgl.backbone import load_backbone_weights
 
             load_backbone_weights(model.backbone, self.cfg.model.backbone.weights)
+            if model.head.label_mixture is not None and self.spec.scene_mixture is not None:
+                model.head.label_mixture.load_fit(self.spec.scene_mixture["prior"], self.spec.scene_mixture["theta"])
         else:
             model.load_state_dict(restored["model"])
         self.device = ray.train.torch.get_device()
@@ -85,6 +92,8 @@ class Recipe:
         if restored is not None:
             self._restore(restored)
         self.use_amp = self.cfg.optim.amp and self.device.type == "cuda"
+        # The first training images this worker sees, kept for train/eval scene agreement.
+        self.probe: torch.Tensor | None = None
 
     @property
     def unwrapped(self) -> SALGL:
@@ -106,12 +115,14 @@ class Recipe:
         cfg = self.cfg
         torch.manual_seed(step_seed(cfg.run.seed, "dropout", self.world.rank, epoch))
         self.model.train()
-        totals = np.zeros(4)
+        totals = np.zeros(5)
         images_seen, start = 0, time.perf_counter()
         accum = cfg.optim.grad_accum
         for micro, batch in enumerate(_take(batches, self.optimizer_steps_per_epoch * accum)):
             self._maybe_inject_failure(epoch, micro)
             last_micro = (micro + 1) % accum == 0
+            if self.probe is None:
+                self.probe = batch["image"][:PROBE_IMAGES].to(self.device).clone()
             terms = self._forward_backward(batch, sync_grads=last_micro)
             totals += [t.item() for t in terms]
             images_seen += batch["image"].shape[0]
@@ -127,6 +138,7 @@ class Recipe:
             "loss_cls": totals[1] / n,
             "loss_sample_entropy": totals[2] / n,
             "loss_balance_entropy": totals[3] / n,
+            "loss_scene_target": totals[4] / n,
             "images_per_s": images_seen * self.world.size / max(seconds, 1e-9),
             "lr": self.scheduler.get_last_lr()[0],
         }
@@ -155,7 +167,10 @@ class Recipe:
                 # The count payload rides the backward's gradient all-reduce (or, unwrapped, its
                 # own collective); settled before the optimiser step, EMA, checksum or checkpoint.
                 out = self.model(images, targets, sync=self.sync, defer_count_update=True)
-            terms = salgl_loss(out.logits.float(), out.scene_probs.float(), targets, self.cfg.loss, mask=ignore)
+            scene_targets = self.unwrapped.head.scene_targets(targets, ignore)
+            terms = salgl_loss(
+                out.logits.float(), out.scene_probs.float(), targets, self.cfg.loss, mask=ignore, scene_targets=scene_targets
+            )
             (terms.total / self.cfg.optim.grad_accum).backward()
         self.unwrapped.head.settle_counts()
         return tuple(t.detach() for t in terms)
@@ -173,14 +188,21 @@ class Recipe:
     # ------------------------------------------------------------------ evaluate
     @torch.no_grad()
     def evaluate(self, batches: Iterator[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Score the test split with the live and the EMA model; gather every rank's rows."""
+        """Score the test split with the live and the EMA model; gather every rank's rows.
+
+        Scene metrics too: NMI / ARI against the data's true ``scene`` column where it has one, and
+        each model's train- against eval-mode scenes on this worker's probe batch.
+        """
         models = {"live": self.unwrapped}
         if self.ema is not None:
             models["ema"] = self.ema.module
-        for model in models.values():
-            model.eval()
         parts: dict[str, list[np.ndarray]] = {f"{k}_{v}": [] for k in models for v in ("scores", "scenes")}
-        targets, ignores, ids = [], [], []
+        for name, model in models.items():
+            probe = train_eval_scenes(model, self.probe) if self.probe is not None else None
+            parts[f"{name}_probe_train"] = [probe[0].cpu().numpy()] if probe else []
+            parts[f"{name}_probe_eval"] = [probe[1].cpu().numpy()] if probe else []
+            model.eval()
+        targets, ignores, truths = [], [], []
         for batch in batches:
             keep = batch["valid"].numpy().astype(bool) if "valid" in batch else np.ones(len(batch["id"]), bool)
             images = batch["image"].to(self.device)
@@ -190,18 +212,19 @@ class Recipe:
                 parts[f"{name}_scenes"].append(out.scene_probs.argmax(-1).cpu().numpy()[keep])
             targets.append(batch["target"].numpy()[keep])
             ignores.append(batch["ignore"].numpy()[keep])
-            ids.extend(i for i, k in zip(batch["id"], keep) if k)
+            if "scene" in batch:
+                truths.append(np.asarray(batch["scene"])[keep])
         local = {k: _concat(v) for k, v in parts.items()}
-        local.update(target=_concat(targets), ignore=_concat(ignores))
+        local.update(target=_concat(targets), ignore=_concat(ignores), truth=_concat(truths))
         gathered = gather_objects(local)
-        merged = {k: np.concatenate([g[k] for g in gathered if len(g[k])]) for k in local}
+        merged = {k: np.concatenate([g[k] for g in gathered if len(g[k])] or [np.zeros(0)]) for k in local}
         num_scenes = self.cfg.model.head.num_scenes
+        truth = merged["truth"] if len(merged["truth"]) else None
         results = {}
         for name in models:
             metrics = multilabel_metrics(merged[f"{name}_scores"], merged["target"], merged["ignore"])
-            scenes = merged[f"{name}_scenes"]
-            metrics["scene_entropy"] = scene_entropy(scenes, num_scenes)
-            metrics["occupancy"] = scene_occupancy(scenes, num_scenes).tolist()
+            probe = (merged[f"{name}_probe_train"], merged[f"{name}_probe_eval"])
+            metrics.update(scene_metrics(merged[f"{name}_scenes"], num_scenes, truth=truth, probe=probe))
             results[name] = metrics
         return results
 

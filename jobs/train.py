@@ -67,6 +67,19 @@ def dataset_facts(data_dir: str) -> tuple[list[str], int]:
     return list(manifest["vocabulary"]), int(manifest["splits"]["train"]["rows"])
 
 
+def scene_mixture(data_dir: str, cfg: Config) -> dict[str, Any] | None:
+    """The label mixture whose posterior the scene classifier trains towards (salgl/scenes.py),
+    fitted once here on the training labels, so every worker starts from the same one."""
+    head = cfg.model.head
+    if head.scene_targets != "labels" or head.num_scenes < 2:
+        return None
+    from pipeline.shards import read_label_matrix
+    from salgl.scenes import fit_label_mixture
+
+    fit = fit_label_mixture(read_label_matrix(data_dir, "train"), head.num_scenes, seed=cfg.run.seed)
+    return {"prior": fit.prior.tolist(), "theta": fit.theta.tolist()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs on disk
 
@@ -191,9 +204,14 @@ def format_epoch_line(m: Mapping[str, Any], epochs: int, *, label: str = "") -> 
         value = m.get(key)
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
+    # Scene recovery (NMI) only where the data has true scenes; train/eval agreement where probed.
+    extras = "".join(
+        f"  {name} {f(key, '.2f')}" for name, key in (("scene NMI", "ema_scene_nmi"), ("agreement", "ema_scene_agreement"))
+        if key in m
+    )
     return (
         f"[salgl] {label + '  ' if label else ''}epoch {m.get('epoch')}/{epochs}  loss {f('loss', '.4f')}  mAP {f('mAP')}  "
-        f"EMA mAP {f('ema_mAP')}  scene entropy {f('ema_scene_entropy', '.3f')}  "
+        f"EMA mAP {f('ema_mAP')}  scene entropy {f('ema_scene_entropy', '.3f')}{extras}  "
         f"{f('images_per_s', '.1f')} img/s"
     )
 
@@ -283,6 +301,7 @@ def build_trainer(
         train_rows=train_rows,
         threads=plan.torch_threads,
         run_dir=str(run_dir),
+        scene_mixture=scene_mixture(data_dir, cfg),
     )
     def train_stream() -> Any:
         # Ray Train calls this each time it (re)starts the worker group: the stream continues from

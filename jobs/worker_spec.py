@@ -21,6 +21,7 @@ class WorkerSpec:
     train_rows: int
     threads: int = 1
     run_dir: str = ""  # absolute folder of this run (fault-injection marker)
+    scene_mixture: dict[str, Any] | None = None  # {"prior": (K,), "theta": (K, n)}: salgl/scenes.py
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> "WorkerSpec":

@@ -30,7 +30,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
@@ -201,6 +203,16 @@ def shard_paths(root: str | os.PathLike[str], split: str) -> list[str]:
         raise KeyError(f"split {split!r} not in {Path(root)}; it has {sorted(manifest['splits'])}")
     base = Path(root).resolve()
     return [str(base / shard["file"]) for shard in manifest["splits"][split]["shards"]]
+
+
+def read_label_matrix(root: str | os.PathLike[str], split: str) -> np.ndarray:
+    """The multi-hot labels of ``split``, (N, n) bool in row order; only the ``labels`` column is read."""
+    num_labels = len(read_manifest(root)["vocabulary"])
+    rows = pq.ParquetDataset(shard_paths(root, split)).read(columns=["labels"]).column("labels")
+    lengths = pc.list_value_length(rows).to_numpy(zero_copy_only=False)
+    matrix = np.zeros((len(rows), num_labels), dtype=bool)
+    matrix[np.repeat(np.arange(len(rows)), lengths), pc.list_flatten(rows).to_numpy(zero_copy_only=False)] = True
+    return matrix
 
 
 def verify_checksums(root: str | os.PathLike[str]) -> None:

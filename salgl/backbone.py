@@ -37,6 +37,7 @@ class Backbone(nn.Module):
         if cfg.drop_path_rate > 0:  # not every timm model accepts the keyword, so pass it only when used
             extra["drop_path_rate"] = cfg.drop_path_rate
         self.name = cfg.name
+        self.frozen_batchnorm = cfg.batchnorm == "frozen"
         self.keep_prefix_tokens = cfg.keep_prefix_tokens
         self.model = timm.create_model(cfg.name, pretrained=False, num_classes=0, global_pool="", **extra)
         self.token_dim: int = int(self.model.num_features)  # d_I
@@ -46,6 +47,16 @@ class Backbone(nn.Module):
         self.output_fmt: str = str(getattr(self.model, "output_fmt", "NCHW"))
         # mean / std / input size / interpolation, for the preprocessing pipeline.
         self.data_config: dict[str, Any] = timm.data.resolve_model_data_config(self.model)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """With frozen BatchNorm its layers stay in eval mode: they normalise with the stored
+        statistics and never update them, so training sees the features that testing will."""
+        super().train(mode)
+        if mode and self.frozen_batchnorm:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) -> tokens (B, m, d_I)."""

@@ -52,6 +52,10 @@ class BackboneConfig:
     weights: str = "timm"
     keep_prefix_tokens: bool = False  # ViT: keep CLS / register tokens among the regions
     drop_path_rate: float = 0.0
+    # "frozen": BatchNorm layers normalise with their stored statistics in training too (their
+    # affine weights still learn), as detection fine-tuning does, so an image's features, and so
+    # its scene, do not depend on the rest of its batch; "train": batch statistics (released).
+    batchnorm: str = "frozen"
 
     def validate(self) -> None:
         from salgl.timm_names import is_timm_model  # does not import timm once it has run here
@@ -63,6 +67,7 @@ class BackboneConfig:
         if self.weights == "efficientnet_lite0_offline" and self.name != "tf_efficientnet_lite0":
             raise ConfigError("weights", "efficientnet_lite0_offline maps only onto tf_efficientnet_lite0")
         _in_unit("drop_path_rate", self.drop_path_rate)
+        _choice("batchnorm", self.batchnorm, ("frozen", "train"))
 
 
 LABEL_ENCODERS = ("minilm", "bert-base-uncased", "random")
@@ -115,6 +120,13 @@ class HeadConfig:
     row_normalize: bool = False  # divide each row of P by its sum
     phi_c: str = "mlp"  # "mlp": Linear-ReLU-Linear; "linear_tanh": Linear(2d, d) + Tanh (released)
     classifier_bias: bool = False  # released: per-label bias
+    # Training targets for the scene classifier: "labels" = the posterior of a Bernoulli mixture
+    # over the label sets fitted to the training labels (salgl/scenes.py); "none" = the entropy
+    # loss alone (the paper, released).
+    scene_targets: str = "labels"
+    # The scene classifier learns from the scene losses alone: it reads detached tokens, and P^I
+    # mixes the graphs with a detached pi (paper and released: both gradients flow).
+    isolate_scenes: bool = True
 
     def validate(self) -> None:
         _at_least("num_scenes", self.num_scenes, 1)
@@ -129,6 +141,7 @@ class HeadConfig:
         _choice("counting", self.counting, ("hard", "soft"))
         _choice("message", self.message, ("out", "in", "both"))
         _choice("phi_c", self.phi_c, ("mlp", "linear_tanh"))
+        _choice("scene_targets", self.scene_targets, ("labels", "none"))
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,7 @@ class LossConfig:
     focal_grad: bool = False  # False: focal weights carry no gradient (released)
     entropy_weight: float = 1.0  # lambda
     balance_scale: float = 1.0  # released multiplies L2 by 100
+    scene_target_weight: float = 1.0  # weight of the scene-target cross-entropy inside L_en
     entropy_eps: float = 1e-7
 
     def validate(self) -> None:
@@ -160,6 +174,7 @@ class LossConfig:
         _choice("reduction", self.reduction, ("mean", "released"))
         _at_least("entropy_weight", self.entropy_weight, 0.0)
         _at_least("balance_scale", self.balance_scale, 0.0)
+        _at_least("scene_target_weight", self.scene_target_weight, 0.0)
         _at_least("entropy_eps", self.entropy_eps, 0.0)
 
 
@@ -403,6 +418,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "official": {
         "model.labels.encoder": "bert-base-uncased",
         "model.labels.recipe": "released",
+        "model.backbone.batchnorm": "train",
         "model.head.num_scenes": 6,
         "model.head.token_encoder": True,
         "model.head.selection": "hard",
@@ -413,6 +429,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.head.row_normalize": True,
         "model.head.phi_c": "linear_tanh",
         "model.head.classifier_bias": True,
+        "model.head.scene_targets": "none",
+        "model.head.isolate_scenes": False,
         "loss.clip": 0.0,
         "loss.eps": 1e-5,
         "loss.reduction": "released",

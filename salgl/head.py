@@ -33,6 +33,7 @@ from salgl.layers import (
     build_phi_c,
     build_token_encoder,
 )
+from salgl.scenes import LabelMixture
 
 
 class HeadOutput(NamedTuple):
@@ -72,10 +73,15 @@ class SALGLHead(nn.Module):
             else None
         )
         self.scenes = SceneClassifier(token_dim, cfg.num_scenes)
+        # The scene classifier's training targets (salgl/scenes.py); one scene needs none.
+        self.label_mixture = (
+            LabelMixture(cfg.num_scenes, num_labels) if cfg.scene_targets == "labels" and cfg.num_scenes > 1 else None
+        )
         self.attention = SemanticAttention(
             token_dim, label_dim, attn_dim=cfg.attn_dim, hidden_dim=cfg.attn_hidden, chunk_mb=cfg.attn_chunk_mb
         )
-        self.propagation = GatedPropagation(token_dim, steps=cfg.steps, message=cfg.message)
+        # T = 0 builds no propagation: weights that take no part in the loss would stop DDP.
+        self.propagation = GatedPropagation(token_dim, steps=cfg.steps, message=cfg.message) if cfg.steps > 0 else None
         # With T = 0 there is no h^T to concatenate (released: Phi_c then takes f alone).
         self.phi_c = build_phi_c(2 * token_dim if cfg.steps > 0 else token_dim, token_dim, cfg.phi_c)
         self.classifier = PerLabelClassifier(num_labels, token_dim, bias=cfg.classifier_bias)
@@ -83,6 +89,10 @@ class SALGLHead(nn.Module):
     @property
     def num_labels(self) -> int:
         return self.counts.shape[-1]
+
+    def scene_targets(self, targets: Tensor, ignore: Tensor | None = None) -> Tensor | None:
+        """q(k | y) (B, K) for the scene-target loss, or None where the head trains without targets."""
+        return self.label_mixture(targets, ignore) if self.label_mixture is not None else None
 
     def forward(
         self,
@@ -105,20 +115,20 @@ class SALGLHead(nn.Module):
         self.settle_counts()
         if self.token_encoder is not None:
             tokens = self.token_encoder(tokens)  # (B, m, d)
-        scene_probs = self.scenes(tokens)  # (B, K)
-        # The count sync starts here and is waited for where the counts are next read: a
-        # distributed sync's collective runs behind the attention (and, counting after use, behind
-        # the propagation and classifier too). The counts seen by P are those of eq. 7's order.
-        pending = self.start_count_update(scene_probs, targets, sync) if self.training and targets is not None else None
+        scene_probs, pending = self._detect_scenes(tokens, targets, sync)  # (B, K)
         features, alpha = self.attention(tokens, self.label_embeddings.to(tokens.dtype))  # (B, n, d), (B, n, m)
 
         if pending is not None and self.cfg.count_before_use:
             self.apply_count_update(pending)
             pending = None
-        graph = self.label_graph(scene_probs)  # (B, n, n)
+        # Isolated scenes: the classification loss does not steer pi through P^I.
+        graph = self.label_graph(scene_probs.detach() if self.cfg.isolate_scenes else scene_probs)  # (B, n, n)
 
-        h = self.propagation(features, graph)  # (B, n, d)
-        fused = torch.cat([features, h], dim=-1) if self.cfg.steps > 0 else features  # (B, n, 2d)
+        if self.propagation is not None:
+            h = self.propagation(features, graph)  # (B, n, d)
+            fused = torch.cat([features, h], dim=-1)  # (B, n, 2d)
+        else:
+            fused = features  # (B, n, d)
         logits = self.classifier(self.phi_c(fused))  # (B, n)
         if pending is not None:
             if defer_count_update:
@@ -126,6 +136,17 @@ class SALGLHead(nn.Module):
             else:
                 self.apply_count_update(pending)
         return HeadOutput(logits, scene_probs, alpha, graph)
+
+    def _detect_scenes(self, tokens: Tensor, targets: Tensor | None, sync: CountSync) -> tuple[Tensor, Tensor | PendingDelta | None]:
+        """pi (B, K) (eq. 4-6) and the batch's count sync (eq. 7), started.
+
+        The sync is waited for where the counts are next read: a distributed sync's collective runs
+        behind the attention and, counting after use, behind the propagation and classifier too.
+        Isolated scenes read detached tokens, so the scene losses do not reshape the label features.
+        """
+        scene_probs = self.scenes(tokens.detach() if self.cfg.isolate_scenes else tokens)  # (B, K)
+        counting = self.training and targets is not None
+        return scene_probs, self.start_count_update(scene_probs, targets, sync) if counting else None
 
     def label_graph(self, scene_probs: Tensor) -> Tensor:
         """P^I for each image (eq. 8, 12) from the current counts."""

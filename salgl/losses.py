@@ -15,10 +15,11 @@ from salgl.config import LossConfig
 
 
 class LossTerms(NamedTuple):
-    total: Tensor  # L_cls + lambda * (L1 + scale * L2)
+    total: Tensor  # L_cls + lambda * (L1 + scale * L2 + w * L_q)
     classification: Tensor  # ASL
     sample_entropy: Tensor  # L1
     balance_entropy: Tensor  # L2 (unscaled)
+    scene_target: Tensor  # L_q, cross-entropy to the label-mixture posterior (0 without targets)
 
 
 def asymmetric_loss(logits: Tensor, targets: Tensor, cfg: LossConfig, mask: Tensor | None = None) -> Tensor:
@@ -71,15 +72,28 @@ def balance_entropy(scene_probs: Tensor, eps: float = 1e-7) -> Tensor:
     return h_max - entropy(scene_probs.mean(0), eps)
 
 
-def salgl_loss(
-    logits: Tensor, scene_probs: Tensor, targets: Tensor, cfg: LossConfig, mask: Tensor | None = None
-) -> LossTerms:
-    """Eq. 11 and the total: L = L_cls + lambda (L1 + s L2), s = 1 (paper) or 100 (released).
+def scene_target_loss(scene_probs: Tensor, scene_targets: Tensor, eps: float = 1e-7) -> Tensor:
+    """L_q = mean over the batch of the cross-entropy -sum_k q_k log pi_k (``salgl.scenes``)."""
+    return -(scene_targets * torch.log(scene_probs + eps)).sum(-1).mean()
 
-    Both entropies are per device batch, as released.
+
+def salgl_loss(
+    logits: Tensor,
+    scene_probs: Tensor,
+    targets: Tensor,
+    cfg: LossConfig,
+    mask: Tensor | None = None,
+    scene_targets: Tensor | None = None,
+) -> LossTerms:
+    """Eq. 11 and the total: L = L_cls + lambda (L1 + s L2 + w L_q), s = 1 (paper) or 100 (released).
+
+    Both entropies are per device batch, as released. ``scene_targets`` (B, K), the label-mixture
+    posterior q(k | y), adds L_q with weight w (``scene_target_weight``); lambda weighs every scene
+    term, so lambda = 0 still trains no scene at all, as in the paper's ablation.
     """
     cls = asymmetric_loss(logits, targets, cfg, mask)
     l1 = sample_entropy(scene_probs, cfg.entropy_eps)
     l2 = balance_entropy(scene_probs, cfg.entropy_eps)
-    total = cls + cfg.entropy_weight * (l1 + cfg.balance_scale * l2)
-    return LossTerms(total, cls, l1, l2)
+    lq = scene_target_loss(scene_probs, scene_targets, cfg.entropy_eps) if scene_targets is not None else l1.new_zeros(())
+    total = cls + cfg.entropy_weight * (l1 + cfg.balance_scale * l2 + cfg.scene_target_weight * lq)
+    return LossTerms(total, cls, l1, l2, lq)

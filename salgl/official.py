@@ -57,6 +57,7 @@ _FUSED: dict[str, tuple[str, ...]] = {
     "propagation.input_proj.{}": ("ggnn.fc1_w.{}", "ggnn.fc2_w.{}", "ggnn.fc3_w.{}"),
     "propagation.hidden_gates.{}": ("ggnn.fc1_u.{}", "ggnn.fc2_u.{}"),
 }
+_PROPAGATION = "propagation."
 _ENCODER_PREFIX = ("tb.layers.0.", "token_encoder.layers.0.")
 
 
@@ -122,6 +123,8 @@ def head_config_from_released(state: Tensors, flags: ReleasedFlags) -> HeadConfi
         row_normalize=flags.normalize,
         phi_c="linear_tanh",
         classifier_bias="classifier.bias" in state,
+        scene_targets="none",
+        isolate_scenes=False,
     )
 
 
@@ -134,7 +137,10 @@ def head_from_official_state_dict(state: Tensors, flags: ReleasedFlags = Release
     cfg = head_config_from_released(state, flags)
     num_labels, label_dim = state["embeddings"].shape
     head = SALGLHead(cfg, num_labels=num_labels, token_dim=state["scene_linear.weight"].shape[1], label_dim=label_dim)
-    head.load_state_dict(convert_released_head(state), strict=True)
+    converted = convert_released_head(state)
+    if head.propagation is None:  # T = 0: the released GGNN weights take no part
+        converted = {k: v for k, v in converted.items() if not k.startswith(_PROPAGATION)}
+    head.load_state_dict(converted, strict=True)
     return head
 
 
@@ -155,6 +161,8 @@ def load_released_checkpoint(model: SALGL, state: Tensors, *, allow_backbone_cla
     classifier = ("backbone.model.fc.", "backbone.model.head.", "backbone.model.classifier.")
 
     def tolerated(key: str) -> bool:
+        if model.head.propagation is None and key.startswith("head." + _PROPAGATION):
+            return True  # T = 0: the released GGNN weights take no part
         return allow_backbone_classifier and key.startswith(classifier)
 
     missing = [k for k in result.missing_keys if not tolerated(k)]

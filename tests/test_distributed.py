@@ -130,3 +130,43 @@ def test_counts_riding_the_gradient_all_reduce_equal_the_separate_collective() -
     torch.testing.assert_close(riding, separate, rtol=0, atol=0)
     torch.testing.assert_close(results[1][0], riding, rtol=0, atol=0)
     assert same_grads == [True] * 4 and results[1][2] == [True] * 4
+
+
+def _ablation_worker(rank: int, port: int, overrides: dict, results: dict) -> None:
+    """Two DDP replicas of a head in an ablation setting, trained a few steps on the full loss."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from salgl.config import HeadConfig, LossConfig
+    from salgl.losses import salgl_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from salgl.head import SALGLHead
+
+        torch.manual_seed(0)
+        cfg = HeadConfig(**{"num_scenes": K, "steps": 2, "attn_dim": 8, "attn_hidden": 8, **overrides})
+        head = SALGLHead(cfg, num_labels=N, token_dim=16, label_dim=8)
+        model = DistributedDataParallel(head.train(), broadcast_buffers=False)
+        sync = make_count_sync(4)
+        gen = torch.Generator().manual_seed(rank)
+        for _ in range(3):  # DDP reports parameters without gradients at the step after they went missing
+            tokens, y = torch.randn(4, 5, 16, generator=gen), (torch.rand(4, N, generator=gen) < 0.5).float()
+            out = model(tokens, y, sync=sync)
+            loss = salgl_loss(out.logits, out.scene_probs, y, LossConfig(), scene_targets=head.scene_targets(y)).total
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        results[rank] = head.counts.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("overrides", [{"steps": 0}, {"num_scenes": 1}], ids=["T0", "K1"])
+def test_ablation_heads_train_under_ddp_with_two_workers(overrides: dict) -> None:
+    """T = 0 (no propagation) and K = 1 (no scene targets) train under DDP without unused parameters."""
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ablation_worker, args=(_free_port(), overrides, results), nprocs=2, join=True)
+    assert results[0].sum() > 0
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

@@ -155,7 +155,8 @@ def test_eq15_16_fusion_and_per_label_classifier_match_loop(phi_c: str, bias: bo
     tokens = torch.randn(B, M, D)
     out = head(tokens)
     feats, _ = head.attention(tokens, head.label_embeddings)
-    h = head.propagation(feats, out.graph)
+    assert (head.propagation is None) == (steps == 0)  # T = 0 builds no propagation weights
+    h = head.propagation(feats, out.graph) if steps > 0 else None
     for bi in range(B):
         for i in range(N):
             fused = torch.cat([feats[bi, i], h[bi, i]]) if steps > 0 else feats[bi, i]

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sklearn.metrics import normalized_mutual_info_score
 
 from jobs.cli import main
 from jobs.inference import checkpoint_kind, guess_released_backbone, load_for_inference, resolve_checkpoint_folder, score_images
@@ -269,7 +270,7 @@ def test_predict_fails_when_nothing_is_readable(checkpoint: str, tmp_path: Path)
 # ---------------------------------------------------------------------------------------------
 # evaluate (Ray Data)
 
-METRIC_KEYS = {"mAP", "mAP_noninterp", "classes_without_positives", "scene_entropy"} | {
+METRIC_KEYS = {"mAP", "mAP_noninterp", "classes_without_positives", "scene_entropy", "scene_nmi", "scene_ari", "scene_agreement"} | {
     f"{k}{s}" for k in ("CP", "CR", "CF1", "OP", "OR", "OF1") for s in ("", "_top3")
 }
 
@@ -287,19 +288,23 @@ def test_evaluate_matches_a_single_process_computation(
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "CF13" in printed and "scene entropy" in printed and "Ankle boot" in printed
+    assert "NMI vs true scenes" in printed and "train/eval agreement" in printed
 
     result = json.loads(out.read_text())
     assert set(result["metrics"]) == METRIC_KEYS and result["images"] == 32 and list(result["per_class_ap"]) == vocabulary
     model, cfg, _ = load_for_inference(checkpoint)
     scores, scene_probs, targets, ignore = direct_scores(model, cfg, data_dir)
     expected = multilabel_metrics(scores, targets, ignore)
-    for key in METRIC_KEYS - {"scene_entropy"}:
+    for key in METRIC_KEYS - {"scene_entropy", "scene_nmi", "scene_ari", "scene_agreement"}:
         assert result["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
     assert list(result["per_class_ap"].values()) == pytest.approx(expected["ap"], abs=1e-6)
     scenes = scene_probs.argmax(1)
     assert result["metrics"]["scene_entropy"] == pytest.approx(scene_entropy(scenes, 3), abs=1e-9)
     assert result["occupancy"] == pytest.approx(scene_occupancy(scenes, 3).tolist())
     assert result["max_scene_entropy"] == pytest.approx(math.log(3))
+    truth = pq.read_table(shard_paths(data_dir, "test"), columns=["scene"]).column("scene").to_numpy()
+    assert result["metrics"]["scene_nmi"] == pytest.approx(normalized_mutual_info_score(truth, scenes))
+    assert result["metrics"]["scene_agreement"] == 1.0  # frozen BatchNorm: the modes agree
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("salgl-eval-test").experiment_id])

@@ -105,9 +105,21 @@ def test_training_reports_metrics_and_checkpoints(uninterrupted) -> None:
     counts = state["model"]["head.counts"]
     assert counts.dtype == torch.float64 and counts.sum() > 0
     assert torch.equal(counts, counts.round()), "counts must stay exact integers"
-    for key in ("mAP", "ema_mAP", "CF1", "OF1", "ema_scene_entropy", "images_per_s", "ema_occupancy_0"):
+    for key in ("mAP", "ema_mAP", "CF1", "OF1", "ema_scene_entropy", "images_per_s", "ema_occupancy_0", "loss_scene_target"):
         assert key in out.metrics, key
     assert out.best_checkpoint is not None
+
+
+@pytest.mark.timeout(600)
+def test_scenes_hold_at_test_time_on_cue_free_data(uninterrupted) -> None:
+    """The mosaic shows its scenes only through which items co-occur; with lambda > 0 the test
+    images still spread over the scenes in eval mode, which assigns the probe images as train mode does."""
+    m = uninterrupted.metrics
+    assert m["ema_scene_entropy"] > 0 and m["scene_entropy"] > 0
+    assert m["scene_agreement"] >= 0.9 and m["ema_scene_agreement"] >= 0.9
+    assert 0 <= m["scene_nmi"] <= 1 and "scene_ari" in m  # the mosaic has a true `scene` column
+    mixture = read_checkpoint(uninterrupted.last_checkpoint)["model"]
+    assert mixture["head.label_mixture.theta"].shape == (3, 10)  # the fitted label mixture travels with the model
 
 
 @pytest.mark.timeout(600)

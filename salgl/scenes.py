@@ -1,0 +1,160 @@
+"""Scene targets from the labels: what lets the scene classifier find scenes that drive co-occurrence.
+
+Notation: N training images, B batch, n labels, K scenes.
+
+The paper trains the scene classifier pi = softmax(W vbar) (eq. 4-6) with the entropy loss alone
+(eq. 9-11). That asks for sharp, balanced assignments but says nothing about *which* images share
+a scene, so on data whose scenes are latent the partition it finds is balanced yet unrelated to
+what makes labels co-occur (and, riding on BatchNorm's batch statistics, may not survive eval mode).
+
+Here a scene is what the co-occurrence structure says it is: the latent class of a mixture of
+independent Bernoullis over the label sets,
+
+    p(y) = sum_k rho_k prod_i theta_ki^y_i (1 - theta_ki)^(1 - y_i),
+
+fitted once to the training labels by EM (the best of a few seeded restarts). Within a scene the
+labels are independent, so every co-occurrence the data holds is explained by the scene mixture:
+the same structure SALGL's per-scene count matrices model. During training, each image's
+posterior q(k | y) is the target of a cross-entropy on pi (``salgl.losses.scene_target_loss``),
+so the image-only classifier learns to predict the scene its labels imply; at test time pi needs
+no labels. The posterior is log-linear in y, so a linear classifier on pooled features can
+represent it. This is a departure from the paper, documented in docs/training.md.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+THETA_FLOOR = 1e-4  # keeps log theta and log(1 - theta) finite for labels never (or always) seen
+
+
+class MixtureFit(NamedTuple):
+    prior: np.ndarray  # (K,) rho
+    theta: np.ndarray  # (K, n) P(label i | scene k)
+    log_likelihood: float  # of the training labels, per image
+
+
+def _posterior_logits(y: np.ndarray, prior: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """log rho_k + log p(y | k), (N, K); y (N, n) float."""
+    log_on, log_off = np.log(theta), np.log1p(-theta)  # (K, n)
+    return y @ (log_on - log_off).T + log_off.sum(1) + np.log(prior)
+
+
+def _e_step(y: np.ndarray, prior: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, float]:
+    logits = _posterior_logits(y, prior, theta)  # (N, K)
+    top = logits.max(1, keepdims=True)
+    weights = np.exp(logits - top)
+    total = weights.sum(1, keepdims=True)
+    return weights / total, float((np.log(total) + top).mean())
+
+
+def _m_step(y: np.ndarray, resp: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    mass = resp.sum(0)  # (K,)
+    theta = (resp.T @ y + smoothing) / (mass[:, None] + 2 * smoothing)  # (K, n), a Beta prior
+    prior = (mass + smoothing) / (len(y) + smoothing * len(mass))
+    return prior, np.clip(theta, THETA_FLOOR, 1 - THETA_FLOOR)
+
+
+def fit_label_mixture(
+    labels: np.ndarray,
+    num_scenes: int,
+    *,
+    seed: int = 0,
+    restarts: int = 8,
+    max_iters: int = 200,
+    tol: float = 1e-6,
+    smoothing: float = 1.0,
+) -> MixtureFit:
+    """EM for a K-component Bernoulli mixture over multi-hot label rows (N, n).
+
+    Each restart begins from seeded Dirichlet responsibilities and runs until the per-image
+    log-likelihood gains less than ``tol``; the best restart wins. ``smoothing`` is an add-one
+    (Beta(1, 1)) prior on theta and rho, so a component that empties out keeps finite parameters.
+    """
+    y = np.asarray(labels, dtype=np.float64)  # (N, n)
+    if y.ndim != 2 or len(y) == 0:
+        raise ValueError(f"labels must be a non-empty (N, n) array, got shape {y.shape}")
+    if num_scenes < 1:
+        raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
+    best: MixtureFit | None = None
+    for restart in range(max(1, restarts)):
+        rng = np.random.default_rng([seed, restart])
+        prior, theta = _m_step(y, rng.dirichlet(np.ones(num_scenes), size=len(y)), smoothing)
+        previous = -np.inf
+        for _ in range(max_iters):
+            resp, log_likelihood = _e_step(y, prior, theta)
+            prior, theta = _m_step(y, resp, smoothing)
+            if log_likelihood - previous < tol:
+                break
+            previous = log_likelihood
+        if best is None or log_likelihood > best.log_likelihood:
+            best = MixtureFit(prior, theta, log_likelihood)
+    assert best is not None
+    return best
+
+
+class LabelMixture(nn.Module):
+    """The fitted mixture as buffers (saved with the model), giving q(k | y) for a batch.
+
+    Starts uniform (rho = 1/K, theta = 1/2: every posterior uniform) until ``load_fit`` fills it.
+    """
+
+    def __init__(self, num_scenes: int, num_labels: int) -> None:
+        super().__init__()
+        self.register_buffer("prior", torch.full((num_scenes,), 1.0 / num_scenes, dtype=torch.float64))  # (K,)
+        self.register_buffer("theta", torch.full((num_scenes, num_labels), 0.5, dtype=torch.float64))  # (K, n)
+
+    @torch.no_grad()
+    def load_fit(self, prior: np.ndarray | Tensor, theta: np.ndarray | Tensor) -> None:
+        prior_t = torch.as_tensor(np.asarray(prior), dtype=torch.float64)
+        theta_t = torch.as_tensor(np.asarray(theta), dtype=torch.float64)
+        if prior_t.shape != self.prior.shape or theta_t.shape != self.theta.shape:
+            raise ValueError(
+                f"mixture of shapes {tuple(prior_t.shape)}, {tuple(theta_t.shape)}; "
+                f"the head expects {tuple(self.prior.shape)}, {tuple(self.theta.shape)}"
+            )
+        self.prior.copy_(prior_t)
+        self.theta.copy_(theta_t.clamp(THETA_FLOOR, 1 - THETA_FLOOR))
+
+    @torch.no_grad()
+    def forward(self, targets: Tensor, ignore: Tensor | None = None) -> Tensor:
+        """targets (B, n) multi-hot -> q(k | y) (B, K) float32; ``ignore`` (B, n) True drops an entry."""
+        y = targets.to(torch.float64)  # (B, n)
+        log_on, log_off = self.theta.log(), torch.log1p(-self.theta)  # (K, n)
+        per_label = y.unsqueeze(1) * log_on + (1.0 - y.unsqueeze(1)) * log_off  # (B, K, n)
+        if ignore is not None:
+            per_label = per_label.masked_fill(ignore.unsqueeze(1), 0.0)
+        logits = per_label.sum(-1) + self.prior.log()  # (B, K)
+        return logits.softmax(-1).float()
+
+
+@torch.no_grad()
+def train_eval_scenes(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The argmax scene of each image (B,) with ``model`` in train mode, then in eval mode.
+
+    Where they differ, what training learned to call a scene is not what testing sees: BatchNorm
+    normalising with batch statistics, dropout, anything else that depends on the mode or on the
+    rest of the batch. BatchNorm statistics are left as they were (momentum 0 for the train-mode
+    pass) and so is the model's mode; without targets the head counts nothing.
+    """
+    was_training = model.training
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    try:
+        for m in norms:
+            m.momentum = 0.0  # running = 1 * running + 0 * batch
+        model.train()
+        in_train = model(images).scene_probs.argmax(-1)  # (B,)
+        model.eval()
+        in_eval = model(images).scene_probs.argmax(-1)  # (B,)
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+        model.train(was_training)
+    return in_train, in_eval
