@@ -78,7 +78,7 @@ CHUNK_ROWS = 32
 # so every task left its process idle for ~0.2 s: with one 32-row chunk per task (0.28 s of work at
 # 224 px) the two data processes were busy about half the time (tests/bench/ingest.py: 0.57-0.62x
 # a DataLoader's images/s at 224 px). Four chunks per task, each still emitted as its own block:
-# 0.95x (README, "Benchmarks").
+# 0.95x (docs/benchmarks.md, "Ingest").
 CHUNKS_PER_TASK = 4
 MIN_TASKS = 8
 # Default local shuffle buffer of ``iter_train_batches``, in batches (decoded uint8 rows).

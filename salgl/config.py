@@ -100,7 +100,9 @@ class LabelEmbeddingConfig:
 class HeadConfig:
     """Every switch of SPEC section 2 that changes what the head computes.
 
-    The defaults are the paper's equations; the ``official`` preset sets the released code's values.
+    The defaults are the paper's equations, plus how scenes are learned where the paper is silent
+    (``scene_targets``, ``isolate_scenes``: docs/scenes.md); the ``official`` preset sets the
+    released code's values.
     """
 
     num_scenes: int = 6  # K
@@ -247,7 +249,7 @@ class RunConfig:
     checksum_every: int = 50  # steps between cross-rank count checksums
     keep_checkpoints: int = 2
     max_failures: int = 2
-    storage: str = "runs"  # checkpoints (local folder, shared filesystem or s3://)
+    storage: str = "runs"  # checkpoints: a local folder or a shared filesystem every node sees
     tracking_uri: str = ""  # "" -> sqlite:///mlflow.db in the working directory
     experiment: str = "salgl"
     stop_after_epoch: int = 0  # > 0: end cleanly after this epoch (resume later with --resume)

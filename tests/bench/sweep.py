@@ -158,7 +158,7 @@ def time_split(times: dict[str, list[float]], wall: float) -> dict[str, float]:
     return {"to_first_report_s": first, "later_epochs_s": later, "outside_trials_s": wall - first - later}
 
 
-# Unless given on the command line. FULL_SIZE is where the README's sweep rows since 2026-11-29 ran.
+# Unless given on the command line. FULL_SIZE is the setting of docs/benchmarks.md's sweep table.
 FULL_SIZE = {"max_epochs": 16, "reduction_factor": 4, "train_images": 2048}
 QUICK_SIZE = {"max_epochs": 4, "reduction_factor": 2, "train_images": 128}
 
