@@ -204,16 +204,16 @@ class Recipe:
             model.eval()
         targets, ignores, truths = [], [], []
         for batch in batches:
-            keep = batch["valid"].numpy().astype(bool) if "valid" in batch else np.ones(len(batch["id"]), bool)
+            keep = _host(batch["valid"]).astype(bool) if "valid" in batch else np.ones(len(batch["id"]), bool)
             images = batch["image"].to(self.device)
             for name, model in models.items():
                 out = model(images)
                 parts[f"{name}_scores"].append(torch.sigmoid(out.logits.float()).cpu().numpy()[keep])
                 parts[f"{name}_scenes"].append(out.scene_probs.argmax(-1).cpu().numpy()[keep])
-            targets.append(batch["target"].numpy()[keep])
-            ignores.append(batch["ignore"].numpy()[keep])
+            targets.append(_host(batch["target"])[keep])
+            ignores.append(_host(batch["ignore"])[keep])
             if "scene" in batch:
-                truths.append(np.asarray(batch["scene"])[keep])
+                truths.append(_host(batch["scene"])[keep])
         local = {k: _concat(v) for k, v in parts.items()}
         local.update(target=_concat(targets), ignore=_concat(ignores), truth=_concat(truths))
         gathered = gather_objects(local)
@@ -296,6 +296,11 @@ def _restore_point(spec: WorkerSpec) -> Any:
         return nullcontext(newest[0] if newest else None)
     checkpoint = ray.train.get_checkpoint()
     return checkpoint.as_directory() if checkpoint else nullcontext()
+
+
+def _host(values: Any) -> np.ndarray:
+    """A batch column as a host numpy array (on a GPU every tensor of the batch is on the device)."""
+    return values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:

@@ -37,7 +37,7 @@ class Backbone(nn.Module):
         if cfg.drop_path_rate > 0:  # not every timm model accepts the keyword, so pass it only when used
             extra["drop_path_rate"] = cfg.drop_path_rate
         self.name = cfg.name
-        self.frozen_batchnorm = cfg.batchnorm == "frozen"
+        self.frozen_batchnorm = cfg.frozen_batchnorm
         self.keep_prefix_tokens = cfg.keep_prefix_tokens
         self.model = timm.create_model(cfg.name, pretrained=False, num_classes=0, global_pool="", **extra)
         self.token_dim: int = int(self.model.num_features)  # d_I

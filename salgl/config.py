@@ -54,8 +54,13 @@ class BackboneConfig:
     drop_path_rate: float = 0.0
     # "frozen": BatchNorm layers normalise with their stored statistics in training too (their
     # affine weights still learn), as detection fine-tuning does, so an image's features, and so
-    # its scene, do not depend on the rest of its batch; "train": batch statistics (released).
-    batchnorm: str = "frozen"
+    # its scene, do not depend on the rest of its batch; "train": batch statistics (released);
+    # "auto": frozen with pretrained weights, train from scratch (weights=none).
+    batchnorm: str = "auto"
+
+    @property
+    def frozen_batchnorm(self) -> bool:
+        return self.batchnorm == "frozen" or (self.batchnorm == "auto" and self.weights != "none")
 
     def validate(self) -> None:
         from salgl.timm_names import is_timm_model  # does not import timm once it has run here
@@ -67,7 +72,7 @@ class BackboneConfig:
         if self.weights == "efficientnet_lite0_offline" and self.name != "tf_efficientnet_lite0":
             raise ConfigError("weights", "efficientnet_lite0_offline maps only onto tf_efficientnet_lite0")
         _in_unit("drop_path_rate", self.drop_path_rate)
-        _choice("batchnorm", self.batchnorm, ("frozen", "train"))
+        _choice("batchnorm", self.batchnorm, ("auto", "frozen", "train"))
 
 
 LABEL_ENCODERS = ("minilm", "bert-base-uncased", "random")

@@ -18,7 +18,7 @@ the same structure SALGL's per-scene count matrices model. During training, each
 posterior q(k | y) is the target of a cross-entropy on pi (``salgl.losses.scene_target_loss``),
 so the image-only classifier learns to predict the scene its labels imply; at test time pi needs
 no labels. The posterior is log-linear in y, so a linear classifier on pooled features can
-represent it. This is a departure from the paper, documented in docs/training.md.
+represent it. This is a departure from the paper, documented in docs/scenes.md.
 """
 
 from __future__ import annotations

@@ -134,3 +134,13 @@ def test_scene_metrics_are_invariant_to_scene_names() -> None:
     assert metrics["scene_entropy"] == pytest.approx(np.log(3))
     plain = scene_metrics(renamed, 3)
     assert "scene_nmi" not in plain and "scene_agreement" not in plain
+
+
+def test_auto_batchnorm_freezes_pretrained_backbones_only() -> None:
+    from salgl.config import BackboneConfig
+
+    assert BackboneConfig(weights="timm").frozen_batchnorm  # the paper preset's default
+    assert BackboneConfig(weights="efficientnet_lite0_offline", name="tf_efficientnet_lite0").frozen_batchnorm
+    assert not BackboneConfig(weights="none").frozen_batchnorm  # from scratch: no statistics worth keeping
+    assert BackboneConfig(weights="none", batchnorm="frozen").frozen_batchnorm
+    assert not BackboneConfig(weights="timm", batchnorm="train").frozen_batchnorm
