@@ -25,7 +25,7 @@ import torch
 
 from jobs.inference import Loaded, score_images
 from jobs.resources import ResourcePlan, plan_resources
-from jobs.scene_metrics import scene_metrics
+from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
 from pipeline.transforms import normalize_tensor
 from salgl.config import Config
 from salgl.metrics import multilabel_metrics
@@ -34,7 +34,6 @@ from salgl.scenes import train_eval_scenes
 
 THRESHOLD_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 TOPK = 3
-PROBE_IMAGES = 64
 SCENE_EXTRAS = (("NMI vs true scenes", "scene_nmi"), ("ARI", "scene_ari"), ("train/eval agreement", "scene_agreement"))
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from jobs.checkpoints import TrainingState, read_checkpoint, write_checkpoint
 from jobs.distributed import check_counts_consistent, count_sync_for, gather_objects, world
-from jobs.scene_metrics import scene_metrics
+from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
 from jobs.worker_spec import WorkerSpec
 from salgl.config import Config, from_flat
 from salgl.ema import ModelEma
@@ -32,9 +32,6 @@ from salgl.losses import salgl_loss
 from salgl.metrics import multilabel_metrics
 from salgl.model import SALGL, build_model, load_label_embeddings
 from salgl.scenes import train_eval_scenes
-
-
-PROBE_IMAGES = 64
 
 
 def step_seed(seed: int, *parts: int | str) -> int:

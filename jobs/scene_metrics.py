@@ -16,6 +16,8 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from salgl.metrics import scene_entropy, scene_occupancy
 
+PROBE_IMAGES = 64  # images of the train/eval agreement probe
+
 
 def scene_metrics(
     scenes: np.ndarray,
