@@ -100,3 +100,25 @@ def expected_trials(space: Mapping[str, Any], samples: int) -> int:
     """Trials a complete sweep has: ``samples`` times every combination of the grid values."""
     grids = [len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v]
     return samples * math.prod(grids)
+
+
+# ---------------------------------------------------------------------------------------------
+# A trial's values and name (shared by the sweep and its progress lines)
+
+METRIC = "ema_mAP"  # what ASHA and the best-trial choice rank by
+
+
+def sampled_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's searched values: its Tune config without the sweep's ``__``-prefixed entries."""
+    return {k: v for k, v in config.items() if not k.startswith("__")}
+
+
+def trial_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's flat config: the sweep's base with the trial's searched values on top."""
+    return {**config["__base__"], **sampled_values(config)}
+
+
+def trial_label(flat: Mapping[str, Any], trial_id: str) -> str:
+    """``K6-lam1.0-T3-<trial>``: the MLflow child run's name."""
+    lam = float(f"{float(flat['loss.entropy_weight']):.3g}")  # 3 significant digits, printed as a float
+    return f"K{flat['model.head.num_scenes']}-lam{lam}-T{flat['model.head.steps']}-{trial_id}"

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from jobs.train import format_epoch_line
-from jobs.tune import METRIC, trial_label, trial_values
+from jobs.search_space import METRIC, trial_label, trial_values
 
 
 class SweepProgress(Callback):

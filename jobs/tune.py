@@ -19,24 +19,13 @@ from typing import Any, Mapping
 
 from jobs.errors import AlreadyExists, BadValue, NotFound
 from jobs.resources import plan_resources
-from jobs.search_space import build_space, check_space, expected_trials
+from jobs.search_space import METRIC, build_space, check_space, expected_trials, sampled_values, trial_label, trial_values
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.train import init_ray, new_run_name, resolve_data, storage_root
 from salgl.config import Config, from_flat, to_flat, with_overrides
 
 SWEEP_FILE = "salgl_sweep.json"
-METRIC = "ema_mAP"
 TRIAL_CPU = 0.01  # a trial's own process only waits on its TorchTrainer (0 is rejected by Tune)
-
-
-# ---------------------------------------------------------------------------------------------
-# Trial names
-
-
-def trial_label(flat: Mapping[str, Any], trial_id: str) -> str:
-    """``K6-lam1.0-T3-<trial>``: the MLflow child run's name."""
-    lam = float(f"{float(flat['loss.entropy_weight']):.3g}")  # 3 significant digits, printed as a float
-    return f"K{flat['model.head.num_scenes']}-lam{lam}-T{flat['model.head.steps']}-{trial_id}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,16 +72,6 @@ def trial_config(config: Mapping[str, Any], trial_id: str) -> Config:
     """
     base = from_flat(config["__base__"])
     return with_overrides(base, {**sampled_values(config), "run.name": f"trial-{trial_id}", "run.max_failures": 0})
-
-
-def sampled_values(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's searched values: its Tune config without the sweep's ``__``-prefixed entries."""
-    return {k: v for k, v in config.items() if not k.startswith("__")}
-
-
-def trial_values(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's flat config: the sweep's base with the trial's searched values on top."""
-    return {**config["__base__"], **sampled_values(config)}
 
 
 def _report_if_complete(run_dir: Path, epochs: int) -> bool:
