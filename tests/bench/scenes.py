@@ -99,11 +99,9 @@ def label_only_analysis(data_dir: str, num_scenes: int) -> dict[str, float]:
         rest = np.arange(train.shape[1]) != i
         model = LogisticRegression(max_iter=1000).fit(train[:, rest], train[:, i])
         pairwise[:, i] = model.predict_proba(test[:, rest])[:, 1]
-        # q(k | the other labels), then P(y_i | k) averaged over it.
-        theta = fit.theta[:, rest]
-        logits = test[:, rest] @ np.log(theta).T + (1 - test[:, rest]) @ np.log1p(-theta).T + np.log(fit.prior)
-        q = np.exp(logits - logits.max(1, keepdims=True))
-        scene_mixture[:, i] = (q / q.sum(1, keepdims=True)) @ fit.theta[:, i]
+        # q(k | the other labels): label i left out through the ignore mask; then P(y_i | k) averaged over it.
+        q = mixture(torch.from_numpy(test), torch.from_numpy(np.broadcast_to(~rest, test.shape).copy()))
+        scene_mixture[:, i] = q.double().numpy() @ fit.theta[:, i]
 
     def mean_ap(scores: np.ndarray) -> float:
         return 100 * float(np.mean([average_precision_score(test[:, i], scores[:, i]) for i in range(test.shape[1])]))
