@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.checkpoints import TrainingState, write_checkpoint
+from jobs.training.checkpoints import TrainingState, write_checkpoint
 from salgl.config import Config, preset, to_flat
 from salgl.ema import ModelEma
 from salgl.model import SALGL, build_model, load_label_embeddings
@@ -59,7 +59,7 @@ def tiny_trained_model(cfg: Config, num_labels: int, *, steps: int = 3, seed: in
 
 
 def write_tiny_checkpoint(folder: Path, vocabulary: list[str], data_dir: str = "", *, ema_map: float = 50.0) -> Path:
-    """A checkpoint folder in the training format (``jobs.checkpoints.write_checkpoint``)."""
+    """A checkpoint folder in the training format (``jobs.training.checkpoints.write_checkpoint``)."""
     cfg = tiny_config(data_dir)
     model, ema = tiny_trained_model(cfg, len(vocabulary))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)

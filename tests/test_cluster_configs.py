@@ -182,7 +182,7 @@ def test_mlflow_server_keeps_its_store_and_artifacts_on_the_shared_volume() -> N
 
 def test_rayjob_entrypoint_is_a_salgl_command_with_a_bundled_config_and_valid_overrides() -> None:
     from jobs.cli import COMMANDS
-    from jobs.cli_train import load_config_file
+    from jobs.cli.train import load_config_file
     from salgl.config import load, parse_overrides
 
     job = _one(KUBERAY / "rayjob.yaml", "RayJob")["spec"]

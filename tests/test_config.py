@@ -86,7 +86,7 @@ def test_processes_that_only_build_or_split_data_do_not_import_torch() -> None:
     """Ray Train's controller and dataset manager, the split coordinators and the data tasks
     import these modules in every run; torch and timm there cost seconds per process."""
     code = (
-        "import sys, salgl.config, pipeline.ingest, pipeline.transforms, jobs.checkpoints, jobs.train; "
+        "import sys, salgl.config, pipeline.ingest, pipeline.transforms, jobs.training.checkpoints, jobs.training.driver; "
         "print([m for m in ('torch', 'timm', 'transformers', 'mlflow') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -115,7 +115,7 @@ def test_a_known_backbone_is_checked_without_importing_timm_after_the_first_time
 
 @pytest.mark.parametrize("name", ["default", "voc2007", "coco2014", "nuswide", "official", "tiny"])
 def test_bundled_run_configs_load(name: str) -> None:
-    from jobs.cli_train import load_config_file
+    from jobs.cli.train import load_config_file
 
     cfg = load(load_config_file(name))
     expected_k = {"voc2007": 3, "coco2014": 6, "nuswide": 2, "official": 6}
@@ -142,15 +142,15 @@ def test_a_trial_process_builds_its_trainer_without_the_training_stack(tmp_path)
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "import jobs.train\n"
+        "import jobs.training.driver\n"
         "from jobs.resources import plan_resources\n"
         "from salgl.config import preset\n"
-        "jobs.train.cluster_plan = lambda workers, share=1.0: plan_resources(workers, {'CPU': 2.0})  # no Ray instance\n"
+        "jobs.training.driver.cluster_plan = lambda workers, share=1.0: plan_resources(workers, {'CPU': 2.0})  # no Ray instance\n"
         f"root = Path({str(tmp_path)!r})\n"
         "cfg = preset('tiny', {'data.path': str(root / 'data'), 'run.workers': 1})\n"
-        "jobs.train.build_trainer(cfg, data_dir=str(root / 'data'), run_dir=root / 'run', run_name='run', storage=str(root),\n"
+        "jobs.training.driver.build_trainer(cfg, data_dir=str(root / 'data'), run_dir=root / 'run', run_name='run', storage=str(root),\n"
         "              tracking_uri=f'sqlite:///{root}/mlflow.db', mlflow_run_id='0')\n"
-        "print([m for m in ('jobs.recipe', 'timm', 'salgl.model', 'transformers') if m in sys.modules])\n"
+        "print([m for m in ('jobs.training.recipe', 'timm', 'salgl.model', 'transformers') if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -1,4 +1,4 @@
-"""`salgl prepare ...` through the real entry point (jobs/cli.py -> jobs/prepare_cmd.py)."""
+"""`salgl prepare ...` through the real entry point (jobs/cli/__init__.py -> jobs/cli/prepare.py)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from jobs.distributed import CountDivergenceError, check_counts_consistent, gather_objects, make_count_sync, world
+from jobs.training.distributed import CountDivergenceError, check_counts_consistent, gather_objects, make_count_sync, world
 from salgl.graph import count_delta, resolve_delta
 
 K, N = 3, 5
@@ -77,7 +77,7 @@ def _ddp_worker(rank: int, port: int, results: dict) -> None:
     collective, over synced steps and a ``no_sync`` (gradient accumulation) step."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from jobs.distributed import count_sync_for
+    from jobs.training.distributed import count_sync_for
     from salgl.config import HeadConfig
     from salgl.head import SALGLHead
 

@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from jobs.cli import main
-from jobs.inference import checkpoint_kind, guess_released_backbone, load_for_inference, resolve_checkpoint_folder, score_images
+from jobs.inference.loading import checkpoint_kind, guess_released_backbone, load_for_inference, resolve_checkpoint_folder, score_images
 from pipeline.shards import read_manifest, shard_paths
 from pipeline.transforms import transform_batch
 from salgl.config import Config
@@ -152,7 +152,7 @@ def test_released_checkpoint_loads_with_its_flags(released, vocabulary: list[str
 
 
 def test_released_flags_from_the_command_line() -> None:
-    from jobs.cli_checkpoint import add_checkpoint_arguments, released_flags
+    from jobs.cli.checkpoint_args import add_checkpoint_arguments, released_flags
 
     parser = argparse.ArgumentParser()
     add_checkpoint_arguments(parser)
@@ -178,7 +178,7 @@ def mlflow_run(tmp_path_factory: pytest.TempPathFactory, vocabulary: list[str]) 
     run_id = start_run(uri, "salgl-test", run_name="train", params=to_flat(cfg), artifact_root=str(root / "mlruns"))
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        # Explicit requirements, as jobs.train does: inferring them runs the model in a subprocess.
+        # Explicit requirements, as jobs.training.driver does: inferring them runs the model in a subprocess.
         mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=["torch", "salgl"],
                                  metadata={"vocabulary": vocabulary}, registered_model_name="salgl-tiny")
     return uri, run_id, model
@@ -199,7 +199,7 @@ def test_evaluation_logs_into_an_existing_run(mlflow_run, vocabulary: list[str])
     """``--mlflow-run-id``: metrics named by split beside the run's own, the JSON and the chart."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.evaluate import Scored, log_evaluation, summarize
+    from jobs.inference.evaluate import Scored, log_evaluation, summarize
 
     uri, run_id, _ = mlflow_run
     rng = np.random.default_rng(0)

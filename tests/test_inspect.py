@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from jobs.cli import main
-from jobs.inference import load_for_inference
+from jobs.inference.loading import load_for_inference
 from tests._tiny_checkpoint import write_tiny_checkpoint
 
 VOCABULARY = ["person", "dog", "sofa", "car", "bicycle", "bus"]

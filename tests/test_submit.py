@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import submit as sj
+from jobs.submission import client as sj
 from jobs.resources import WORKER_ALLOCATOR_ENV
 from jobs.cli import main
 from salgl.config import ConfigError, preset

@@ -137,7 +137,7 @@ def _train_workers(address: str, ray_job_id: str) -> list[Any]:
     from ray.util.state import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
-    from jobs.submit import auth_headers, find_token
+    from jobs.submission.client import auth_headers, find_token
 
     client = StateApiClient(address, headers={**auth_headers(find_token()), "Content-Type": "application/json"})
     options = ListApiOptions(filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job_id)], detail=True)
@@ -149,7 +149,7 @@ def _nodes(address: str) -> dict[str, str]:
     from ray.util.state import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
-    from jobs.submit import auth_headers, find_token
+    from jobs.submission.client import auth_headers, find_token
 
     client = StateApiClient(address, headers={**auth_headers(find_token()), "Content-Type": "application/json"})
     nodes = client.list(StateResource.NODES, options=ListApiOptions(detail=True), raise_on_missing_output=False)
@@ -162,7 +162,7 @@ def test_submitted_training_succeeds_on_both_nodes(submitted, cluster) -> None:
     assert submitted.returncode == 0, out[-6000:]
     assert "[salgl] epoch 1/1" in out, "the job's log is streamed back"
     assert "SUCCEEDED" in submitted.stdout.splitlines()[-1]
-    from jobs.submit import connect
+    from jobs.submission.client import connect
 
     info = connect(cluster["address"]).client.get_job_info(_job_id(submitted.stdout))
     assert str(info.status) == "SUCCEEDED"
@@ -176,7 +176,7 @@ def test_submitted_training_succeeds_on_both_nodes(submitted, cluster) -> None:
 def test_submitted_run_left_a_checkpoint_and_an_mlflow_run(submitted, workdir) -> None:
     from mlflow.tracking import MlflowClient
 
-    from jobs.checkpoints import read_checkpoint
+    from jobs.training.checkpoints import read_checkpoint
 
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     run_dir = Path(workdir["storage"]) / RUN_NAME

@@ -1,11 +1,11 @@
-"""What `salgl tune` prints while a sweep runs (``jobs.sweep_progress.SweepProgress``), on Tune's
+"""What `salgl tune` prints while a sweep runs (``jobs.sweep.progress.SweepProgress``), on Tune's
 callback calls with stand-in trials."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from jobs.sweep_progress import SweepProgress
+from jobs.sweep.progress import SweepProgress
 
 BASE = {"model.head.num_scenes": 4, "loss.entropy_weight": 1.0, "model.head.steps": 3}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.checkpoints import read_checkpoint
+from jobs.training.checkpoints import read_checkpoint
 from salgl.config import preset
 
 pytestmark = pytest.mark.integration
@@ -90,7 +90,7 @@ def _live_counts(checkpoint: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, mosaic_dir, mlflow_server, tmp_path_factory):
-    from jobs.train import train
+    from jobs.training.driver import train
 
     storage = tmp_path_factory.mktemp("runs")
     return train(_config(mosaic_dir, storage, mlflow_server, **{"run.name": "straight"}), log_model=True)
@@ -126,7 +126,7 @@ def test_pretrained_backbone_scenes_hold_at_test_time(ray_local, mosaic_dir, tmp
     """The default recipe's kind of backbone (offline ImageNet EfficientNet-Lite0, so frozen
     BatchNorm): eval mode assigns the probe images the scenes train mode does. (How the test
     images spread over the scenes needs a longer run than these 32 steps: tests/bench/scenes.py.)"""
-    from jobs.train import train
+    from jobs.training.driver import train
 
     overrides = {
         "model.backbone.name": "tf_efficientnet_lite0", "model.backbone.weights": "efficientnet_lite0_offline",
@@ -166,7 +166,7 @@ def test_mlflow_server_holds_params_metrics_and_artifacts(uninterrupted) -> None
 
 @pytest.mark.timeout(600)
 def test_killed_worker_recovers_to_the_same_counts(uninterrupted, mosaic_dir, mlflow_server, tmp_path) -> None:
-    from jobs.train import train
+    from jobs.training.driver import train
 
     cfg = _config(mosaic_dir, tmp_path, mlflow_server, **{"run.name": "crashy", "run.inject_failure": "1:1"})
     out = train(cfg, log_model=False)
@@ -177,7 +177,7 @@ def test_killed_worker_recovers_to_the_same_counts(uninterrupted, mosaic_dir, ml
 
 @pytest.mark.timeout(600)
 def test_stopped_run_resumes_to_the_uninterrupted_state(uninterrupted, mosaic_dir, mlflow_server, tmp_path) -> None:
-    from jobs.train import train
+    from jobs.training.driver import train
 
     cfg = _config(mosaic_dir, tmp_path, mlflow_server, **{"run.name": "pausing", "run.stop_after_epoch": 1})
     first = train(cfg, log_model=False)
@@ -194,7 +194,7 @@ def test_stopped_run_resumes_to_the_uninterrupted_state(uninterrupted, mosaic_di
 
 @pytest.mark.timeout(600)
 def test_reusing_a_run_name_is_refused(uninterrupted) -> None:
-    from jobs.train import train
+    from jobs.training.driver import train
 
     cfg = preset("tiny", {"run.storage": str(Path(uninterrupted.run_dir).parent), "run.name": "straight"})
     with pytest.raises(FileExistsError, match="--resume straight"):
@@ -206,7 +206,7 @@ def _count_probe_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from jobs.distributed import make_count_sync
+    from jobs.training.distributed import make_count_sync
     from pipeline.ingest import iter_train_batches
     from salgl.losses import salgl_loss
     from salgl.model import build_model

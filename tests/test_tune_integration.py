@@ -27,8 +27,8 @@ def sweep_run(mosaic_dir, tmp_path_factory):
     """The sweep's outcome and what it printed."""
     import ray
 
-    from jobs.train import local_instance_env
-    from jobs.tune import tune_sweep
+    from jobs.training.driver import local_instance_env
+    from jobs.sweep.tune import tune_sweep
 
     root = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as env:
@@ -109,7 +109,7 @@ def test_mlflow_holds_parent_and_named_children(sweep) -> None:
 def test_best_checkpoint_is_registered_and_predicts(sweep) -> None:
     import mlflow.pytorch
 
-    from jobs.checkpoints import read_checkpoint
+    from jobs.training.checkpoints import read_checkpoint
 
     assert sweep.registered_model == "models:/salgl-test/1"
     best_meta = json.loads((Path(sweep.best["best_checkpoint"]) / "meta.json").read_text())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.search_space import build_space, check_space, expected_trials, parse_space_item
-from jobs.tune import trial_config, trial_label
+from jobs.sweep.search_space import build_space, check_space, expected_trials, parse_space_item
+from jobs.sweep.tune import trial_config, trial_label
 from salgl.config import preset, to_flat
 
 
@@ -51,7 +51,7 @@ def test_closing_trial_runs_marks_tune_stops_killed_and_keeps_real_failures(tmp_
     from mlflow.tracking import MlflowClient
 
     from jobs.tracking import end_run, start_run
-    from jobs.tune import close_trial_runs
+    from jobs.sweep.tune import close_trial_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_run(uri, "sweep-test", run_name="sweep", params={})
@@ -93,7 +93,7 @@ def test_a_bad_search_space_is_refused_before_any_trial_runs() -> None:
 
 def test_search_ranges_and_schedules_are_checked_with_their_own_words() -> None:
     from jobs.errors import BadValue
-    from jobs.tune import check_schedule
+    from jobs.sweep.tune import check_schedule
 
     for text, words in (("log:1", "expected log:LOW:HIGH"), ("log:0:1", "LOW > 0"), ("uniform:2:1", "LOW must be below HIGH"), ("grid:", "empty")):
         with pytest.raises(BadValue, match=words):
@@ -125,7 +125,7 @@ def test_a_sweep_that_breaks_marks_its_mlflow_parent_failed(tmp_path, capsys) ->
     from mlflow.tracking import MlflowClient
 
     from jobs.tracking import start_run
-    from jobs.tune import _fit
+    from jobs.sweep.tune import _fit
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     record = {"tracking_uri": uri, "parent_run_id": start_run(uri, "sweep-test", run_name="sweep", params={})}

@@ -55,7 +55,7 @@ def setting_overrides(name: str, true_k: int) -> dict[str, Any]:
 
 
 def run_one(data_dir: str, root: Path, setting: str, seed: int, true_k: int, extra: dict[str, str]) -> dict[str, Any]:
-    from jobs.train import train
+    from jobs.training.driver import train
     from salgl.config import load
 
     tree = yaml.safe_load(DEFAULT_CONFIG.read_text())
@@ -160,7 +160,7 @@ def main() -> None:
 
     import ray
 
-    from jobs.train import local_instance_env
+    from jobs.training.driver import local_instance_env
     from pipeline.mosaic import MosaicConfig, convert_mosaic
 
     mosaic = MosaicConfig(scenes=args.scenes, classes_per_scene=args.classes_per_scene, in_scene=args.in_scene,

@@ -42,7 +42,7 @@ from salgl.config import preset
 
 def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grace_period: int, reduction_factor: int,
         space: dict[str, str], seed: int) -> dict:
-    from jobs.tune import tune_sweep
+    from jobs.sweep.tune import tune_sweep
 
     cfg = preset("tiny", {
         "data.path": data_dir, "data.img_size": 64, "optim.batch_size": 16, "run.workers": 1,
@@ -83,7 +83,7 @@ def epoch_times(reports: dict[str, list[dict]]) -> dict[str, list[float]]:
 
 def metric_curves(reports: dict[str, list[dict]]) -> dict[str, list[float]]:
     """Each trial's ASHA metric (EMA mAP) per epoch."""
-    from jobs.tune import METRIC
+    from jobs.sweep.tune import METRIC
 
     return {index: [r[METRIC] for r in rows] for index, rows in reports.items()}
 
@@ -189,7 +189,7 @@ def main() -> None:
     import ray
     from ray.data import DataContext
 
-    from jobs.train import local_instance_env
+    from jobs.training.driver import local_instance_env
     from pipeline.mosaic import MosaicConfig, convert_mosaic
 
     DataContext.get_current().enable_progress_bars = False

@@ -6,7 +6,7 @@ single-process loop over the same batches.
 
 Both loops get the same batches, decoded once beforehand by the project's transforms, so the
 comparison isolates the training loop: the Ray runs execute the project's own worker code
-(``jobs.recipe.Recipe.train_epoch``: DDP, count sync, checksums, EMA) on those batches, split
+(``jobs.training.recipe.Recipe.train_epoch``: DDP, count sync, checksums, EMA) on those batches, split
 across ranks; the plain loop runs the same model, loss, optimiser, schedule and EMA in one process.
 Two more rows feed the recipe from the Ray Data ingest instead (end to end) and say how much of
 the step waits on data, which ``tests/bench/ingest.py`` measures on its own. The count collective
@@ -137,8 +137,8 @@ def _bench_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from jobs.distributed import gather_objects
-    from jobs.recipe import Recipe, WorkerSpec
+    from jobs.training.distributed import gather_objects
+    from jobs.training.recipe import Recipe, WorkerSpec
     from pipeline.ingest import iter_train_batches
 
     recipe = Recipe(WorkerSpec.from_dict(config["spec"]))
@@ -214,8 +214,8 @@ def ray_loop(data_dir: str, workers: int, rows: int, batches_ref: Any = None) ->
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.worker_spec import WorkerSpec
-    from jobs.train import cluster_plan
+    from jobs.training.worker_spec import WorkerSpec
+    from jobs.training.driver import cluster_plan
     from pipeline.ingest import build_datasets, data_config
     from pipeline.shards import read_manifest
     from salgl.label_embeddings import label_embeddings
@@ -260,7 +260,7 @@ def main() -> None:
     from ray.data import DataContext
 
     from jobs.resources import plan_resources
-    from jobs.train import controller_env_defaults, local_instance_env
+    from jobs.training.driver import controller_env_defaults, local_instance_env
     from pipeline.ingest import num_labels
 
     batch_size = OVERRIDES["optim.batch_size"]

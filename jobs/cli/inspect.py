@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.cli_checkpoint import add_checkpoint_arguments, load_from_args, reports_errors
+from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args, reports_errors
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 @reports_errors("inspect")
 def run(args: argparse.Namespace) -> int:
-    from jobs.inspect_cmd import format_rankings, inspect_scenes
+    from jobs.inference.inspect import format_rankings, inspect_scenes
 
     model, _, vocabulary = load_from_args(args)
     labels = [name.strip() for name in args.labels.split(",") if name.strip()] if args.labels else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.cli_checkpoint import add_checkpoint_arguments, load_from_args, reports_errors
+from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args, reports_errors
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 @reports_errors("evaluate")
 def run(args: argparse.Namespace) -> int:
-    from jobs.evaluate import format_report, log_evaluation, probe_scenes, score_split, summarize, write_json
-    from jobs.inference import read_vocabulary
-    from jobs.train import init_ray
+    from jobs.inference.evaluate import format_report, log_evaluation, probe_scenes, score_split, summarize, write_json
+    from jobs.inference.loading import read_vocabulary
+    from jobs.training.driver import init_ray
 
     loaded = load_from_args(args, vocabulary=read_vocabulary(args.data))
     init_ray(args.address)

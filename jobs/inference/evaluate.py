@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from jobs.inference import Loaded, score_images
+from jobs.inference.loading import Loaded, score_images
 from jobs.resources import ResourcePlan, plan_resources
 from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
 from pipeline.transforms import normalize_tensor

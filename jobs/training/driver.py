@@ -1,6 +1,6 @@
 """Driver side of ``salgl train``: data, Ray, resources, MLflow run, TorchTrainer, final artifacts.
 
-Small functions, each one job; the per-worker loop is ``jobs.recipe``.
+Small functions, each one job; the per-worker loop is ``jobs.training.recipe``.
 """
 
 from __future__ import annotations
@@ -260,13 +260,13 @@ def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int, *, quiet: b
 
 
 def train_worker(spec_dict: dict[str, Any]) -> None:
-    """Ray Train's entry point on every worker (``jobs.recipe.train_loop_per_worker``).
+    """Ray Train's entry point on every worker (``jobs.training.recipe.train_loop_per_worker``).
 
     Train pickles this function by reference and its controller unpickles it, so it lives in this
-    light module: referring to ``jobs.recipe`` directly made every run's controller import torch
+    light module: referring to ``jobs.training.recipe`` directly made every run's controller import torch
     and timm (seconds of CPU on a small machine, in a process that never trains).
     """
-    from jobs.recipe import train_loop_per_worker
+    from jobs.training.recipe import train_loop_per_worker
 
     train_loop_per_worker(spec_dict)
 
@@ -287,7 +287,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.worker_spec import WorkerSpec
+    from jobs.training.worker_spec import WorkerSpec
     from pipeline.ingest import data_config, eval_dataset, train_dataset
     from salgl.label_embeddings import label_embeddings
 
@@ -307,7 +307,7 @@ def build_trainer(
         # Ray Train calls this each time it (re)starts the worker group: the stream continues from
         # the epoch of the checkpoint the workers restore (both: newest_checkpoint(run_dir)), with
         # that epoch's seeds.
-        from jobs.checkpoints import latest_epoch
+        from jobs.training.checkpoints import latest_epoch
 
         quiet_ray_data()
         return train_dataset(
@@ -366,7 +366,7 @@ def train(
 
     ``parent_run_id`` / ``mlflow_run_name`` / ``extra_params`` nest the run under a sweep;
     ``resource_share`` is the fraction of the cluster this run may size itself from (several
-    trials at once); ``quiet`` drops the per-epoch console line (a sweep prints its own, ``jobs.sweep_progress``).
+    trials at once); ``quiet`` drops the per-epoch console line (a sweep prints its own, ``jobs.sweep.progress``).
     """
     storage = storage_root(cfg)
     if resume:
@@ -442,7 +442,7 @@ def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Path, run_id: str
 def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool) -> None:
     """Resolved config, metrics JSON, scene pictures, the best checkpoint and the MLflow model."""
     from jobs.artifacts import write_occupancy_chart, write_scene_heatmaps, write_scene_rankings
-    from jobs.checkpoints import load_model_from_checkpoint
+    from jobs.training.checkpoints import load_model_from_checkpoint
 
     logger = MlflowLogger(outcome.tracking_uri, outcome.mlflow_run_id)
     logger.log_text(json.dumps(to_flat(cfg), indent=1), "config/resolved_config.json")
@@ -467,7 +467,7 @@ def log_checkpoint_model(checkpoint: str, tracking_uri: str, run_id: str, *, art
     import mlflow
     import mlflow.pytorch
 
-    from jobs.checkpoints import load_model_from_checkpoint
+    from jobs.training.checkpoints import load_model_from_checkpoint
 
     model, _, vocabulary = load_model_from_checkpoint(checkpoint)
     mlflow.set_tracking_uri(tracking_uri)

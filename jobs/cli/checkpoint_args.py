@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:  # the CLI parser must stay free of torch imports (`salgl --help` is fast)
-    from jobs.inference import Loaded
+    from jobs.inference.loading import Loaded
     from salgl.official import ReleasedFlags
 
 
@@ -44,7 +44,7 @@ def released_flags(args: argparse.Namespace) -> ReleasedFlags:
 
 def load_from_args(args: argparse.Namespace, vocabulary: Sequence[str] | None = None) -> Loaded:
     """The checkpoint named on the command line; ``--vocabulary`` wins over ``vocabulary``."""
-    from jobs.inference import load_for_inference, read_vocabulary
+    from jobs.inference.loading import load_for_inference, read_vocabulary
 
     if args.vocabulary:
         vocabulary = read_vocabulary(args.vocabulary)

@@ -1,7 +1,7 @@
 """``salgl tune``: ASHA over K, lambda and T (any config key can be searched), one MLflow child
 run per trial under a parent run per sweep, the best trial's best checkpoint registered.
 
-Each trial is a small function that runs the same ``jobs.train.train`` code path as
+Each trial is a small function that runs the same ``jobs.training.driver.train`` code path as
 ``salgl train`` (its own TorchTrainer, reporting to Tune through ``TuneReportCallback``),
 wrapped with a token CPU request so the trial's Train workers and data tasks get the CPUs
 (STACK.md: the Tune + Train pattern that works with Ray 2.60).
@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 from jobs.errors import AlreadyExists, BadValue, NotFound
 from jobs.resources import plan_resources
-from jobs.search_space import METRIC, build_space, check_space, expected_trials, sampled_values, trial_label, trial_values
+from jobs.sweep.search_space import METRIC, build_space, check_space, expected_trials, sampled_values, trial_label, trial_values
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
-from jobs.train import init_ray, new_run_name, resolve_data, storage_root
+from jobs.training.driver import init_ray, new_run_name, resolve_data, storage_root
 from salgl.config import Config, from_flat, to_flat, with_overrides
 
 SWEEP_FILE = "salgl_sweep.json"
@@ -37,7 +37,7 @@ def run_trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.train import RUN_FILE, train
+    from jobs.training.driver import RUN_FILE, train
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(config, trial_id)
@@ -79,7 +79,7 @@ def _report_if_complete(run_dir: Path, epochs: int) -> bool:
     report its last epoch's metrics again (Tune needs the metric) instead of training nothing."""
     import ray.tune
 
-    from jobs.checkpoints import META_FILE, newest_checkpoint
+    from jobs.training.checkpoints import META_FILE, newest_checkpoint
 
     newest = newest_checkpoint(run_dir)
     if newest is None or newest[1] < epochs:
@@ -135,7 +135,7 @@ def tune_sweep(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from jobs.sweep_progress import SweepProgress
+    from jobs.sweep.progress import SweepProgress
 
     if resume:
         sweep_dir = sweep_folder(resume)
@@ -278,7 +278,7 @@ def trial_start_overheads(results: Any) -> list[float]:
 
 def summarize(results: Any, max_epochs: int) -> list[dict[str, Any]]:
     """One row per trial: its values, best and last EMA mAP, epochs run, and whether ASHA stopped it."""
-    from jobs.checkpoints import best_checkpoint_in
+    from jobs.training.checkpoints import best_checkpoint_in
 
     rows = []
     for result in results:
@@ -316,7 +316,7 @@ def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any
     or stopping it on its last report because it reached ``max_t``) can have its stop reach the
     trial's training as an exception other than Tune's ``SystemExit(0)``, depending on where it
     lands (seen in CI on a trial whose Train run was shutting down after its last epoch); then
-    ``jobs.train.train`` has marked the child FAILED, and it is set to KILLED here. Trials Tune
+    ``jobs.training.driver.train`` has marked the child FAILED, and it is set to KILLED here. Trials Tune
     records with an error stay FAILED.
     """
     from mlflow.tracking import MlflowClient
@@ -363,7 +363,7 @@ def register_checkpoint(checkpoint: str, tracking_uri: str, run_id: str, name: s
     """Log a checkpoint's EMA model on ``run_id`` and register it; returns ``models:/name/version``."""
     import mlflow
 
-    from jobs.train import log_checkpoint_model
+    from jobs.training.driver import log_checkpoint_model
 
     model_uri = log_checkpoint_model(checkpoint, tracking_uri, run_id, artifact_name="best_model")
     mlflow.set_tracking_uri(tracking_uri)

@@ -8,7 +8,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from jobs.cli_checkpoint import add_checkpoint_arguments, load_from_args, reports_errors
+from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args, reports_errors
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from jobs.predict import find_images, predict_files
+    from jobs.inference.predict import find_images, predict_files
 
     model, cfg, vocabulary = load_from_args(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from jobs.inference import score_images
+from jobs.inference.loading import score_images
 from pipeline.transforms import decode_image, resize, to_normalized
 from salgl.config import DataConfig
 from salgl.model import SALGL

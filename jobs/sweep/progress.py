@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from jobs.train import format_epoch_line
-from jobs.search_space import METRIC, trial_label, trial_values
+from jobs.training.driver import format_epoch_line
+from jobs.sweep.search_space import METRIC, trial_label, trial_values
 
 
 class SweepProgress(Callback):

@@ -3,7 +3,7 @@
 Three sources, told apart by :func:`checkpoint_kind`:
 
 - ``folder``: a training checkpoint of ours (``state.pt`` + ``config.json``, see
-  ``jobs.checkpoints``), or a run folder (its best checkpoint by EMA mAP is taken). The EMA
+  ``jobs.training.checkpoints``), or a run folder (its best checkpoint by EMA mAP is taken). The EMA
   weights (``module.``-prefixed ModelEmaV3 state) are used unless ``which="live"``.
 - ``mlflow``: an MLflow model URI (``runs:/<id>/model``, ``models:/<name>/<version>``) or a
   downloaded MLflow model folder. The vocabulary is the logged model's ``vocabulary`` metadata;
@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from jobs.checkpoints import STATE_FILE, best_checkpoint_in, load_model_from_checkpoint
+from jobs.training.checkpoints import STATE_FILE, best_checkpoint_in, load_model_from_checkpoint
 from salgl.config import Config, from_flat, preset, to_flat
 from salgl.model import SALGL, build_model
 from salgl.official import ReleasedFlags, head_config_from_released, load_released_checkpoint, load_released_file, strip_module_prefix
@@ -113,7 +113,7 @@ def load_folder_checkpoint(path: str | Path, which: str = "ema") -> Loaded:
 
 
 def load_mlflow_model(uri: str, tracking_uri: str = "") -> Loaded:
-    """An MLflow PyTorch model (as ``jobs.train.log_pytorch_model`` logs it)."""
+    """An MLflow PyTorch model (as ``jobs.training.driver.log_pytorch_model`` logs it)."""
     import mlflow
     import mlflow.pytorch
 

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from jobs.cli_submit import add_cluster_options, explain
+from jobs.cli.submit import add_cluster_options, explain
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.submit import connect
+    from jobs.submission.client import connect
 
     cluster = connect(args.address, args.token_file)
     return {"list": list_jobs, "status": show_status, "logs": show_logs, "stop": stop_job}[args.action](cluster, args)
@@ -55,7 +55,7 @@ def show_status(cluster: Any, args: argparse.Namespace) -> int:
 
 
 def show_logs(cluster: Any, args: argparse.Namespace) -> int:
-    from jobs.submit import stream_logs
+    from jobs.submission.client import stream_logs
 
     if args.follow:
         stream_logs(cluster, args.job_id)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+# The bundled run configs: package data of `jobs` (jobs/configs/*.yaml), found the same way in a
+# checkout, an editable install and a wheel.
+CONFIG_DIR = Path(str(importlib.resources.files("jobs") / "configs"))
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
 def load_config_file(path: str | None) -> dict[str, Any]:
@@ -16,7 +20,7 @@ def load_config_file(path: str | None) -> dict[str, Any]:
 
     file = Path(path) if path else DEFAULT_CONFIG
     if not file.is_file():
-        bundled = Path(__file__).parent / "configs" / (str(path) + ("" if str(path).endswith(".yaml") else ".yaml"))
+        bundled = CONFIG_DIR / (str(path) + ("" if str(path).endswith(".yaml") else ".yaml"))
         if path and bundled.is_file():
             file = bundled
         else:
@@ -40,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.train import train
+    from jobs.training.driver import train
     from salgl.config import load, parse_overrides
 
     config_file, override_items = split_config_and_overrides(args.args)

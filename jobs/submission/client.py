@@ -165,8 +165,8 @@ def connect(address: str | None = None, token_file: str | None = None, environ: 
 
 def project_root() -> Path | None:
     """The source checkout holding ``jobs/`` (an editable install), or None for a wheel install."""
-    root = Path(__file__).resolve().parents[1]
-    return root if (root / "pyproject.toml").is_file() and (root / "jobs" / "cli.py").is_file() else None
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "jobs" / "cli" / "__init__.py").is_file() else None
 
 
 def pinned_requirements(pyproject: Path) -> list[str]:

@@ -11,14 +11,14 @@ import sys
 # subcommand name -> module that defines it (module.register(subparsers) adds the parser and sets
 # `func` on it, which receives the parsed namespace and returns an exit code).
 COMMANDS: dict[str, str] = {
-    "prepare": "jobs.prepare_cmd",
-    "train": "jobs.cli_train",
-    "evaluate": "jobs.cli_evaluate",
-    "predict": "jobs.cli_predict",
-    "inspect": "jobs.cli_inspect",
-    "tune": "jobs.cli_tune",
-    "submit": "jobs.cli_submit",
-    "jobs": "jobs.cli_jobs",
+    "prepare": "jobs.cli.prepare",
+    "train": "jobs.cli.train",
+    "evaluate": "jobs.cli.evaluate",
+    "predict": "jobs.cli.predict",
+    "inspect": "jobs.cli.inspect",
+    "tune": "jobs.cli.tune",
+    "submit": "jobs.cli.submit",
+    "jobs": "jobs.cli.jobs",
 }
 
 
@@ -52,6 +52,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"salgl {args.command}: error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,9 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.cli_train import load_config_file, split_config_and_overrides
-    from jobs.search_space import default_space
-    from jobs.tune import tune_sweep
+    from jobs.cli.train import load_config_file, split_config_and_overrides
+    from jobs.sweep.search_space import default_space
+    from jobs.sweep.tune import tune_sweep
     from salgl.config import load, parse_overrides
 
     config_file, items = split_config_and_overrides(args.args)

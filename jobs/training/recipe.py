@@ -2,7 +2,7 @@
 
 Every rank runs the same steps (the same number of batches per epoch, the same collectives and
 the same ``report`` calls); rank 0 alone attaches a checkpoint. Metrics go to MLflow and the
-console from the driver side (``jobs.train.EpochReporter``), so the loop never checks ranks to log.
+console from the driver side (``jobs.training.driver.EpochReporter``), so the loop never checks ranks to log.
 Per step: forward (the batch's count delta summed across workers in one collective, inside the
 head), ASL + lambda L_en, backward with DDP's gradient all-reduce, optimiser, schedule, EMA.
 """
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from jobs.checkpoints import TrainingState, read_checkpoint, write_checkpoint
-from jobs.distributed import check_counts_consistent, count_sync_for, gather_objects, world
+from jobs.training.checkpoints import TrainingState, read_checkpoint, write_checkpoint
+from jobs.training.distributed import check_counts_consistent, count_sync_for, gather_objects, world
 from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
-from jobs.worker_spec import WorkerSpec
+from jobs.training.worker_spec import WorkerSpec
 from salgl.config import Config, from_flat
 from salgl.ema import ModelEma
 from salgl.losses import salgl_loss
@@ -280,13 +280,13 @@ def _quiet_report_log() -> None:
 def _restore_point(spec: WorkerSpec) -> Any:
     """A context giving the checkpoint folder to continue from (None: start afresh).
 
-    The run folder's newest complete checkpoint, the one ``jobs.train``'s data stream starts its
-    epochs from (``jobs.checkpoints.newest_checkpoint``); Ray's own restore point only where no
+    The run folder's newest complete checkpoint, the one ``jobs.training.driver``'s data stream starts its
+    epochs from (``jobs.training.checkpoints.newest_checkpoint``); Ray's own restore point only where no
     run folder is known.
     """
     import ray.train
 
-    from jobs.checkpoints import newest_checkpoint
+    from jobs.training.checkpoints import newest_checkpoint
 
     if spec.run_dir:
         newest = newest_checkpoint(spec.run_dir)

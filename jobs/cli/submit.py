@@ -29,7 +29,7 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 def explain(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Print a ``SubmitError`` as one line (exit 2); Ctrl-C leaves the job running (exit 130)."""
-    from jobs.submit import SubmitError
+    from jobs.submission.client import SubmitError
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def job_dependencies(args: argparse.Namespace, working_dir: Path) -> list[str]:
-    from jobs.submit import SubmitError, pinned_requirements, read_requirements
+    from jobs.submission.client import SubmitError, pinned_requirements, read_requirements
 
     if args.requirements:
         if not Path(args.requirements).is_file():
@@ -76,7 +76,7 @@ def job_dependencies(args: argparse.Namespace, working_dir: Path) -> list[str]:
 
 
 def resolve_working_dir(args: argparse.Namespace) -> Path:
-    from jobs.submit import SubmitError, project_root
+    from jobs.submission.client import SubmitError, project_root
 
     folder = Path(args.working_dir) if args.working_dir else (project_root() or Path.cwd())
     if not folder.is_dir():
@@ -85,7 +85,7 @@ def resolve_working_dir(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs import submit as sj
+    from jobs.submission import client as sj
 
     job = args.job[1:] if args.job[:1] == ["--"] else list(args.job)
     if not job:

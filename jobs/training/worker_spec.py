@@ -1,6 +1,6 @@
-"""What the driver hands every training worker (``jobs.recipe.train_loop_per_worker``).
+"""What the driver hands every training worker (``jobs.training.recipe.train_loop_per_worker``).
 
-Apart from ``jobs.recipe`` so that the driver, and the process of every Tune trial, can build it
+Apart from ``jobs.training.recipe`` so that the driver, and the process of every Tune trial, can build it
 without importing the training stack (torch.distributed, timm, the model: about 2 s of a trial's
 start-up on 2 cores).
 """

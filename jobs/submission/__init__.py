@@ -1,0 +1,1 @@
+"""``salgl submit`` and ``salgl jobs``: Ray Job Submission (``client``)."""
