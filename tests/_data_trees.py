@@ -1,4 +1,5 @@
-"""Small dataset trees in the real on-disk formats, built with real photos, for the converter tests.
+"""Small dataset trees in the real on-disk formats, built with real photos, for the converter tests,
+and what a converter wrote from them.
 
 The photos are scikit-image's sample images (astronaut, chelsea the cat, coffee, rocket, ...),
 cropped and re-encoded as small JPEGs so a tree costs a few kilobytes.
@@ -14,8 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 from skimage import data as skdata
+
+from pipeline.shards import shard_paths
 
 _PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat")
 
@@ -190,3 +194,13 @@ def write_fake_fashion_mnist(folder: Path, train_value: int = 255, test_value: i
         (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images), mtime=0))
         (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels), mtime=0))
     return folder
+
+
+def rows(out: Path, split: str) -> list[dict]:
+    """A converted split's rows, read back from its parquet shards."""
+    return [r for path in shard_paths(out, split) for r in pq.read_table(path).to_pylist()]
+
+
+def rejects(out: Path) -> list[dict]:
+    """The records of ``rejects.jsonl``: what a converter skipped, and why."""
+    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]

@@ -10,11 +10,22 @@ import torch
 from salgl import native
 
 # Where a C compiler exists (CI included) the native kernels must build: a broken build fails the
-# tests instead of silently falling back.
-needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+# tests instead of silently falling back. Building runs the compiler in a subprocess, so these are
+# integration tests.
+NATIVE_MARKS = (
+    pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"),
+    pytest.mark.integration,
+)
 
 
-@pytest.fixture(params=["torch", pytest.param("native", marks=needs_compiler)])
+def needs_compiler(test):
+    """Marks a test that builds or runs the native kernels (``NATIVE_MARKS``)."""
+    for mark in NATIVE_MARKS:
+        test = mark(test)
+    return test
+
+
+@pytest.fixture(params=["torch", pytest.param("native", marks=NATIVE_MARKS)])
 def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a float32 test on the PyTorch path and on the native kernels."""
     monkeypatch.setenv("SALGL_NATIVE_KERNELS", "1" if request.param == "native" else "0")

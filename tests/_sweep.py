@@ -1,19 +1,9 @@
-"""What the sweep integration modules share: tiny mosaic data, overrides and a 4-trial grid."""
+"""What the sweep integration modules share: overrides and a 4-trial grid (the tiny mosaic data
+is the ``mosaic_dir`` fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
-
-
-@pytest.fixture(scope="module")
-def mosaic_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from pipeline.mosaic import MosaicConfig, convert_mosaic
-
-    out = tmp_path_factory.mktemp("data") / "mosaic"
-    convert_mosaic(out, MosaicConfig(train=128, test=32, canvas=64), progress=False)
-    return str(out)
 
 
 def sweep_overrides(mosaic_dir: str, root: Path) -> dict:

@@ -67,6 +67,7 @@ def test_configs_are_frozen() -> None:
         Config().model.head.num_scenes = 3  # type: ignore[misc]
 
 
+@pytest.mark.integration
 def test_import_salgl_loads_no_ray_mlflow_or_pyarrow() -> None:
     code = "import sys, salgl, salgl.official, salgl.metrics; print([m for m in ('ray', 'mlflow', 'pyarrow') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -82,6 +83,7 @@ def test_lazy_exports_resolve_to_the_defining_modules() -> None:
         salgl.nope  # noqa: B018
 
 
+@pytest.mark.integration
 def test_processes_that_only_build_or_split_data_do_not_import_torch() -> None:
     """Ray Train's controller and dataset manager, the split coordinators and the data tasks
     import these modules in every run; torch and timm there cost seconds per process."""
@@ -93,6 +95,7 @@ def test_processes_that_only_build_or_split_data_do_not_import_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.integration
 def test_a_known_backbone_is_checked_without_importing_timm_after_the_first_time(tmp_path) -> None:
     """A Tune trial rebuilds its config in a fresh process; importing timm there cost about 2 s.
     The first check asks timm and remembers its architectures; later processes read that list,
@@ -132,6 +135,7 @@ def test_sqlite_experiments_keep_artifacts_beside_the_database(tmp_path) -> None
     assert default_artifact_location("http://127.0.0.1:5000", "salgl") is None
 
 
+@pytest.mark.integration
 def test_a_trial_process_builds_its_trainer_without_the_training_stack(tmp_path) -> None:
     """Every Tune trial runs ``salgl train``'s driver side in a fresh process. Building the
     TorchTrainer imports torch (Ray's TorchTrainer does), but not what only workers need: the

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import io
-import json
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 import pipeline.prepare as prepare
 from pipeline.prepare import Example, RejectedInput, write_dataset
-from pipeline.shards import read_manifest, shard_paths
+from pipeline.shards import read_manifest
 from pipeline.sources import convert_generic
-from tests._data_trees import photo_jpeg, truncated_jpeg, write_generic_csv, write_generic_jsonl
-
-
-def rows(out: Path, split: str) -> list[dict]:
-    return [r for path in shard_paths(out, split) for r in pq.read_table(path).to_pylist()]
-
-
-def rejects(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+from tests._data_trees import photo_jpeg, rejects, rows, truncated_jpeg, write_generic_csv, write_generic_jsonl
 
 
 def test_csv_and_jsonl_with_inferred_sorted_vocabulary(tmp_path: Path) -> None:

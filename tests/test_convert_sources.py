@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from tests._data_trees import make_coco_tree, make_nuswide_tree, make_voc_tree
-from pipeline.shards import read_manifest, shard_paths, verify_checksums
+from tests._data_trees import make_coco_tree, make_nuswide_tree, make_voc_tree, rejects, rows
+from pipeline.shards import read_manifest, verify_checksums
 from pipeline.sources import VOC_CLASSES, convert_coco2014, convert_nuswide, convert_voc2007
-
-
-def rows(out: Path, split: str) -> list[dict]:
-    return [r for path in shard_paths(out, split) for r in pq.read_table(path).to_pylist()]
-
-
-def rejects(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------------------- VOC

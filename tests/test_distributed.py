@@ -51,6 +51,7 @@ def _worker(rank: int, port: int, max_batch: int, results: dict) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("max_batch", [4, 64], ids=["gather-payload", "all-reduce-delta"])
 def test_two_workers_sum_the_same_delta_and_detect_divergence(max_batch: int) -> None:
@@ -117,6 +118,7 @@ def _ddp_worker(rank: int, port: int, results: dict) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_counts_riding_the_gradient_all_reduce_equal_the_separate_collective() -> None:
     """Soft counting (pi is not an integer) and unequal batches: the ride must be exact, the
@@ -161,6 +163,7 @@ def _ablation_worker(rank: int, port: int, overrides: dict, results: dict) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("overrides", [{"steps": 0}, {"num_scenes": 1}], ids=["T0", "K1"])
 def test_ablation_heads_train_under_ddp_with_two_workers(overrides: dict) -> None:

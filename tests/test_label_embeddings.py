@@ -110,6 +110,7 @@ def test_random_is_deterministic_and_per_label() -> None:
     assert not torch.allclose(a[0], a[1])
 
 
+@pytest.mark.integration
 def test_random_is_stable_across_processes() -> None:
     # A fresh interpreter with another hash salt must give the same vectors (Python's hash would not).
     code = "import salgl.label_embeddings as le; print(le.random_label_embeddings(['cat', 'dog'], 8).tolist())"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from salgl.official import ReleasedFlags, convert_released_head, head_from_official_state_dict
-from tests.bench.released_reference import ReleasedHead
+from tests.reference.released_reference import ReleasedHead
 
 N, D, DL, K, M, B = 7, 32, 12, 3, 9, 5
 

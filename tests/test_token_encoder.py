@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from salgl.layers import build_token_encoder
-from tests.bench.released_reference import released_encoder
+from tests.reference.released_reference import released_encoder
 
 DIM, HEADS, FFN = 16, 4, 24
 

@@ -1,10 +1,10 @@
 """Integration: Ctrl-C a real `salgl tune` subprocess and finish the sweep with `--resume`.
 
 A module of its own so that no other Ray instance is up on the machine while it runs (pytest ends
-a module's fixtures, the other sweep module's `ray.init` included, before the next module). With
-two local instances, Ray Train's PlacementGroupCleaner cannot tell which one to query ("multiple
-active Ray instances"), dies, and the worker placement group of a trial that ASHA stopped is never
-released: the next trial then waits for CPUs forever.
+a module's fixtures, the other sweep module's `ray_local` instance included, before the next
+module). With two local instances, Ray Train's PlacementGroupCleaner cannot tell which one to query
+("multiple active Ray instances"), dies, and the worker placement group of a trial that ASHA
+stopped is never released: the next trial then waits for CPUs forever.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests._sweep import SPACE, mosaic_dir, sweep_overrides  # noqa: F401  (mosaic_dir: a fixture)
+from tests._sweep import SPACE, sweep_overrides
 
 pytestmark = pytest.mark.integration
 

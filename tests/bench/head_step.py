@@ -5,7 +5,7 @@
 COCO size by default: n = 80 labels, K = 6 scenes, B = 32, m = 196 tokens, d_I = 2048, d_L = 768,
 attention dims 1024 / 1024, T = 3, the official preset (token encoder, messages "both", hard
 selection and counting, count before use, row-normalised P). ``--quick`` is a small size for smoke
-runs. The released side is ``tests.bench.released_reference.ReleasedHead``; ours is
+runs. The released side is ``tests.reference.released_reference.ReleasedHead``; ours is
 ``head_from_official_state_dict`` of its state dict, so both hold the same weights and counts.
 
 What one step is: training mode, counts reset to the same starting counts, forward with targets
@@ -71,7 +71,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from salgl.layers import TILE_BYTES
 from salgl.official import ReleasedFlags, head_from_official_state_dict
-from tests.bench.released_reference import ReleasedHead
+from tests.reference.released_reference import ReleasedHead
 
 PARTS = ("token_encoder", "attention", "propagation")
 TOLERANCE = 1e-5

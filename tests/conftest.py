@@ -1,0 +1,52 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mosaic_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny mosaic dataset (128 train and 32 test images of 64 px) for the modules that run real
+    training: seconds to write, and a few steps per epoch."""
+    from pipeline.mosaic import MosaicConfig, convert_mosaic
+
+    out = tmp_path_factory.mktemp("data") / "mosaic"
+    convert_mosaic(out, MosaicConfig(train=128, test=32, canvas=64), progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_local(request: pytest.FixtureRequest):
+    """A local Ray instance on 2 CPUs, started as ``salgl train`` and ``salgl tune`` start theirs.
+
+    One per module, shut down after it: with two instances on the machine, Ray Train's
+    placement-group cleaner cannot tell which one to query, and a module that starts its own (a
+    ``salgl`` subprocess, a local cluster) must find none left over.
+
+    ``local_instance_env`` sets what the raylet reads once, at start (and every worker inherits);
+    the settings a user exported are dropped for the test instance, so the tests see the project's
+    own. This process's environment is restored right after the start: later modules see theirs.
+    The repository goes on the workers' path: Ray tasks import test modules' functions by reference.
+    The dashboard process only comes up for a module that sets ``RAY_DASHBOARD = True``: the state
+    API (``ray.util.state``) lives there; the other modules save its start-up and CPU on 2 cores.
+    """
+    import ray
+
+    from jobs.training.driver import local_instance_env, quiet_ray_data
+
+    with mock.patch.dict(os.environ):
+        for key in ("RAY_num_workers_soft_limit", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+            os.environ.pop(key, None)
+        local_instance_env()
+        ray.init(num_cpus=2, include_dashboard=getattr(request.module, "RAY_DASHBOARD", False), log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    quiet_ray_data()
+    yield
+    ray.shutdown()

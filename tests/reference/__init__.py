@@ -1,0 +1,1 @@
+"""Reference implementations that the tests and benchmarks compare our code against."""
