@@ -49,10 +49,8 @@ def plan_resources(num_workers: int, cluster: Mapping[str, float], *, data_share
 
 # glibc's malloc environment for every Ray worker process of a run (read once, at process start).
 # glibc adapts its mmap and trim thresholds to a process's history of frees; a Ray worker's
-# history left them low, so each step's activations came from fresh pages and went back to the
-# kernel after it. The same plain training loop took 390 - 470 thousand minor page faults in a Ray
-# task (0.5 - 0.7 s of system time, 0.042 - 0.044 s a step) against 5 - 12 thousand in the driver
-# (0.036 - 0.042 s); with these two values, 35 - 700 faults and 0.036 - 0.040 s. Fixing both is
-# needed: either alone still faulted 0.6 - 1.5 million times. 32 MiB is glibc's own ceiling for
-# the adaptive mmap threshold; up to 1 GiB of freed heap stays with the process for the next step.
+# history leaves them low, so each step's activations come from fresh pages and go back to the
+# kernel after it (a step then spends its time in minor page faults, about 10% slower). Both are
+# needed: either alone still faults. 32 MiB is glibc's own ceiling for the adaptive mmap
+# threshold; up to 1 GiB of freed heap stays with the process for the next step.
 WORKER_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}

@@ -55,7 +55,6 @@ shuffle buffer holds a fixed number of rows. Nothing grows with the dataset but 
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -75,10 +74,9 @@ EVAL_SPLIT = "test"
 CHUNK_ROWS = 32
 # Chunks per data task. Ray Data 2.60's executor notices a finished task only on its next
 # scheduling-loop pass (it waits up to 0.1 s for *all* running tasks, then does its bookkeeping),
-# so every task left its process idle for ~0.2 s: with one 32-row chunk per task (0.28 s of work at
-# 224 px) the two data processes were busy about half the time (tests/bench/ingest.py: 0.57-0.62x
-# a DataLoader's images/s at 224 px). Four chunks per task, each still emitted as its own block:
-# 0.95x (docs/benchmarks.md, "Ingest").
+# so every task leaves its process idle for ~0.2 s: next to one 32-row chunk's work (0.28 s at
+# 224 px) that idles the data processes half the time. Four chunks per task, each still emitted as
+# its own block, keep them busy (docs/benchmarks.md, "Ingest").
 CHUNKS_PER_TASK = 4
 MIN_TASKS = 8
 # Default local shuffle buffer of ``iter_train_batches``, in batches (decoded uint8 rows).
@@ -107,14 +105,6 @@ def num_labels(data_dir: str) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Seeds
-
-
-def epoch_seed(seed: int, epoch: int, stream: str) -> int:
-    """A 32-bit seed for one random ``stream`` (chunk order, augmentation, a rank's shuffle
-    buffer), so that they draw independent numbers. The dataset streams pass epoch 0 and let Ray's
-    (shifted) execution index supply the epoch; the shuffle buffer passes its epoch itself."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{stream}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")  # < 2**32: NumPy's legacy seed range
 
 
 def _seed_from_context(seed_config: Any) -> int:
@@ -249,12 +239,13 @@ def train_dataset(
     ``num_cpus`` per task (fractional on small machines, so Train workers at ~0.5 CPU leave room:
     STACK.md), ``concurrency`` caps concurrent tasks (None: as many as CPUs allow).
     """
-    from pipeline.seeding import EpochSeed
+    from pipeline.seeding import EpochSeed, derive_seed
 
     # Pass i of this dataset draws the numbers of epoch start_epoch + i (pipeline/seeding.py), so a
     # run restarted from a checkpoint replays exactly what an uninterrupted run would have seen.
+    # The stream's seed names epoch 0: the (shifted) execution index supplies the epoch.
     def reseeded(stream: str) -> EpochSeed:
-        return EpochSeed(seed=epoch_seed(seed, 0, stream), reseed_after_execution=True, start_epoch=start_epoch)
+        return EpochSeed(seed=derive_seed(seed, 0, stream), reseed_after_execution=True, start_epoch=start_epoch)
 
     chunks = [(*c, True) for c in chunk_table(data_dir, split, chunk_rows)]
     kwargs = {"order_seed": reseeded("order"), "augment_seed": reseeded("augment"), "cfg": cfg, "num_labels": num_labels(data_dir)}
@@ -430,9 +421,11 @@ def iter_train_batches(
     means ``SHUFFLE_BUFFER_BATCHES * batch_size``, 0 turns it off. It holds decoded rows
     (uint8, 3 S^2 bytes: 0.15 MB at 224 px, 0.6 MB at 448 px), so it bounds its own memory.
     """
+    from pipeline.seeding import derive_seed
+
     if shuffle_buffer is None:
         shuffle_buffer = SHUFFLE_BUFFER_BATCHES * batch_size
-    buffer_seed = epoch_seed(seed, epoch, f"buffer/{rank}") if shuffle_buffer else None
+    buffer_seed = derive_seed(seed, epoch, f"buffer/{rank}") if shuffle_buffer else None
     yield from _shard_batches(
         shard, batch_size=batch_size, drop_last=True, shuffle_buffer=shuffle_buffer, shuffle_seed=buffer_seed,
         prefetch_batches=prefetch_batches, normalize=normalize, device=device,

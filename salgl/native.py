@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from salgl.atomic_file import atomic_path
+
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = sorted(KERNELS.glob("*.c"))  # compiled together into one library
 HEADERS = sorted(KERNELS.glob("*.h"))
@@ -187,16 +189,9 @@ def _library() -> ctypes.CDLL | None:
 
 def _compile(compiler: str, flags: list[str], path: Path) -> None:
     """Compile to a temporary file beside ``path``, then rename it there (concurrent builders race safely)."""
-    path.parent.mkdir(parents=True, exist_ok=True)  # the temporary folder of _cache_dir's fallback
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *flags, "-fPIC", "-shared", *map(str, SOURCES), "-o", tmp],
+    with atomic_path(path, suffix=".tmp.so") as tmp:
+        subprocess.run([compiler, *flags, "-fPIC", "-shared", *map(str, SOURCES), "-o", str(tmp)],
                        check=True, capture_output=True, text=True, timeout=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

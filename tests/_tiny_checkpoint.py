@@ -66,6 +66,6 @@ def write_tiny_checkpoint(folder: Path, vocabulary: list[str], data_dir: str = "
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return write_checkpoint(
         folder, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-        state=TrainingState(epoch=1, step=3, data_seed=0), config=to_flat(cfg),
+        state=TrainingState(epoch=1, step=3), config=to_flat(cfg),
         vocabulary=vocabulary, metrics={"ema_mAP": ema_map, "epoch": 1},
     )

@@ -8,7 +8,7 @@ cheap checksum checks now and then that no replica diverged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -206,25 +206,3 @@ def gather_objects(obj: Any) -> list[Any]:
     dist.all_gather_object(out, obj)
     return out
 
-
-def all_reduce_mean(value: float) -> float:
-    w = world()
-    if w.size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / w.size
-
-
-def barrier() -> None:
-    if world().size > 1:
-        dist.barrier()
-
-
-def on_main(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn`` on rank 0 only (returns None elsewhere): the one place rank is checked for I/O."""
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs) if world().is_main else None
-
-    return wrapped

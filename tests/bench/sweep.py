@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
+from unittest import mock
 
 import numpy as np
 
@@ -42,7 +43,11 @@ from salgl.config import preset
 
 def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grace_period: int, reduction_factor: int,
         space: dict[str, str], seed: int) -> dict:
-    from jobs.sweep.tune import tune_sweep
+    """One sweep: ``salgl tune``'s ASHA (``kind="asha"``), or FIFO in its place (``"fifo"``: every
+    trial to the end; the sweep still prints ASHA in its first line)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from jobs.sweep import tune
 
     cfg = preset("tiny", {
         "data.path": data_dir, "data.img_size": 64, "optim.batch_size": 16, "run.workers": 1,
@@ -54,16 +59,17 @@ def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grac
         # jobs/configs/default.yaml, for its short runs.
         "ema.decay": 0.99,
     })
+    scheduler = tune.asha_scheduler if kind == "asha" else lambda *args: FIFOScheduler()
     start = time.perf_counter()
-    outcome = tune_sweep(cfg, samples=trials, max_epochs=max_epochs, space_overrides=space,
-                         register_as=f"bench-{kind}", scheduler=kind,
-                         grace_period=grace_period, reduction_factor=reduction_factor)
+    with mock.patch.object(tune, "asha_scheduler", scheduler):
+        outcome = tune.tune_sweep(cfg, samples=trials, max_epochs=max_epochs, space_overrides=space,
+                                  register_as=f"bench-{kind}", grace_period=grace_period, reduction_factor=reduction_factor)
     seconds = time.perf_counter() - start
     reports = trial_reports(Path(outcome.sweep_dir) / "tune")
     times = epoch_times(reports)
     epochs = sum(row["epochs"] for row in outcome.summary)
     return {"seconds": seconds, "trial_epochs": epochs, "stopped_early": sum(r["stopped_early"] for r in outcome.summary),
-            "best_ema_mAP": outcome.best.get("best_ema_mAP"), "overheads": outcome.trial_start_overheads,
+            "best_ema_mAP": outcome.best.get("best_ema_mAP"), "overheads": trial_start_overheads(times),
             "time_split": time_split(times, seconds), "epoch_times": times, "curves": metric_curves(reports)}
 
 
@@ -79,6 +85,17 @@ def trial_reports(tune_dir: Path) -> dict[str, list[dict]]:
 def epoch_times(reports: dict[str, list[dict]]) -> dict[str, list[float]]:
     """Each trial's seconds per report."""
     return {index: [r["time_this_iter_s"] for r in rows] for index, rows in reports.items()}
+
+
+def trial_start_overheads(times: dict[str, list[float]]) -> list[float]:
+    """Per trial with two reports or more: seconds of its first report beyond its median later one
+    (the trial's start-up)."""
+    out = []
+    for iters in times.values():
+        if len(iters) >= 2:
+            later = sorted(iters[1:])
+            out.append(float(iters[0] - later[len(later) // 2]))
+    return out
 
 
 def metric_curves(reports: dict[str, list[dict]]) -> dict[str, list[float]]:

@@ -1,0 +1,56 @@
+"""Every private Ray API salgl uses, each behind one small function.
+
+Ray keeps no promise about ``_internal`` modules and underscore names between releases. Each
+function below names the Ray version it was checked against and what breaks when Ray changes it,
+so an upgrade has one file to read. Ray is imported inside the functions: importing this module
+costs nothing. It lives in ``pipeline`` because the data pipeline needs it too and ``pipeline``
+never imports ``jobs``.
+
+Not here, because it is a method override rather than a call: ``jobs.training.interrupt``
+overrides ``DataParallelTrainer._register_sigint_handler`` (Ray 2.60.0); read it on an upgrade too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def seed_tuple(seed: int, execution_idx: int | None) -> Any:
+    """Ray Data's ``SeedTuple(seed, execution_idx)``: what ``RandomSeedConfig.get_seed_tuple`` returns.
+
+    Checked against Ray 2.60.0 (``ray.data._internal.random_config.SeedTuple``, a frozen dataclass
+    of those two fields). If it moves or changes, ``pipeline.seeding.EpochSeed`` fails in the first
+    data task of every training run, so no run can start.
+    """
+    from ray.data._internal.random_config import SeedTuple
+
+    return SeedTuple(seed=seed, execution_idx=execution_idx)
+
+
+def controller_callback_class() -> type:
+    """Ray Train's ``ControllerCallback`` base class, whose ``after_controller_start`` hook runs in
+    the Train controller as it starts (there is no public hook there).
+
+    Checked against Ray 2.60.0 (``ray.train.v2._internal.execution.callback.ControllerCallback``,
+    a ``@DeveloperAPI`` class that ``RunConfig(callbacks=...)`` accepts). If it moves, building a
+    trainer fails with ``ImportError`` (``salgl train`` and every sweep trial); if the hook is
+    renamed, the MLflow store is no longer opened early and the first epoch's metrics wait for it.
+    """
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    return ControllerCallback
+
+
+def train_report_logger_name() -> str | None:
+    """The name of the logger that Ray Train uses to log every report's metrics dict, per rank, at
+    INFO (named by its file path, so ``LoggingConfig`` does not reach it); None where it is not found.
+
+    Checked against Ray 2.60.0 (``ray.train.v2._internal.execution.context``, logging through
+    ``logging.getLogger(__file__)``). If it changes, the workers' logs repeat each report's metrics
+    again; nothing else breaks.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return None
+    return context.__file__
