@@ -26,20 +26,12 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def mosaic_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Twice the shared tiny mosaic (tests/conftest.py): the step counts below assume 256 images."""
     from pipeline.mosaic import MosaicConfig, convert_mosaic
 
     out = tmp_path_factory.mktemp("data") / "mosaic"
     convert_mosaic(out, MosaicConfig(train=256, test=64, canvas=64), progress=False)
     return str(out)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _free_port() -> int:
@@ -108,6 +100,16 @@ def test_training_reports_metrics_and_checkpoints(uninterrupted) -> None:
     for key in ("mAP", "ema_mAP", "CF1", "OF1", "ema_scene_entropy", "images_per_s", "ema_occupancy_0", "loss_scene_target"):
         assert key in out.metrics, key
     assert out.best_checkpoint is not None
+
+
+@pytest.mark.timeout(600)
+def test_the_run_writes_its_log_into_its_folder(uninterrupted) -> None:
+    """The driver, the Train controller (epoch lines) and rank 0 (progress lines, on long epochs)
+    append to ``<run folder>/salgl.log``."""
+    lines = (Path(uninterrupted.run_dir) / "salgl.log").read_text().splitlines()
+    assert sum("run straight: 2 workers" in line for line in lines) == 1
+    assert [line.split(": ", 1)[1].split("  ")[0] for line in lines if "EMA mAP" in line] == [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
+    assert any(line.endswith("finished: run straight") for line in lines)
 
 
 @pytest.mark.timeout(600)

@@ -6,8 +6,6 @@ that learns, so ASHA has a worse trial to stop at its first rung whatever the no
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -16,34 +14,22 @@ import torch
 
 from salgl.config import preset
 
-from tests._sweep import SPACE, mosaic_dir, sweep_overrides  # noqa: F401  (mosaic_dir: a fixture)
+from tests._sweep import SPACE, sweep_overrides
 
 pytestmark = pytest.mark.integration
 MAX_EPOCHS = 3
+RAY_DASHBOARD = True  # for ray.util.state.list_actors (the ray_local fixture)
 
 
 @pytest.fixture(scope="module")
-def sweep_run(mosaic_dir, tmp_path_factory):
-    """The sweep's outcome and what it printed."""
-    import ray
-
-    from jobs.training.driver import local_instance_env
+def sweep_run(ray_local, mosaic_dir, tmp_path_factory):
+    """The sweep's outcome and its log (the lines `salgl tune` shows, kept in the sweep's folder)."""
     from jobs.sweep.tune import tune_sweep
 
     root = tmp_path_factory.mktemp("sweep")
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("RAY_num_workers_soft_limit", raising=False)  # restored on exit: later modules' Ray starts as before
-        env.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
-        local_instance_env()  # what `salgl tune` sets before it starts Ray
-        ray.init(num_cpus=2, log_to_driver=False)
-    try:
-        cfg = preset("tiny", {**sweep_overrides(mosaic_dir, root), "run.name": "sweep-a"})
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            outcome = tune_sweep(cfg, samples=1, max_epochs=MAX_EPOCHS, space_overrides=SPACE, register_as="salgl-test")
-        yield outcome, printed.getvalue()
-    finally:
-        ray.shutdown()
+    cfg = preset("tiny", {**sweep_overrides(mosaic_dir, root), "run.name": "sweep-a"})
+    outcome = tune_sweep(cfg, samples=1, max_epochs=MAX_EPOCHS, space_overrides=SPACE, register_as="salgl-test")
+    return outcome, (Path(outcome.sweep_dir) / "salgl.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +58,8 @@ def test_the_sweep_prints_each_trial_its_epochs_and_asha_stops(sweep_run) -> Non
         assert len(epochs) == row["epochs"] and "EMA mAP" in epochs[-1]
         ended = "stopped by ASHA after epoch" if row["stopped_early"] else f"finished {MAX_EPOCHS} epochs"
         assert sum(f"trial {name} {ended}" in line for line in lines) == 1, printed
+        trial_log = (Path(outcome.sweep_dir) / "trials" / f"trial-{row['trial']}" / "salgl.log").read_text()
+        assert f"run trial-{row['trial']}: " in trial_log and "EMA mAP" in trial_log  # quiet on the console only
     assert any(line.endswith("[4/4 trials done]") for line in lines)
 
 

@@ -7,6 +7,7 @@ start-up on 2 cores).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -20,8 +21,9 @@ class WorkerSpec:
     label_embeddings: list[list[float]]
     train_rows: int
     threads: int = 1
-    run_dir: str = ""  # absolute folder of this run (fault-injection marker)
+    run_dir: str = ""  # absolute folder of this run (its salgl.log, the fault-injection marker)
     scene_mixture: dict[str, Any] | None = None  # {"prior": (K,), "theta": (K, n)}: salgl/scenes.py
+    log_level: int = logging.INFO  # the console's (jobs.logs.console_level); WARNING in a sweep's trials
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> "WorkerSpec":
