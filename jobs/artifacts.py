@@ -10,7 +10,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from salgl.atomic_file import write_text_atomic
 from salgl.graph import conditional_probabilities
+from salgl.errors import BadValue
 
 
 def _pyplot():
@@ -37,7 +39,7 @@ def choose_labels(counts: torch.Tensor, vocabulary: Sequence[str], names: Sequen
     if names:
         unknown = [n for n in names if n not in vocabulary]
         if unknown:
-            raise ValueError(f"unknown labels {unknown}; the vocabulary has {list(vocabulary)[:20]}...")
+            raise BadValue(f"unknown labels {unknown}; the vocabulary has {list(vocabulary)[:20]}...")
         return [list(vocabulary).index(n) for n in names]
     totals = torch.diagonal(counts, dim1=-2, dim2=-1).sum(0).cpu().numpy()
     return [int(i) for i in np.argsort(-totals, kind="stable")[: min(limit, len(vocabulary))]]
@@ -102,7 +104,7 @@ def write_scene_rankings(counts: torch.Tensor, vocabulary: Sequence[str], out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     ranking = top_labels_per_scene(counts, vocabulary, k)
     json_path = out_dir / "top_labels_per_scene.json"
-    json_path.write_text(json.dumps({f"scene_{s}": r for s, r in enumerate(ranking)}, indent=1))
+    write_text_atomic(json_path, json.dumps({f"scene_{s}": r for s, r in enumerate(ranking)}, indent=1))
     paths = [json_path]
     for scene, items in enumerate(ranking):
         fig, ax = plt.subplots(figsize=(4, 0.4 * max(len(items), 1) + 1))

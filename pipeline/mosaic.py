@@ -41,6 +41,7 @@ from PIL import Image
 
 from pipeline.prepare import Example, PrepareResult, write_dataset
 from pipeline.shards import file_sha256
+from salgl.errors import BadValue, CorruptFile
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -76,19 +77,19 @@ class MosaicConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.classes_per_scene <= len(FASHION_MNIST_CLASSES):
-            raise ValueError("classes_per_scene must be in 1..10")
+            raise BadValue("classes_per_scene must be in 1..10")
         if not 1 <= self.min_items <= self.max_items:
-            raise ValueError("need 1 <= min_items <= max_items")
+            raise BadValue("need 1 <= min_items <= max_items")
         if not 0 < self.min_scale <= self.max_scale <= 1:
-            raise ValueError("need 0 < min_scale <= max_scale <= 1")
+            raise BadValue("need 0 < min_scale <= max_scale <= 1")
         if not 0 <= self.in_scene <= 1:
-            raise ValueError("in_scene is a probability")
+            raise BadValue("in_scene is a probability")
         if self.scenes < 1 or self.canvas < 8 or self.train < 0 or self.test < 0:
-            raise ValueError("scenes >= 1, canvas >= 8 and non-negative split sizes")
+            raise BadValue("scenes >= 1, canvas >= 8 and non-negative split sizes")
         if self.image_format not in ("png", "jpeg"):
-            raise ValueError("image_format is 'png' or 'jpeg'")
+            raise BadValue("image_format is 'png' or 'jpeg'")
         if self.scene_cue not in SCENE_CUES:
-            raise ValueError(f"scene_cue is one of {', '.join(SCENE_CUES)}")
+            raise BadValue(f"scene_cue is one of {', '.join(SCENE_CUES)}")
 
 
 class FashionMNISTNotFound(FileNotFoundError):
@@ -126,11 +127,11 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     magic = int.from_bytes(raw[:4], "big")
     if magic != 0x0800 + ndim:
-        raise ValueError(f"{path}: not an idx file of {ndim} dimension(s) (magic {magic:#x})")
+        raise CorruptFile(f"{path}: not an idx file of {ndim} dimension(s) (magic {magic:#x})")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: truncated ({data.size} values for dims {dims})")
+        raise CorruptFile(f"{path}: truncated ({data.size} values for dims {dims})")
     return data.reshape(dims)
 
 
@@ -158,7 +159,7 @@ def load_fashion_mnist(files: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray
     """Images (N, 28, 28) uint8 and labels (N,) uint8 of one split's idx files."""
     images, labels = _read_idx(files[0], 3), _read_idx(files[1], 1)
     if len(images) != len(labels):
-        raise ValueError(f"{files[0]} and {files[1]} hold different numbers of items")
+        raise CorruptFile(f"{files[0]} and {files[1]} hold different numbers of items")
     return images, labels
 
 
@@ -262,7 +263,7 @@ def iter_mosaics(
     pools = [np.flatnonzero(labels == c) for c in range(len(FASHION_MNIST_CLASSES))]
     empty = [FASHION_MNIST_CLASSES[c] for c, pool in enumerate(pools) if len(pool) == 0]
     if empty:
-        raise ValueError(f"the Fashion-MNIST {split} file has no items of {empty}")
+        raise BadValue(f"the Fashion-MNIST {split} file has no items of {empty}")
     rng = np.random.default_rng([config.seed, 1 if split == "train" else 2])
     for _ in range(getattr(config, split)):
         yield compose(rng, images, pools, design, config)
@@ -315,6 +316,7 @@ def convert_mosaic(
         totals={"train": config.train, "test": config.test},
         vocabulary=FASHION_MNIST_CLASSES,
         extra_columns=["scene"],
+        inputs=[p for pair in files.values() for p in pair],
         source={"converter": "mosaic", "parameters": {
             **asdict(config), "scene_design": design.describe(), "fashion_mnist_sha256": checksums}},
         description=DESCRIPTION.format(cue=CUE_TEXT[config.scene_cue].format(scenes=config.scenes), **asdict(config)),

@@ -42,6 +42,7 @@ from pipeline.shards import (
     staged_output,
     write_manifest,
 )
+from salgl.errors import BadValue, Failed
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -109,13 +110,13 @@ class PrepareResult:
         return "\n".join(lines)
 
 
-class RejectedInput(Exception):
+class RejectedInput(Failed):
     """Raised in strict mode at the first bad row; carries the reject record."""
 
     def __init__(self, record: Mapping[str, Any]) -> None:
         self.record = dict(record)
         where = f"split {record['split']!r}, row {record['row']}, id {record['id']!r}"
-        super().__init__(f"bad input ({where}): {record['reason']}")
+        super().__init__(f"bad input ({where}): {record['reason']}; --strict: nothing written")
 
 
 def check_image(data: bytes) -> str | None:
@@ -267,22 +268,24 @@ def write_dataset(
     progress: bool = True,
     workers: int | None = None,
     totals: Mapping[str, int] | None = None,
+    inputs: Sequence[str | os.PathLike[str]] = (),
 ) -> PrepareResult:
     """Validate and write ``splits`` (name -> examples, consumed once, in order) as a dataset.
 
     ``source`` is ``{"converter": name, "parameters": {...}}``; ``totals`` (rows per split, when
-    known) only sizes the progress bars. Raises :class:`RejectedInput` in strict mode and
+    known) only sizes the progress bars; ``inputs`` are the files and folders the examples are
+    read from, which ``out`` must not hold (``--overwrite`` would delete them). Raises :class:`RejectedInput` in strict mode and
     ``FileExistsError`` for an existing destination without ``overwrite``; either way no dataset
     (and no partial one) is left at ``out``.
     """
     if len(set(vocabulary)) != len(vocabulary):
-        raise ValueError("vocabulary has repeated names")
+        raise BadValue("vocabulary has repeated names")
     out = Path(out)
-    check_destination(out, overwrite)  # fail before any work
+    check_destination(out, overwrite, inputs)  # fail before any work
     workers = workers or min(8, os.cpu_count() or 1)
     index = {name: i for i, name in enumerate(vocabulary)}
     shards, targets = {}, {}
-    with staged_output(out, overwrite=overwrite) as staging:
+    with staged_output(out, overwrite=overwrite, inputs=inputs) as staging:
         with open(staging / REJECTS_NAME, "w", encoding="utf-8") as rejects:
             for split, examples in splits.items():
                 shards[split], targets[split] = _write_split(

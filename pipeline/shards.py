@@ -35,6 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from salgl.errors import AlreadyExists, BadValue, CorruptFile, NotFound
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -109,7 +111,7 @@ class ShardWriter:
         row_group_rows: int = ROW_GROUP_ROWS,
     ) -> None:
         if shard_rows < 1:
-            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+            raise BadValue(f"shard_rows must be >= 1, got {shard_rows}")
         self.root = Path(root)
         self.split = split
         self.shard_rows = shard_rows
@@ -188,11 +190,11 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and sanity-check ``root/manifest.json``."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a prepared dataset (run `salgl prepare ...`)")
+        raise NotFound(f"{path} not found: not a prepared dataset (run `salgl prepare ...`)")
     manifest = json.loads(path.read_text(encoding="utf-8"))
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}")
+        raise BadValue(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}")
     return manifest
 
 
@@ -200,7 +202,7 @@ def shard_paths(root: str | os.PathLike[str], split: str) -> list[str]:
     """Absolute paths of the shards of ``split``, in row order."""
     manifest = read_manifest(root)
     if split not in manifest["splits"]:
-        raise KeyError(f"split {split!r} not in {Path(root)}; it has {sorted(manifest['splits'])}")
+        raise NotFound(f"split {split!r} not in {Path(root)}; it has {sorted(manifest['splits'])}")
     base = Path(root).resolve()
     return [str(base / shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
@@ -215,36 +217,83 @@ def read_label_matrix(root: str | os.PathLike[str], split: str) -> np.ndarray:
     return matrix
 
 
+def check_shards(root: str | os.PathLike[str]) -> None:
+    """Raise ``CorruptFile`` naming the first shard that is missing, not a readable parquet file
+    (a truncated copy has no footer), or holds another number of rows than the manifest says.
+
+    Reads only each shard's footer, so it costs milliseconds per shard: cheap enough to run before
+    every training run, where the same fault would otherwise surface inside a Ray Data task as
+    "Parquet magic bytes not found" without the file's name. ``verify_checksums`` reads every byte.
+    """
+    manifest = read_manifest(root)
+    for name, split in manifest["splits"].items():
+        for shard in split["shards"]:
+            path = Path(root) / shard["file"]
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except (OSError, pa.ArrowInvalid) as err:
+                raise CorruptFile(f"{path}: {'missing' if not path.exists() else 'not a readable parquet file'} "
+                                  f"(split {name!r}; prepare the dataset again): {str(err)[:200]}") from None
+            if rows != shard["rows"]:
+                raise CorruptFile(f"{path}: {rows} rows, the manifest says {shard['rows']} (prepare the dataset again)")
+
+
 def verify_checksums(root: str | os.PathLike[str]) -> None:
     """Raise ``ValueError`` naming the first shard whose sha256 differs from the manifest."""
     manifest = read_manifest(root)
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             if file_sha256(Path(root) / shard["file"]) != shard["sha256"]:
-                raise ValueError(f"{Path(root) / shard['file']}: checksum differs from the manifest")
+                raise CorruptFile(f"{Path(root) / shard['file']}: checksum differs from the manifest")
 
 
-def check_destination(out: str | os.PathLike[str], overwrite: bool) -> None:
-    """Refuse an existing, non-empty destination unless ``overwrite``."""
+def check_destination(
+    out: str | os.PathLike[str], overwrite: bool, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> None:
+    """Refuse a destination that holds one of the ``inputs`` (a list file, an image or source
+    folder) or is one; refuse an existing, non-empty destination unless ``overwrite``; and even
+    with ``overwrite``, replace only a dataset this project wrote (a folder with its manifest),
+    never an arbitrary folder."""
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+    target = out.resolve()
+    for source in map(Path, inputs):
+        source = source.resolve()
+        if source == target or target in source.parents:
+            raise BadValue(f"--out {out} holds the input {source}: write the dataset to a folder of its own")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise AlreadyExists(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+    if not is_dataset(out):
+        raise BadValue(f"--overwrite replaces only a dataset that `salgl prepare` wrote (a folder with its "
+                       f"{MANIFEST_NAME}); {out} is not one, and nothing in it was touched")
+
+
+def is_dataset(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder holding a manifest this project wrote."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "schema_version" in manifest and "splits" in manifest
 
 
 @contextlib.contextmanager
-def staged_output(out: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+def staged_output(
+    out: str | os.PathLike[str], *, overwrite: bool = False, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success move it to ``out``, on error delete it.
 
     The temporary folder is a sibling so the final move is a rename on the same file system: a
     reader sees either no dataset or a complete one, never a partial one.
     """
     out = Path(out)
-    check_destination(out, overwrite)
+    check_destination(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(out, "tmp")
     try:
         yield staging
-        check_destination(out, overwrite)  # something may have appeared while we worked
+        check_destination(out, overwrite, inputs)  # something may have appeared while we worked
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

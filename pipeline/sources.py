@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.prepare import MALFORMED, UNKNOWN_LABEL, Example, PrepareResult, write_dataset
+from salgl.errors import BadValue, NotFound
 
 PathLike = str | os.PathLike[str]
 
@@ -55,7 +56,7 @@ def _voc_dir(roots: Sequence[PathLike], list_name: str) -> Path:
         for candidate in (root, root / "VOC2007", root / "VOCdevkit" / "VOC2007"):
             if (candidate / "ImageSets" / "Main" / list_name).is_file():
                 return candidate
-    raise FileNotFoundError(
+    raise NotFound(
         f"ImageSets/Main/{list_name} not found under {', '.join(map(str, roots))}: "
         "give the VOCdevkit/VOC2007 folder(s) of the trainval and test archives"
     )
@@ -98,7 +99,7 @@ def convert_voc2007(
         splits[split] = (_voc_example(voc, i) for i in ids)
         totals[split] = len(ids)
     return write_dataset(
-        out, splits, totals=totals, vocabulary=VOC_CLASSES,
+        out, splits, totals=totals, vocabulary=VOC_CLASSES, inputs=roots,
         source={"converter": "voc2007", "parameters": {"roots": [str(r) for r in roots],
                                                        "train": "trainval.txt", "test": "test.txt"}},
         description=(
@@ -160,10 +161,10 @@ def convert_coco2014(root: PathLike, out: PathLike, **options: Any) -> PrepareRe
         annotations = _find_file(root, f"instances_{name}.json", ("annotations", "."))
         examples, names = _coco_split(root, annotations, name)
         if vocabulary is not None and names != vocabulary:
-            raise ValueError(f"{annotations}: categories differ from the train file's")
+            raise BadValue(f"{annotations}: categories differ from the train file's")
         vocabulary, splits[split], totals[split] = names, examples, len(examples)
     return write_dataset(
-        out, splits, totals=totals, vocabulary=vocabulary,
+        out, splits, totals=totals, vocabulary=vocabulary, inputs=[root],
         source={"converter": "coco2014", "parameters": {"root": str(root), "train": "train2014",
                                                         "test": "val2014"}},
         description=(
@@ -179,7 +180,7 @@ def _find_file(root: Path, name: str, folders: Sequence[str]) -> Path:
     for folder in folders:
         if (root / folder / name).is_file():
             return root / folder / name
-    raise FileNotFoundError(f"{name} not found under {root} (looked in {', '.join(folders)})")
+    raise NotFound(f"{name} not found under {root} (looked in {', '.join(folders)})")
 
 
 # --------------------------------------------------------------------------------------- NUS-WIDE
@@ -189,7 +190,7 @@ def _nuswide_concepts(root: Path) -> list[str]:
     path = _find_file(root, "Concepts81.txt", (".", "ConceptsList", "Groundtruth"))
     concepts = list(_read_lines(path))
     if len(set(concepts)) != len(concepts):
-        raise ValueError(f"{path}: repeated concept names")
+        raise BadValue(f"{path}: repeated concept names")
     return concepts
 
 
@@ -203,7 +204,7 @@ def _nuswide_examples(root: Path, images: Path, concepts: Sequence[str], split: 
         for concept in concepts:
             path = label_dir / f"Labels_{concept}_{tag}.txt"
             if not path.is_file():
-                raise FileNotFoundError(f"{path} not found (NUS-WIDE Groundtruth/TrainTestLabels)")
+                raise NotFound(f"{path} not found (NUS-WIDE Groundtruth/TrainTestLabels)")
             columns.append(_non_blank(stack.enter_context(open(path, encoding="utf-8"))))
         listing = _non_blank(stack.enter_context(open(image_list, encoding="utf-8", errors="replace")))
         # zip(strict=True): a list and label file of different lengths is a broken download, fatal.
@@ -238,7 +239,7 @@ def convert_nuswide(
     totals = {split: _count_lines(_find_file(root, f"{split.capitalize()}Imagelist.txt", ("ImageList", ".")))
               for split in splits}
     return write_dataset(
-        out, splits, totals=totals, vocabulary=concepts,
+        out, splits, totals=totals, vocabulary=concepts, inputs=[root, images],
         source={"converter": "nuswide", "parameters": {"root": str(root), "images": str(images)}},
         description=(
             "NUS-WIDE with the official train/test image lists and 81-concept ground truth "
@@ -265,7 +266,7 @@ def _generic_records(listing: Path) -> Iterator[dict[str, Any] | str]:
         with open(listing, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not {"path", "labels"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{listing}: the CSV header must name the columns path and labels")
+                raise BadValue(f"{listing}: the CSV header must name the columns path and labels")
             for row in reader:
                 if not row.get("path"):
                     yield "no path"
@@ -305,7 +306,7 @@ def read_vocabulary(path: PathLike) -> list[str]:
     """A vocabulary file: one label name per line, in label-index order."""
     names = list(_read_lines(Path(path)))
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: repeated label names")
+        raise BadValue(f"{path}: repeated label names")
     return names
 
 
@@ -336,7 +337,7 @@ def convert_generic(
     or a list of names, in index order; when omitted, the sorted set of names used in all lists.
     """
     if not lists:
-        raise ValueError("give at least one split, e.g. --train FILE")
+        raise BadValue("give at least one split, e.g. --train FILE")
     if isinstance(vocabulary, (str, os.PathLike)):
         names, vocab_source = read_vocabulary(vocabulary), str(vocabulary)
     elif vocabulary is not None:
@@ -349,6 +350,7 @@ def convert_generic(
     }
     return write_dataset(
         out, splits, vocabulary=names,
+        inputs=[*lists.values(), *([image_root] if image_root else [Path(p).parent for p in lists.values()])],
         source={"converter": "generic", "parameters": {
             "lists": {split: str(p) for split, p in lists.items()}, "vocabulary": vocab_source,
             "image_root": str(image_root) if image_root else None}},

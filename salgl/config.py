@@ -9,13 +9,16 @@ numbers (SPEC sections 1 and 2); builders elsewhere do the construction. Every l
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from salgl.errors import BadValue
 
-class ConfigError(ValueError):
+
+class ConfigError(BadValue):
     """An invalid configuration value; the message starts with the dotted key."""
 
     def __init__(self, key: str, message: str) -> None:
@@ -75,7 +78,6 @@ class BackboneConfig:
         _choice("batchnorm", self.batchnorm, ("auto", "frozen", "train"))
 
 
-LABEL_ENCODERS = ("minilm", "bert-base-uncased", "random")
 LABEL_RECIPES = ("mean", "released")
 
 
@@ -291,7 +293,12 @@ ALIASES: dict[str, str] = {
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
-    """Check every sub-config; a failure names the full dotted key."""
+    """Check every sub-config; a failure names the full dotted key. Every float must be finite
+    first: nan passes any range check (its comparisons are all false) and inf trains to NaN."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(prefix + f.name, f"must be a finite number, got {value}")
     if hasattr(cfg, "validate"):
         try:
             cfg.validate()
@@ -337,7 +344,7 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
             raise ConfigError(key, f"expected an integer, got {value!r}")
         try:
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(key, f"expected an integer, got {value!r}") from None
     if kind is float:
         try:

@@ -22,7 +22,7 @@ def test_prepare_mosaic_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     manifest = read_manifest(out)
     assert manifest["extra_columns"] == ["scene"] and manifest["source"]["parameters"]["canvas"] == 32
 
-    assert main(args) == 1  # exists: refused
+    assert main(args) == 2  # exists: refused (a usage error)
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--seed", "3"]) == 0
     assert read_manifest(out)["source"]["parameters"]["seed"] == 3
@@ -37,7 +37,7 @@ def test_prepare_mosaic_default_location(tmp_path: Path) -> None:
 
 def test_prepare_mosaic_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["prepare", "mosaic", "--out", str(tmp_path / "m"), "--fashion-mnist", str(tmp_path), *TINY])
-    assert code == 1
+    assert code == 2  # a usage error: the inputs are not there
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 

@@ -68,7 +68,7 @@ def test_manifest_round_trip_and_shard_paths(tmp_path: Path) -> None:
     assert read_manifest(tmp_path)["splits"]["train"]["rows"] == 3
     assert shard_paths(tmp_path, "train") == [str(tmp_path.resolve() / s["file"]) for s in shards]
     verify_checksums(tmp_path)
-    with pytest.raises(KeyError, match="not in"):
+    with pytest.raises(FileNotFoundError, match="not in"):
         shard_paths(tmp_path, "val")
     (tmp_path / shards[0]["file"]).write_bytes(b"tampered")
     with pytest.raises(ValueError, match="checksum"):
@@ -92,7 +92,7 @@ def test_staged_output_moves_into_place_only_on_success(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # neither the dataset nor the staging folder
 
     with staged_output(out) as staging:
-        (staging / "manifest.json").write_text("{}")
+        (staging / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
     assert (out / "manifest.json").is_file()
     reference = tmp_path / "reference"
     reference.mkdir()

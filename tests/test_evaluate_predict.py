@@ -28,7 +28,7 @@ from salgl.config import Config
 from salgl.metrics import multilabel_metrics, scene_entropy, scene_occupancy
 from salgl.official import ReleasedFlags
 from tests._tiny_checkpoint import IMG_SIZE, make_mosaic, tiny_config, tiny_trained_model, write_tiny_checkpoint
-from tests.bench.released_reference import ReleasedHead
+from tests.reference.released_reference import ReleasedHead
 
 RELEASED_DIMS = {"dim": 512, "label_dim": 24, "num_scenes": 4, "ffn": 64, "att_dim": 32}
 
@@ -69,15 +69,6 @@ def released(tmp_path_factory: pytest.TempPathFactory, vocabulary: list[str]) ->
     return str(path), head, cnn
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _object_column(values: list) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = [np.asarray(v, dtype=np.int32) if isinstance(v, list) else v for v in values]
@@ -109,7 +100,7 @@ def test_checkpoint_kinds(checkpoint: str, released, tmp_path: Path) -> None:
 
 
 def test_folder_checkpoint_gives_ema_or_live_weights(checkpoint: str, vocabulary: list[str]) -> None:
-    state = torch.load(Path(checkpoint) / "state.pt", weights_only=False)
+    state = torch.load(Path(checkpoint) / "state.pt", weights_only=True)
     ema, cfg, vocab = load_for_inference(checkpoint)
     live, _, _ = load_for_inference(checkpoint, which="live")
     assert vocab == vocabulary and cfg.data.img_size == IMG_SIZE and not ema.training
@@ -264,7 +255,7 @@ def test_predict_skips_broken_images_and_predicts_the_rest(
 def test_predict_fails_when_nothing_is_readable(checkpoint: str, tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
     assert main(["predict", checkpoint, str(tmp_path / "bad.png"), "--out", str(tmp_path / "p.jsonl"), "--no-progress"]) == 1
-    assert main(["predict", str(tmp_path / "nope"), str(tmp_path / "bad.png"), "--out", str(tmp_path / "p.jsonl")]) == 1
+    assert main(["predict", str(tmp_path / "nope"), str(tmp_path / "bad.png"), "--out", str(tmp_path / "p.jsonl")]) == 2  # no such checkpoint: a usage error
 
 
 # ---------------------------------------------------------------------------------------------

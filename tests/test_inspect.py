@@ -54,5 +54,5 @@ def test_inspect_writes_heatmaps_and_rankings(checkpoint: str, tmp_path: Path, w
 
 
 def test_inspect_rejects_unknown_labels(checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["inspect", checkpoint, "--out", str(tmp_path), "--labels", "dog,unicorn"]) == 1
+    assert main(["inspect", checkpoint, "--out", str(tmp_path), "--labels", "dog,unicorn"]) == 2  # a usage error
     assert "unicorn" in capsys.readouterr().err

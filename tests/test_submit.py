@@ -136,3 +136,30 @@ def test_placement_strategy_is_validated() -> None:
     assert preset("tiny", {"run.placement_strategy": "SPREAD"}).run.placement_strategy == "SPREAD"
     with pytest.raises(ConfigError, match="run.placement_strategy"):
         preset("tiny", {"run.placement_strategy": "spread"})
+
+
+def test_secrets_never_travel_with_the_job(tmp_path: Path) -> None:
+    """What Ray's own packaging (ray 2.60.0, ``packaging.create_package``) zips from a working
+    directory with the job's excludes: the code, never keys, tokens or env files."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    secrets = [".env", ".env.local", "id_rsa", "id_ed25519.pub", ".ray/auth_token", "certs/server.pem",
+               ".aws/credentials", "deploy.key", ".netrc", "creds/credentials.json"]
+    kept = ["jobs/configs/tiny.yaml", "salgl/token_encoder.py", "my.yaml", "notes/secret_sauce.md"]
+    for name in secrets + kept:
+        (tmp_path / "wd" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "wd" / name).write_text("x")
+    env = sj.runtime_env(tmp_path / "wd", {})
+    create_package(str(tmp_path / "wd"), tmp_path / "job.zip", include_gitignore=True, excludes=env["excludes"])
+    names = {n for n in zipfile.ZipFile(tmp_path / "job.zip").namelist() if not n.endswith("/")}
+    assert names == set(kept)
+
+
+def test_a_home_folder_is_not_uploaded_without_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sj, "project_root", lambda: None)  # as from a wheel install
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "train", "tiny"]) == 2
+    assert "holds your home folder" in capsys.readouterr().err

@@ -14,14 +14,14 @@ def trial(trial_id: str, k: int, *, status: str = "RUNNING", best: float | None 
     """The parts of a ``ray.tune.experiment.Trial`` the callback reads."""
     return SimpleNamespace(
         trial_id=trial_id, status=status, last_result=last or {},
-        config={"__base__": BASE, "__parent_run_id__": "p", "model.head.num_scenes": k, "loss.entropy_weight": 0.25},
+        config={"model.head.num_scenes": k, "loss.entropy_weight": 0.25},
         metric_analysis={} if best is None else {"ema_mAP": {"max": best, "last": best}},
     )
 
 
 def progress(total: int = 4, max_epochs: int = 3) -> tuple[SweepProgress, list[str]]:
     lines: list[str] = []
-    return SweepProgress(total, max_epochs, write=lines.append), lines
+    return SweepProgress(total, max_epochs, BASE, write=lines.append), lines
 
 
 def test_start_names_the_trial_as_its_mlflow_run_and_counts_it() -> None:
@@ -29,7 +29,7 @@ def test_start_names_the_trial_as_its_mlflow_run_and_counts_it() -> None:
     trials = [trial("a_00000", 2, status="TERMINATED"), trial("a_00001", 6)]
     callback.on_trial_start(0, trials, trials[1])
     assert lines[0].endswith("trial 2/4 K6-lam0.25-T3-a_00001 started")
-    assert lines[0].startswith("[salgl] 0:00  ")
+    assert lines[0].startswith("0:00  ")
 
 
 def test_each_epoch_prints_the_metrics_and_the_sweep_best_including_this_result() -> None:

@@ -40,8 +40,8 @@ def test_trial_label_names_k_lambda_t() -> None:
 
 def test_a_trial_takes_its_sampled_values_and_leaves_retries_to_tune() -> None:
     base = preset("tiny", {"run.max_failures": 2})
-    config = {"__base__": to_flat(base), "__parent_run_id__": "p", "model.head.num_scenes": 3, "loss.entropy_weight": 0.5}
-    cfg = trial_config(config, "ab12_00001")
+    config = {"model.head.num_scenes": 3, "loss.entropy_weight": 0.5}  # Tune's config: the sampled values alone
+    cfg = trial_config(config, "ab12_00001", to_flat(base))
     assert (cfg.model.head.num_scenes, cfg.loss.entropy_weight, cfg.run.name) == (3, 0.5, "trial-ab12_00001")
     # A Train-level retry raced Tune's stop of the trial and leaked a placement group.
     assert cfg.run.max_failures == 0 and cfg.optim == base.optim
@@ -92,7 +92,7 @@ def test_a_bad_search_space_is_refused_before_any_trial_runs() -> None:
 
 
 def test_search_ranges_and_schedules_are_checked_with_their_own_words() -> None:
-    from jobs.errors import BadValue
+    from salgl.errors import BadValue
     from jobs.sweep.tune import check_schedule
 
     for text, words in (("log:1", "expected log:LOW:HIGH"), ("log:0:1", "LOW > 0"), ("uniform:2:1", "LOW must be below HIGH"), ("grid:", "empty")):
@@ -121,7 +121,7 @@ def test_cli_input_errors_are_one_line_and_overrides_may_follow_options(tmp_path
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_a_sweep_that_breaks_marks_its_mlflow_parent_failed(tmp_path, capsys) -> None:
+def test_a_sweep_that_breaks_marks_its_mlflow_parent_failed(tmp_path, caplog) -> None:
     from mlflow.tracking import MlflowClient
 
     from jobs.tracking import start_run
@@ -137,4 +137,4 @@ def test_a_sweep_that_breaks_marks_its_mlflow_parent_failed(tmp_path, capsys) ->
     with pytest.raises(RuntimeError, match="went away"):
         _fit(BrokenTuner(), tmp_path / "sweep", record)
     assert MlflowClient(uri).get_run(record["parent_run_id"]).info.status == "FAILED"
-    assert f"salgl tune --resume {tmp_path / 'sweep'}" in capsys.readouterr().out
+    assert f"salgl tune --resume {tmp_path / 'sweep'}" in caplog.text  # a warning: shown with -q too

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # the CLI parser must stay free of torch imports (`salgl --help` is fast)
     from jobs.inference.loading import Loaded
@@ -57,20 +55,3 @@ def load_from_args(args: argparse.Namespace, vocabulary: Sequence[str] | None = 
         tracking_uri=args.tracking_uri,
     )
 
-
-def reports_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    """Turn the expected failures (missing files, wrong labels, mismatched checkpoints) into a
-    one-line message and exit code 1, as ``salgl prepare`` does; anything else keeps its traceback."""
-
-    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        @functools.wraps(run)
-        def wrapped(args: argparse.Namespace) -> int:
-            try:
-                return run(args)
-            except (FileNotFoundError, ValueError, KeyError) as exc:
-                print(f"salgl {command}: error: {exc}", file=sys.stderr)
-                return 1
-
-        return wrapped
-
-    return wrap

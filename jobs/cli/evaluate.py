@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args, reports_errors
+from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-@reports_errors("evaluate")
 def run(args: argparse.Namespace) -> int:
     from jobs.inference.evaluate import format_report, log_evaluation, probe_scenes, score_split, summarize, write_json
     from jobs.inference.loading import read_vocabulary

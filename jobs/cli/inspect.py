@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args, reports_errors
+from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-@reports_errors("inspect")
 def run(args: argparse.Namespace) -> int:
     from jobs.inference.inspect import format_rankings, inspect_scenes
 

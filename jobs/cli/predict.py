@@ -8,7 +8,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args, reports_errors
+from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,19 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-@reports_errors("predict")
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from jobs.inference.predict import find_images, predict_files
+    from jobs.inference.predict import IMAGE_EXTENSIONS, find_images, predict_files
+    from salgl.errors import NotFound
 
     model, cfg, vocabulary = load_from_args(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     paths = find_images(args.paths)
     if not paths:
-        print(f"[salgl] no image files in {' '.join(args.paths)}", file=sys.stderr)
-        return 1
+        raise NotFound(f"no image files in {' '.join(args.paths)} (give files, or folders holding {', '.join(sorted(IMAGE_EXTENSIONS))})")
     predicted = failed = 0
     if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,13 @@
 """``salgl prepare SOURCE ... --out DIR``: convert a dataset into parquet shards plus a manifest.
 
 Thin by design: parse, call the converter in ``pipeline`` (imported only when the command runs,
-so ``salgl --help`` stays fast), print the summary, turn expected failures into an exit code.
+so ``salgl --help`` stays fast), print the summary. Failures are ``salgl.errors``, reported by
+``jobs.cli.main``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +102,8 @@ def _convert(args: argparse.Namespace, options: dict[str, Any]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.prepare import RejectedInput
-
     options = dict(shard_rows=args.shard_rows, strict=args.strict, overwrite=args.overwrite,
                    workers=args.workers, progress=not args.no_progress)
-    try:
-        result = _convert(args, options)
-    except RejectedInput as exc:
-        print(f"salgl prepare: {exc}; --strict: nothing written", file=sys.stderr)
-        return 1
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"salgl prepare: error: {exc}", file=sys.stderr)
-        return 1
+    result = _convert(args, options)  # a missing or bad input raises a salgl.errors one-liner
     print(result.summary())
     return 0

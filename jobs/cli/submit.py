@@ -28,16 +28,13 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 
 def explain(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Print a ``SubmitError`` as one line (exit 2); Ctrl-C leaves the job running (exit 130)."""
-    from jobs.submission.client import SubmitError
+    """Ctrl-C while following a job leaves the job running: say how to reach it (exit 130).
+    A ``SubmitError`` is a usage error: ``jobs.cli.main`` prints it as one line (exit 2)."""
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except SubmitError as err:
-            print(f"salgl {args.command}: {err}", file=sys.stderr)
-            return 2
         except KeyboardInterrupt:
             print("\n[salgl] detached; the job keeps running (salgl jobs status|logs|stop ID)", file=sys.stderr)
             return 130
@@ -54,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following the job")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for the job (repeatable); MLFLOW_TRACKING_URI is passed on when set")
     p.add_argument("--working-dir", help="folder uploaded as the job's working directory (default: this project's root)")
+    p.add_argument("--force", action="store_true", help="upload the working directory even if it is your home folder")
     deps = p.add_mutually_exclusive_group()
     deps.add_argument("--pip", action="store_true", help="install pyproject's pinned dependencies for the job (clusters without them)")
     deps.add_argument("--requirements", metavar="FILE", help="install these requirements for the job")
@@ -81,7 +79,12 @@ def resolve_working_dir(args: argparse.Namespace) -> Path:
     folder = Path(args.working_dir) if args.working_dir else (project_root() or Path.cwd())
     if not folder.is_dir():
         raise SubmitError(f"--working-dir {folder}: not a folder")
-    return folder.resolve()
+    folder = folder.resolve()
+    home = Path.home().resolve()
+    if (folder == home or folder in home.parents) and not args.force:
+        raise SubmitError(f"the job would upload {folder}, which holds your home folder: run from the project's folder, "
+                          "or name it with --working-dir (--force uploads it anyway)")
+    return folder
 
 
 def run(args: argparse.Namespace) -> int:

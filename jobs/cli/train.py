@@ -16,7 +16,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 def load_config_file(path: str | None) -> dict[str, Any]:
     import yaml
 
-    from jobs.errors import NotFound
+    from salgl.errors import NotFound
 
     file = Path(path) if path else DEFAULT_CONFIG
     if not file.is_file():
@@ -49,10 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
     config_file, override_items = split_config_and_overrides(args.args)
     overrides = parse_overrides(override_items)
+    cfg = load(load_config_file(config_file), overrides)  # with --resume: where to look (run.storage)
     if args.resume:
-        cfg = load(load_config_file(config_file), {})
         train(cfg, resume=args.resume, address=args.address, overrides=overrides)
     else:
-        cfg = load(load_config_file(config_file), overrides)
         train(cfg, address=args.address)
     return 0

@@ -27,7 +27,9 @@ from jobs.inference.loading import Loaded, score_images
 from jobs.resources import ResourcePlan, plan_resources
 from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
 from pipeline.transforms import normalize_tensor
+from salgl.atomic_file import write_text_atomic
 from salgl.config import Config
+from salgl.errors import BadValue
 from salgl.metrics import multilabel_metrics
 from salgl.model import SALGL
 from salgl.scenes import train_eval_scenes
@@ -122,7 +124,7 @@ def collect(ds: Any) -> Scored:
             if key in batch:
                 parts[key].append(np.asarray(batch[key])[keep])
     if not parts:
-        raise ValueError("the split has no rows")
+        raise BadValue("the split has no rows: nothing to evaluate")
     stacked = {k: np.concatenate(v) for k, v in parts.items()}
     return Scored(
         ids=[str(i) for i in stacked["id"]],
@@ -209,8 +211,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_json(result: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(dict(result)), indent=1))
+    write_text_atomic(path, json.dumps(_json_safe(dict(result)), indent=1))
     return path
 
 

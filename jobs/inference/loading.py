@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from jobs.training.checkpoints import STATE_FILE, best_checkpoint_in, load_model_from_checkpoint
+from salgl.errors import BadValue, NotFound
 from salgl.config import Config, from_flat, preset, to_flat
 from salgl.model import SALGL, build_model
 from salgl.official import ReleasedFlags, head_config_from_released, load_released_checkpoint, load_released_file, strip_module_prefix
@@ -61,7 +62,7 @@ def checkpoint_kind(source: str) -> Kind:
         return "folder"
     if path.is_file():
         return "folder" if path.name == STATE_FILE else "released"
-    raise FileNotFoundError(f"checkpoint {source!r}: no such file or folder, and not an MLflow model URI")
+    raise NotFound(f"checkpoint {source!r}: no such file or folder, and not an MLflow model URI")
 
 
 def resolve_checkpoint_folder(path: str | Path) -> Path:
@@ -73,7 +74,7 @@ def resolve_checkpoint_folder(path: str | Path) -> Path:
         return path
     best = best_checkpoint_in(path, "ema_mAP")
     if best is None:
-        raise FileNotFoundError(f"{path} holds no {STATE_FILE}, and no checkpoint folders with an ema_mAP either")
+        raise NotFound(f"{path} holds no {STATE_FILE}, and no checkpoint folders with an ema_mAP either")
     return Path(best)
 
 
@@ -84,9 +85,14 @@ def read_vocabulary(path: str | Path) -> list[str]:
         from pipeline.shards import read_manifest
 
         return list(read_manifest(path)["vocabulary"])
+    if not path.is_file():
+        raise NotFound(f"vocabulary {path}: no such file or dataset folder")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        return [str(x) for x in json.loads(text)]
+        try:
+            return [str(x) for x in json.loads(text)]
+        except json.JSONDecodeError as err:
+            raise BadValue(f"vocabulary {path}: not a JSON list ({err})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -123,10 +129,10 @@ def load_mlflow_model(uri: str, tracking_uri: str = "") -> Loaded:
     info = mlflow.models.get_model_info(uri)
     vocabulary = (info.metadata or {}).get("vocabulary")
     if not vocabulary:
-        raise ValueError(f"MLflow model {uri} has no `vocabulary` in its metadata (log it with metadata={{'vocabulary': [...]}})")
+        raise BadValue(f"MLflow model {uri} has no `vocabulary` in its metadata (log it with metadata={{'vocabulary': [...]}})")
     model = mlflow.pytorch.load_model(uri, map_location="cpu")
     if not isinstance(model, SALGL):
-        raise TypeError(f"MLflow model {uri} is a {type(model).__name__}, not a SALGL model")
+        raise BadValue(f"MLflow model {uri} is a {type(model).__name__}, not a SALGL model")
     return Loaded(model.eval(), _mlflow_config(info.run_id, model), list(vocabulary))
 
 
@@ -168,19 +174,19 @@ def load_released(
     state = strip_module_prefix(load_released_file(str(path)))
     num_labels, label_dim = state["embeddings"].shape
     if vocabulary is None:
-        raise ValueError(f"{path} is a released checkpoint and holds no label names: give its {num_labels} labels (--vocabulary FILE or a dataset folder)")
+        raise BadValue(f"{path} is a released checkpoint and holds no label names: give its {num_labels} labels (--vocabulary FILE or a dataset folder)")
     if len(vocabulary) != num_labels:
-        raise ValueError(f"{path} has {num_labels} labels, the vocabulary given has {len(vocabulary)}")
+        raise BadValue(f"{path} has {num_labels} labels, the vocabulary given has {len(vocabulary)}")
     backbone = backbone or guess_released_backbone(state)
     if backbone is None:
-        raise ValueError(f"cannot tell the backbone of {path} from its keys: name it (--backbone, a timm model name)")
+        raise BadValue(f"cannot tell the backbone of {path} from its keys: name it (--backbone, a timm model name)")
     head = to_flat(head_config_from_released(state, flags), "model.head.")
     cfg = preset("official", {"model.backbone.name": backbone, "model.backbone.weights": "none", **head})
     model = build_model(cfg.model, num_labels=num_labels, label_dim=label_dim)
     try:
         load_released_checkpoint(model, state)
     except RuntimeError as err:  # size mismatches: the switches do not describe this checkpoint
-        raise ValueError(f"{path} does not fit {flags} (check the --released-* options): {str(err)[:500]}") from None
+        raise BadValue(f"{path} does not fit {flags} (check the --released-* options): {str(err)[:500]}") from None
     return Loaded(model.eval(), cfg, list(vocabulary))
 
 
@@ -203,13 +209,13 @@ def load_for_inference(
     ``backbone`` to released ones (a given ``vocabulary`` must match the others' own, if any).
     """
     if which not in ("ema", "live"):
-        raise ValueError(f"which must be 'ema' or 'live', got {which!r}")
+        raise BadValue(f"which must be 'ema' or 'live', got {which!r}")
     kind = checkpoint_kind(source)
     if kind == "released":
         return load_released(source, vocabulary, flags=flags, backbone=backbone)
     loaded = load_folder_checkpoint(source, which) if kind == "folder" else load_mlflow_model(source, tracking_uri)
     if vocabulary is not None and list(vocabulary) != loaded.vocabulary:
-        raise ValueError(f"{source} was trained on other labels than the ones given ({loaded.vocabulary[:5]}...)")
+        raise BadValue(f"{source} was trained on other labels than the ones given ({loaded.vocabulary[:5]}...)")
     return loaded
 
 

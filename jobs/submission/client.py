@@ -26,19 +26,26 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from jobs.resources import WORKER_ALLOCATOR_ENV
+from salgl.errors import UsageError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DASHBOARD_PORT = 8265
 SUBMITTABLE = ("train", "tune", "evaluate", "prepare")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# gitignore-style, relative to the working directory: data, runs and tracking stores never travel.
+# gitignore-style, relative to the working directory (Ray applies the folder's .gitignore and
+# .rayignore on top): data, runs and tracking stores never travel, and neither do secrets.
 EXCLUDES = [".git", ".venv", "/data/", "/runs/", "/mlruns/", "*.db", "__pycache__", "*.egg-info", ".pytest_cache"]
+SECRET_EXCLUDES = [
+    ".env", ".env.*", "*.env", ".ray/", ".ssh/", ".aws/", ".azure/", ".kube/", ".docker/", ".config/gcloud/",
+    ".netrc", ".git-credentials", ".pypirc", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key",
+    "*.p12", "*.pfx", "credentials", "credentials.json", "*.credentials", "auth_token", "*.token",
+]
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)  # passed on to the job when set here and not given by --env
 PATH_KEYS = ("data.path", "run.storage")  # overrides that must name a place every node sees
 
 
-class SubmitError(RuntimeError):
-    """A failure the user can fix (address, token, arguments); the CLI prints it and exits 2."""
+class SubmitError(UsageError):
+    """A failure the user can fix (address, token, arguments): ``salgl`` prints it and exits 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +204,7 @@ def runtime_env(working_dir: Path, env_vars: Mapping[str, str], pip: Sequence[st
     """The job's runtime env: every worker process of the job starts with its ``env_vars``, the
     allocator settings of ``jobs.resources.WORKER_ALLOCATOR_ENV`` under the user's ``--env``."""
     env_vars = {**WORKER_ALLOCATOR_ENV, **env_vars}
-    env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env_vars}
+    env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": [*EXCLUDES, *SECRET_EXCLUDES], "env_vars": env_vars}
     if pip:
         env["pip"] = {"packages": list(pip), "pip_check": False}
     return env

@@ -1,32 +1,39 @@
-"""What ``salgl tune`` prints while a sweep runs: a Tune callback on the driver.
+"""What ``salgl tune`` shows while a sweep runs: a Tune callback on the driver, logging.
 
 The trials train with ``quiet=True`` (their controllers' lines would arrive through Ray's log
 forwarding, interleaved and prefixed) and Tune's own reporter is off (``verbose=0``: its status
-table repeats every trial at every step). This prints one line per event instead, each naming
+table repeats every trial at every step). This logs one line per event instead, each naming
 the trial as its MLflow child run is named.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 
 from jobs.training.driver import format_epoch_line
 from jobs.sweep.search_space import METRIC, trial_label, trial_values
 
+log = logging.getLogger(__name__)
+
 
 class SweepProgress(Callback):
     """Trial started / each epoch / stopped by ASHA or finished / failed, with the sweep's clock.
 
-    ``total`` is the number of trials the sweep has; ``write`` takes each line (``print`` by default).
+    ``total`` is the number of trials the sweep has; ``base`` the sweep's flat config (a trial's
+    Tune config holds only its sampled values); ``write`` takes each line (``log.info`` by default).
     """
 
-    def __init__(self, total: int, max_epochs: int, write: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, total: int, max_epochs: int, base: Mapping[str, Any], write: Callable[[str], None] | None = None
+    ) -> None:
         self.total = total
         self.max_epochs = max_epochs
-        self.write = write or _print
+        self.base = dict(base)
+        self.write = write or _log
         self.started = time.monotonic()
 
     def setup(self, **info: Any) -> None:
@@ -34,11 +41,10 @@ class SweepProgress(Callback):
 
     def _line(self, text: str) -> None:
         minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
-        self.write(f"[salgl] {minutes:d}:{seconds:02d}  {text}")
+        self.write(f"{minutes:d}:{seconds:02d}  {text}")
 
-    @staticmethod
-    def _name(trial: Any) -> str:
-        return trial_label(trial_values(trial.config), trial.trial_id)
+    def _name(self, trial: Any) -> str:
+        return trial_label(trial_values(self.base, trial.config), trial.trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(f"trial {trials.index(trial) + 1}/{self.total} {self._name(trial)} started")
@@ -78,5 +84,5 @@ def _sweep_best(trials: list, value: Any) -> float | None:
     return max(values) if values else None
 
 
-def _print(line: str) -> None:
-    print(line, flush=True)
+def _log(line: str) -> None:  # a module function: Tune pickles the callback with the sweep's state
+    log.info(line)

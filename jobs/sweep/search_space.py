@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from jobs.errors import BadValue
+from salgl.errors import BadValue
 from salgl.config import Config, ConfigError, resolve_key, with_overrides
 
 
@@ -108,14 +108,9 @@ def expected_trials(space: Mapping[str, Any], samples: int) -> int:
 METRIC = "ema_mAP"  # what ASHA and the best-trial choice rank by
 
 
-def sampled_values(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's searched values: its Tune config without the sweep's ``__``-prefixed entries."""
-    return {k: v for k, v in config.items() if not k.startswith("__")}
-
-
-def trial_values(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's flat config: the sweep's base with the trial's searched values on top."""
-    return {**config["__base__"], **sampled_values(config)}
+def trial_values(base: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's flat config: the sweep's flat ``base`` with the trial's Tune config (its sampled values) on top."""
+    return {**base, **config}
 
 
 def trial_label(flat: Mapping[str, Any], trial_id: str) -> str:

@@ -9,20 +9,24 @@ wrapped with a token CPU request so the trial's Train workers and data tasks get
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from jobs.errors import AlreadyExists, BadValue, NotFound
+from salgl.errors import AlreadyExists, BadValue, NotFound
+from jobs.logs import run_log
 from jobs.resources import plan_resources
-from jobs.sweep.search_space import METRIC, build_space, check_space, expected_trials, sampled_values, trial_label, trial_values
+from jobs.sweep.search_space import METRIC, build_space, check_space, expected_trials, trial_label, trial_values
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.training.driver import init_ray, new_run_name, resolve_data, storage_root
+from salgl.atomic_file import write_text_atomic
 from salgl.config import Config, from_flat, to_flat, with_overrides
+
+log = logging.getLogger(__name__)
 
 SWEEP_FILE = "salgl_sweep.json"
 TRIAL_CPU = 0.01  # a trial's own process only waits on its TorchTrainer (0 is rejected by Tune)
@@ -32,7 +36,24 @@ TRIAL_CPU = 0.01  # a trial's own process only waits on its TorchTrainer (0 is r
 # The trial
 
 
-def run_trial(config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares. It reaches the trials through ``tune.with_parameters``
+    (one copy in Ray's object store), so a trial's Tune config holds its sampled values alone."""
+
+    base: dict[str, Any]  # the sweep's flat config; a trial's sampled values go on top
+    parent_run_id: str  # the sweep's MLflow parent run
+    resource_share: float  # the share of the cluster one trial plans its workers for (1 / trials at a time)
+
+
+def trial_trainable(sweep: SweepContext) -> Any:
+    """``run_trial`` as Tune runs it: with the sweep's context and a token CPU of its own."""
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": TRIAL_CPU})
+
+
+def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
     """One Tune trial: ``salgl train``'s code path with the sampled values."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -40,7 +61,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from jobs.training.driver import RUN_FILE, train
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(config, trial_id)
+    cfg = trial_config(config, trial_id, sweep.base)
     flat = to_flat(cfg)
     run_dir = Path(cfg.run.storage) / cfg.run.name
     resume = cfg.run.name if (run_dir / RUN_FILE).is_file() else None  # a restored sweep continues the trial
@@ -49,29 +70,27 @@ def run_trial(config: dict[str, Any]) -> None:
     train(
         cfg,
         resume=resume,
-        parent_run_id=config["__parent_run_id__"],
+        parent_run_id=sweep.parent_run_id,
         mlflow_run_name=trial_label(flat, trial_id),
         extra_params={"K": flat["model.head.num_scenes"], "lambda": flat["loss.entropy_weight"], "T": flat["model.head.steps"], "trial_id": trial_id},
         callbacks=[TuneReportCallback()],
         log_model=False,
-        resource_share=float(config["__resource_share__"]),
+        resource_share=sweep.resource_share,
         quiet=True,
     )
 
 
-def trial_config(config: Mapping[str, Any], trial_id: str) -> Config:
-    """The sweep's base config with the trial's sampled values.
+def trial_config(config: Mapping[str, Any], trial_id: str, base: Mapping[str, Any]) -> Config:
+    """The sweep's ``base`` (flat) config with the trial's sampled values.
 
     Train never restarts a trial's workers (``run.max_failures=0``); Tune retries the whole trial
     instead (``tune.FailureConfig``), and the retry continues from the trial's last checkpoint.
     When ASHA stops a trial, Tune ends the trial's process and with it the trial's workers, while
-    its Train controller can still be alive for a moment: allowed to retry, it took the workers'
-    end for a failure and asked for a new placement group for them. That group outlived the
-    controller and held a CPU until the sweep ended, so on 2 CPUs the next trial's workers never
-    started (seen in the sweep test).
+    its Train controller can still be alive for a moment: allowed to retry, it would take the
+    workers' end for a failure and ask for a new placement group, which outlives the controller and
+    holds a CPU until the sweep ends (on 2 CPUs the next trial's workers would never start).
     """
-    base = from_flat(config["__base__"])
-    return with_overrides(base, {**sampled_values(config), "run.name": f"trial-{trial_id}", "run.max_failures": 0})
+    return with_overrides(from_flat(base), {**config, "run.name": f"trial-{trial_id}", "run.max_failures": 0})
 
 
 def _report_if_complete(run_dir: Path, epochs: int) -> bool:
@@ -100,7 +119,6 @@ class SweepOutcome:
     summary: list[dict[str, Any]]
     best: dict[str, Any]
     registered_model: str | None
-    trial_start_overheads: list[float] = dataclasses.field(default_factory=list)
     interrupted: bool = False  # Ctrl-C: continue with --resume
 
 
@@ -124,15 +142,12 @@ def tune_sweep(
     register_as: str = "salgl",
     address: str | None = None,
     resume: str | None = None,
-    scheduler: str = "asha",
 ) -> SweepOutcome:
     """Run (or continue) a sweep; returns the summary and where everything went.
 
-    ``scheduler="fifo"`` runs every trial to the end (the baseline ASHA is measured against).
-    What the user gave is checked before Ray starts (``jobs.errors``: one line from `salgl tune`).
+    What the user gave is checked before Ray starts (``salgl.errors``: one line from `salgl tune`).
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from jobs.sweep.progress import SweepProgress
@@ -166,32 +181,41 @@ def tune_sweep(
     }, tags={"salgl.sweep_dir": str(sweep_dir)})
     sweep_dir.mkdir(parents=True)
     record = {"name": name, "tracking_uri": tracking_uri, "parent_run_id": parent, "max_epochs": max_epochs,
-              "samples": samples, "expected_trials": expected_trials(space, samples), "base": to_flat(base)}
-    (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=1))
-    param_space = {**space, "__base__": to_flat(base), "__parent_run_id__": parent, "__resource_share__": 1.0 / concurrency}
-    policy = f"ASHA on {METRIC}" if scheduler == "asha" else "every trial to the end"
-    print(f"[salgl] sweep {name}: {record['expected_trials']} trials, {policy} over {max_epochs} epochs, "
-          f"{concurrency} at a time; MLflow parent {parent}", flush=True)
+              "samples": samples, "expected_trials": expected_trials(space, samples), "base": to_flat(base),
+              "resource_share": 1.0 / concurrency}
+    write_text_atomic(sweep_dir / SWEEP_FILE, json.dumps(record, indent=1))
+    headline = (f"sweep {name}: {record['expected_trials']} trials, ASHA on {METRIC} over {max_epochs} epochs, "
+                f"{concurrency} at a time; MLflow parent {parent}")
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"CPU": TRIAL_CPU}),
-        param_space=param_space,
+        trial_trainable(sweep_context(record)),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", num_samples=samples,
-            # Seeded by run.seed: the same sweep draws the same trials (and ASHA and FIFO runs of
-            # the benchmark compare the same configurations).
+            # Seeded by run.seed: the same sweep draws the same trials.
             search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.run.seed),
-            scheduler=(
-                ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
-                if scheduler == "asha" else FIFOScheduler()
-            ),
+            scheduler=asha_scheduler(max_epochs, grace_period, reduction_factor),
         ),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(sweep_dir), verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),  # see trial_config
-            callbacks=[SweepProgress(record["expected_trials"], max_epochs)],  # restored with the sweep by --resume
+            callbacks=[SweepProgress(record["expected_trials"], max_epochs, record["base"])],  # restored with the sweep by --resume
         ),
     )
-    return _finish(_fit(tuner, sweep_dir, record), sweep_dir, record, register_as)
+    return _run(tuner, sweep_dir, record, register_as, headline)
+
+
+def asha_scheduler(max_epochs: int, grace_period: int, reduction_factor: int) -> Any:
+    """ASHA over epochs; it ranks trials by the ``TuneConfig``'s metric (``METRIC``)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
+
+
+def _run(tuner: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: str, headline: str) -> SweepOutcome:
+    """Fit and finish the sweep; from ``headline`` on, its log goes into its folder too (salgl.log)."""
+    with run_log(sweep_dir):
+        log.info(headline)
+        return _finish(_fit(tuner, sweep_dir, record), sweep_dir, record, register_as)
 
 
 def _fit(tuner: Any, sweep_dir: Path, record: Mapping[str, Any]) -> Any:
@@ -202,7 +226,7 @@ def _fit(tuner: Any, sweep_dir: Path, record: Mapping[str, Any]) -> Any:
         return tuner.fit()
     except BaseException:
         end_run(record["tracking_uri"], record["parent_run_id"], "FAILED")
-        print(f"[salgl] sweep failed; `salgl tune --resume {sweep_dir}` continues it from its saved state", flush=True)
+        log.warning(f"sweep failed; `salgl tune --resume {sweep_dir}` continues it from its saved state")
         raise
 
 
@@ -228,27 +252,31 @@ def sweep_folder(path: str) -> Path:
     return folder
 
 
+def sweep_context(record: Mapping[str, Any]) -> SweepContext:
+    """The trials' shared context from the sweep record (``salgl_sweep.json``)."""
+    return SweepContext(dict(record["base"]), record["parent_run_id"], float(record.get("resource_share", 1.0)))
+
+
 def _resume(sweep_dir: Path, register_as: str) -> SweepOutcome:
     from ray import tune
 
     record = json.loads((sweep_dir / SWEEP_FILE).read_text())
-    print(f"[salgl] resuming sweep {record['name']} from {sweep_dir}", flush=True)
     tuner = tune.Tuner.restore(
-        str(sweep_dir / "tune"), trainable=tune.with_resources(run_trial, {"CPU": TRIAL_CPU}),
+        str(sweep_dir / "tune"), trainable=trial_trainable(sweep_context(record)),
         resume_unfinished=True, resume_errored=True,
     )
-    return _finish(_fit(tuner, sweep_dir, record), sweep_dir, record, register_as)
+    return _run(tuner, sweep_dir, record, register_as, f"resuming sweep {record['name']} from {sweep_dir}")
 
 
 def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: str) -> SweepOutcome:
     tracking_uri, parent = record["tracking_uri"], record["parent_run_id"]
     # Tune creates trials lazily, so an early Ctrl-C leaves fewer trials than the sweep has.
     total = max(len(results), record.get("expected_trials", 0))
-    summary = summarize(results, record["max_epochs"])
+    summary = summarize(results, record["max_epochs"], record["base"])
     if results.num_terminated + results.num_errors < total:
         # Interrupted (Ctrl-C): Tune saved its scheduler and searcher state; nothing is final yet.
-        print(f"[salgl] sweep interrupted with {results.num_terminated} of {total} trials done; "
-              f"continue with: salgl tune --resume {sweep_dir}", flush=True)
+        log.warning(f"sweep interrupted with {results.num_terminated} of {total} trials done; "
+                    f"continue with: salgl tune --resume {sweep_dir}")
         return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, {}, None, interrupted=True)
     close_trial_runs(tracking_uri, parent, summary)
     logger = MlflowLogger(tracking_uri, parent)
@@ -260,23 +288,11 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
         logger.log_metrics({"best_ema_mAP": best["best_ema_mAP"]}, step=0)
         registered = register_checkpoint(best["best_checkpoint"], tracking_uri, parent, register_as)
     end_run(tracking_uri, parent, "FINISHED")
-    print_sweep(summary, best, registered, tracking_uri, parent)
-    return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, best, registered, trial_start_overheads(results))
+    log_sweep(summary, best, registered, tracking_uri, parent)
+    return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, best, registered)
 
 
-def trial_start_overheads(results: Any) -> list[float]:
-    """Per trial: seconds of its first report beyond a typical later epoch (start-up cost)."""
-    out = []
-    for result in results:
-        history = result.metrics_dataframe
-        if history is None or "time_this_iter_s" not in history or len(history) < 2:
-            continue
-        iters = history["time_this_iter_s"].tolist()
-        out.append(float(iters[0] - sorted(iters[1:])[len(iters[1:]) // 2]))
-    return out
-
-
-def summarize(results: Any, max_epochs: int) -> list[dict[str, Any]]:
+def summarize(results: Any, max_epochs: int, base: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per trial: its values, best and last EMA mAP, epochs run, and whether ASHA stopped it."""
     from jobs.training.checkpoints import best_checkpoint_in
 
@@ -284,8 +300,8 @@ def summarize(results: Any, max_epochs: int) -> list[dict[str, Any]]:
     for result in results:
         if result.config is None:  # a trial an interrupt caught before it wrote anything
             continue
-        config = sampled_values(result.config)
-        flat = trial_values(result.config)
+        config = result.config
+        flat = trial_values(base, config)
         history = result.metrics_dataframe
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
         best_map = float(history[METRIC].max()) if history is not None and METRIC in history else None
@@ -315,7 +331,7 @@ def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any
     Tune's own record is what counts. A trial it ended without an error (ASHA stopping it early,
     or stopping it on its last report because it reached ``max_t``) can have its stop reach the
     trial's training as an exception other than Tune's ``SystemExit(0)``, depending on where it
-    lands (seen in CI on a trial whose Train run was shutting down after its last epoch); then
+    lands (a Train run shutting down after its last epoch, for one); then
     ``jobs.training.driver.train`` has marked the child FAILED, and it is set to KILLED here. Trials Tune
     records with an error stay FAILED.
     """
@@ -371,16 +387,16 @@ def register_checkpoint(checkpoint: str, tracking_uri: str, run_id: str, name: s
     return f"models:/{name}/{version.version}"
 
 
-def print_sweep(summary: list[dict[str, Any]], best: Mapping[str, Any], registered: str | None, tracking_uri: str, parent: str) -> None:
-    print("[salgl] trial                 K   lambda     T  epochs  stopped  best EMA mAP  scene entropy")
+def log_sweep(summary: list[dict[str, Any]], best: Mapping[str, Any], registered: str | None, tracking_uri: str, parent: str) -> None:
+    log.info("trial                 K   lambda     T  epochs  stopped  best EMA mAP  scene entropy")
     for row in summary:
         best_map = f"{row['best_ema_mAP']:.2f}" if row["best_ema_mAP"] is not None else "-"
         entropy = f"{row['scene_entropy']:.3f}" if row.get("scene_entropy") is not None else "-"
-        print(f"[salgl] {row['trial']:<20} {row['K']:>2} {row['lambda']:>8.3g} {row['T']:>5} {row['epochs']:>7} "
-              f"{'yes' if row['stopped_early'] else 'no':>8} {best_map:>13} {entropy:>14}")
+        log.info(f"{row['trial']:<20} {row['K']:>2} {row['lambda']:>8.3g} {row['T']:>5} {row['epochs']:>7} "
+                 f"{'yes' if row['stopped_early'] else 'no':>8} {best_map:>13} {entropy:>14}")
     if best:
-        print(f"[salgl] best: trial {best['trial']} (K={best['K']}, lambda={best['lambda']:.3g}, T={best['T']}), "
-              f"checkpoint {best.get('best_checkpoint')}")
+        log.info(f"best: trial {best['trial']} (K={best['K']}, lambda={best['lambda']:.3g}, T={best['T']}), "
+                 f"checkpoint {best.get('best_checkpoint')}")
     if registered:
-        print(f"[salgl] registered: {registered}")
-    print("[salgl] MLflow: " + run_page(tracking_uri, parent))
+        log.info(f"registered: {registered}")
+    log.info("MLflow: " + run_page(tracking_uri, parent))

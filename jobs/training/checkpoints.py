@@ -1,6 +1,6 @@
 """Training checkpoints: one folder with everything needed to continue exactly.
 
-``state.pt`` holds model, EMA, optimiser, scheduler, epoch, step and data seed; the counts (live
+``state.pt`` holds model, EMA, optimiser, scheduler, epoch and step; the counts (live
 and EMA) are in the two model state dicts. ``meta.json`` repeats epoch, step and metrics in plain
 text so tools can pick a checkpoint without loading tensors, and the size of every other file, so
 that a folder left half-copied by a crash is never taken for a checkpoint (``newest_checkpoint``).
@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
+
+from salgl.errors import BadValue, CorruptFile, NotFound
 
 if TYPE_CHECKING:  # torch loads where a checkpoint is read or written, not where one is only found
     import torch
@@ -27,7 +31,6 @@ CONFIG_FILE = "config.json"
 class TrainingState:
     epoch: int  # epochs completed
     step: int  # optimiser steps completed
-    data_seed: int
 
 
 def write_checkpoint(
@@ -53,23 +56,74 @@ def write_checkpoint(
         "scheduler": scheduler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
-        "data_seed": state.data_seed,
     }
     torch.save(blob, folder / STATE_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps({"config": dict(config), "vocabulary": vocabulary}, indent=1))
-    files = {name: (folder / name).stat().st_size for name in (STATE_FILE, CONFIG_FILE)}
-    meta = {"epoch": state.epoch, "step": state.step, "data_seed": state.data_seed, "metrics": _plain(metrics), "files": files}
+    files = {name: file_record(folder / name) for name in (STATE_FILE, CONFIG_FILE)}
+    meta = {"epoch": state.epoch, "step": state.step, "metrics": _plain(metrics), "files": files}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1))
     return folder
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What meta.json records of a checkpoint file: its size (a half-copied folder is told at a
+    glance) and its sha256 (a file altered in place, same size, is told on load)."""
+    from pipeline.shards import file_sha256
+
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def damaged_file(folder: Path, meta: Mapping[str, Any], *, hashes: bool = True) -> str | None:
+    """The first file of a checkpoint that is missing or differs from its meta.json record (size,
+    and with ``hashes`` the sha256), as a message; None when all match. Older checkpoints record
+    sizes only (``{name: size}``) and are checked by size."""
+    from pipeline.shards import file_sha256
+
+    for name, record in meta.get("files", {}).items():
+        path = folder / name
+        expected = record if isinstance(record, dict) else {"size": record}
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected.get("size"):
+            return f"{path} has {path.stat().st_size} bytes, its meta.json says {expected.get('size')}"
+        if hashes and "sha256" in expected and file_sha256(path) != expected["sha256"]:
+            return f"{path} differs from the sha256 in its meta.json (altered or damaged)"
+    return None
+
+
+def verify_checkpoint(folder: str | os.PathLike[str]) -> None:
+    """Raise ``CorruptFile`` naming the file when a checkpoint folder no longer matches its meta.json."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except FileNotFoundError:
+        return  # a bare state.pt (copied without its meta.json): nothing recorded to check against
+    except ValueError:
+        raise CorruptFile(f"{folder / META_FILE} is not valid JSON") from None
+    problem = damaged_file(folder, meta)
+    if problem:
+        raise CorruptFile(f"checkpoint refused: {problem}")
 
 
 def read_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(folder) / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a salgl checkpoint (no {STATE_FILE})")
+        raise NotFound(f"{folder} is not a salgl checkpoint (no {STATE_FILE})")
+    verify_checkpoint(folder)
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint holds tensors, numbers and strings; unpickling anything else could
+    # run code from a folder someone handed over, so it is refused instead.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            raise CorruptFile(f"{path} holds an object of {found.group(1)}, not only tensors and numbers; refused "
+                              "unopened (a salgl checkpoint never does)") from None
+        raise CorruptFile(f"{path} cannot be read as a checkpoint (not a torch file, or damaged)") from None
+    except (RuntimeError, EOFError) as err:  # truncated
+        raise CorruptFile(f"{path} cannot be read as a checkpoint: {str(err)[:200]}") from None
 
 
 def read_checkpoint_config(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
@@ -96,7 +150,7 @@ def load_model_from_checkpoint(folder: str | os.PathLike[str], *, which: str = "
     from salgl.official import strip_module_prefix
 
     if which not in ("ema", "live"):
-        raise ValueError(f"which must be 'ema' or 'live', got {which!r}")
+        raise BadValue(f"which must be 'ema' or 'live', got {which!r}")
     state = read_checkpoint(folder)
     flat, vocabulary = read_checkpoint_config(folder)
     cfg = from_flat(flat)
@@ -117,14 +171,14 @@ def best_checkpoint_in(run_dir: str | os.PathLike[str], metric: str) -> str | No
     return best
 
 
-def _complete_meta(folder: Path) -> dict[str, Any] | None:
-    """A checkpoint folder's meta.json when every file it lists is there at its size, else None."""
+def _complete_meta(folder: Path, *, hashes: bool = False) -> dict[str, Any] | None:
+    """A checkpoint folder's meta.json when every file it lists is there at its size (and, with
+    ``hashes``, its sha256), else None."""
     try:
         meta = json.loads((folder / META_FILE).read_text())
-        sizes = {name: (folder / name).stat().st_size for name in meta.get("files", {})}
     except (OSError, ValueError):
         return None
-    return meta if sizes == meta.get("files", {}) else None
+    return meta if damaged_file(folder, meta, hashes=hashes) is None else None
 
 
 def newest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[str, int] | None:
@@ -141,10 +195,11 @@ def newest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[str, int] | None
         meta = _complete_meta(meta_path.parent)
         if meta is not None:
             found.append((int(meta.get("epoch", 0)), int(meta.get("step", 0)), str(meta_path.parent)))
-    if not found:
-        return None
-    epoch, _, folder = max(found)
-    return folder, epoch
+    # Newest first; only the one taken is hashed, and a damaged one gives way to the next newest.
+    for epoch, _, folder in sorted(found, reverse=True):
+        if _complete_meta(Path(folder), hashes=True) is not None:
+            return folder, epoch
+    return None
 
 
 def latest_epoch(run_dir: str | os.PathLike[str]) -> int:

@@ -6,6 +6,7 @@ Small functions, each one job; the per-worker loop is ``jobs.training.recipe``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -14,10 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from jobs.errors import AlreadyExists, BadValue, NotFound
+from salgl.errors import AlreadyExists, BadValue, Interrupted, NotFound
+from jobs.logs import LOG_FILE, configure_worker_logging, console_level, run_log
 from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, plan_resources
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
+from salgl.atomic_file import write_text_atomic
 from salgl.config import Config, from_flat, to_flat, with_overrides
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "salgl_run.json"
 DEFAULT_DATA = "data/mosaic"
@@ -41,7 +46,7 @@ class TrainOutcome:
 
 def resolve_data(cfg: Config, *, prepare_default: bool = True) -> str:
     """The dataset folder; the built-in mosaic data is prepared on first use."""
-    from pipeline.shards import read_manifest
+    from pipeline.shards import check_shards
 
     path = Path(cfg.data.path or DEFAULT_DATA).expanduser().resolve()
     if not (path / "manifest.json").is_file():
@@ -54,9 +59,9 @@ def resolve_data(cfg: Config, *, prepare_default: bool = True) -> str:
             raise NotFound(f"no dataset at {path}")
         from pipeline.mosaic import convert_mosaic
 
-        print(f"[salgl] preparing the built-in mosaic dataset at {path} (first use)", flush=True)
+        log.info(f"preparing the built-in mosaic dataset at {path} (first use)")
         convert_mosaic(path)
-    read_manifest(path)  # validates
+    check_shards(path)  # a truncated or missing shard fails here, named, before Ray starts
     return str(path)
 
 
@@ -104,10 +109,7 @@ def storage_root(cfg: Config) -> str:
 
 
 def write_run_file(run_dir: Path, record: Mapping[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(run_dir / RUN_FILE)
+    write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
 
 
 def find_run(run: str, storage: str) -> Path:
@@ -142,9 +144,9 @@ def local_instance_env() -> None:
     Ray keeps at most ``num_workers_soft_limit`` worker processes (default: the CPU count) and kills
     idle ones beyond it after a second. One Train run alone has about ten actor processes
     (controller, workers, split coordinators, dataset manager, placement-group cleaner, ...), so on
-    2 CPUs the data-task processes, which have imported torch and timm, were killed between a
-    sweep's trials, and each trial's first batch waited about 5 s for a new one to import them
-    again (7.2 -> 2.1 s measured with a higher limit).
+    2 CPUs the data-task processes, which have imported torch and timm, would be killed between a
+    sweep's trials, and each trial's first batch would wait seconds for a new one to import them
+    again.
 
     Ray Train starts a preemption watcher actor with every run, to act on a cluster's node being
     drained (spot instances). A local instance has no nodes to drain, so it is switched off there:
@@ -176,8 +178,8 @@ def init_ray(address: str | None = None) -> None:
 
 # Ray Train's controller polls each worker for its next report every this many seconds (Ray's
 # default 2). A worker's report queue holds one report, so an epoch shorter than the interval waits
-# for the poll, and the last report waits for it again after training ends: with 2 s, a 2-epoch
-# tiny run spent 7 s between its last step and ``fit()`` returning (0.2 s: 1.6 s). A poll is one
+# for the poll, and the last report waits for it again after training ends: with 2 s, a short
+# run would spend seconds between its last step and ``fit()`` returning. A poll is one
 # small actor call per worker. Ray propagates the variable from the process that calls ``fit()``
 # to the controller; a value the user exported wins.
 CONTROLLER_POLL_S = "0.2"
@@ -210,7 +212,7 @@ def format_epoch_line(m: Mapping[str, Any], epochs: int, *, label: str = "") -> 
         if key in m
     )
     return (
-        f"[salgl] {label + '  ' if label else ''}epoch {m.get('epoch')}/{epochs}  loss {f('loss', '.4f')}  mAP {f('mAP')}  "
+        f"{label + '  ' if label else ''}epoch {m.get('epoch')}/{epochs}  loss {f('loss', '.4f')}  mAP {f('mAP')}  "
         f"EMA mAP {f('ema_mAP')}  scene entropy {f('ema_scene_entropy', '.3f')}{extras}  "
         f"{f('images_per_s', '.1f')} img/s"
     )
@@ -220,15 +222,15 @@ def make_tracking_warmup(tracking_uri: str, run_id: str):
     """A Train controller callback that opens the MLflow store on a thread as the controller starts.
 
     The controller is a fresh process per run, and its first ``log_metrics`` would import MLflow
-    and open the store (about 2 s here) on the loop that polls the workers, after the first epoch.
+    and open the store (seconds) on the loop that polls the workers, after the first epoch.
     Started at controller start, it overlaps with the worker group's start-up instead; the store
     is cached per URI, so the reporter's logger reuses it.
     """
     import threading
 
-    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from pipeline.ray_compat import controller_callback_class
 
-    class TrackingWarmup(ControllerCallback):
+    class TrackingWarmup(controller_callback_class()):  # type: ignore[misc]
         thread: threading.Thread | None = None
 
         def after_controller_start(self, train_run_context: Any) -> None:
@@ -238,17 +240,24 @@ def make_tracking_warmup(tracking_uri: str, run_id: str):
     return TrackingWarmup()
 
 
-def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int, *, quiet: bool = False):
-    """A Ray Train UserCallback: one line per epoch and the metrics into MLflow (rank 0's report)."""
+def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int, *, quiet: bool = False, log_file: str | None = None):
+    """A Ray Train UserCallback: one line per epoch (the console, unless ``quiet``, and ``log_file``)
+    and the metrics into MLflow (rank 0's report)."""
     from ray.train import UserCallback
 
+    level = logging.WARNING if quiet else console_level()  # chosen here: Train runs the callback in its controller
+
     class EpochReporter(UserCallback):
+        logging_ready = False
+
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             if not metrics:
                 return
+            if not self.logging_ready:
+                configure_worker_logging(level, log_file)
+                self.logging_ready = True
             m = metrics[0]
-            if not quiet:
-                print(format_epoch_line(m, epochs), flush=True)
+            log.info(format_epoch_line(m, epochs))
             if run_id:
                 MlflowLogger(tracking_uri, run_id).log_metrics(m, step=int(m.get("epoch", 0)))
 
@@ -263,8 +272,8 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker (``jobs.training.recipe.train_loop_per_worker``).
 
     Train pickles this function by reference and its controller unpickles it, so it lives in this
-    light module: referring to ``jobs.training.recipe`` directly made every run's controller import torch
-    and timm (seconds of CPU on a small machine, in a process that never trains).
+    light module: referring to ``jobs.training.recipe`` directly would make every run's controller
+    import torch and timm (seconds of CPU on a small machine, in a process that never trains).
     """
     from jobs.training.recipe import train_loop_per_worker
 
@@ -285,8 +294,8 @@ def build_trainer(
     quiet: bool = False,
 ):
     import ray.train
-    from ray.train.torch import TorchTrainer
 
+    from jobs.training.interrupt import InterruptibleTorchTrainer
     from jobs.training.worker_spec import WorkerSpec
     from pipeline.ingest import data_config, eval_dataset, train_dataset
     from salgl.label_embeddings import label_embeddings
@@ -302,6 +311,7 @@ def build_trainer(
         threads=plan.torch_threads,
         run_dir=str(run_dir),
         scene_mixture=scene_mixture(data_dir, cfg),
+        log_level=logging.WARNING if quiet else console_level(),
     )
     def train_stream() -> Any:
         # Ray Train calls this each time it (re)starts the worker group: the stream continues from
@@ -319,7 +329,7 @@ def build_trainer(
         return eval_dataset(data_dir, cfg.data, num_workers=plan.num_workers, num_cpus=plan.data_task_cpus)
 
     datasets = {"train": train_stream, "test": test_stream}
-    return TorchTrainer(
+    return InterruptibleTorchTrainer(
         train_worker,
         train_loop_config=spec.__dict__,
         scaling_config=ray.train.ScalingConfig(
@@ -337,7 +347,7 @@ def build_trainer(
             ),
             callbacks=[
                 make_tracking_warmup(tracking_uri, mlflow_run_id),
-                make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet),
+                make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=str(run_dir / LOG_FILE)),
                 *callbacks,
             ],
             # Train's INFO lines repeat every report's metrics dict per rank; ours is one line an epoch.
@@ -366,8 +376,11 @@ def train(
 
     ``parent_run_id`` / ``mlflow_run_name`` / ``extra_params`` nest the run under a sweep;
     ``resource_share`` is the fraction of the cluster this run may size itself from (several
-    trials at once); ``quiet`` drops the per-epoch console line (a sweep prints its own, ``jobs.sweep.progress``).
+    trials at once); ``quiet`` keeps the run's epoch and progress lines off the console (its salgl.log
+    still has them; a sweep prints its own, ``jobs.sweep.progress``).
     """
+    from pipeline.shards import check_shards
+
     storage = storage_root(cfg)
     if resume:
         run_dir = find_run(resume, storage)
@@ -376,6 +389,7 @@ def train(
         # A resumed run goes to the end of its schedule unless told to stop again.
         cfg = with_overrides(base, {"run.stop_after_epoch": 0, **(overrides or {})})
         run_name, data_dir = record["run_name"], record["data_dir"]
+        check_shards(data_dir)  # pipeline.shards: the data may have changed since the run began
         tracking_uri, run_id = record["tracking_uri"], record["mlflow_run_id"]
         storage = str(run_dir.parent)
     else:
@@ -401,32 +415,34 @@ def train(
             "run_name": run_name, "data_dir": data_dir, "config": to_flat(cfg),
             "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
         })
-    init_ray(address)
-    trainer = build_trainer(
-        cfg, data_dir=data_dir, run_dir=run_dir, run_name=run_name, storage=storage,
-        tracking_uri=tracking_uri, mlflow_run_id=run_id, callbacks=callbacks,
-        resource_share=resource_share, quiet=quiet,
-    )
-    print(f"[salgl] run {run_name}: {cfg.run.workers} workers, data {data_dir}, checkpoints in {run_dir}", flush=True)
-    controller_env_defaults()
-    try:
-        result = trainer.fit()
-    except (SystemExit, KeyboardInterrupt) as stop:
-        # Stopped, not failed: Ctrl-C, or Tune ending a trial that ASHA stops (sys.exit(0) from
-        # inside its report call).
-        stopped = isinstance(stop, KeyboardInterrupt) or stop.code in (0, None)
-        end_run(tracking_uri, run_id, "KILLED" if stopped else "FAILED")
-        raise
-    except BaseException:
-        end_run(tracking_uri, run_id, "FAILED")
-        raise
-    outcome = _outcome(result, cfg, run_name, run_dir, run_id, tracking_uri)
-    finished = outcome.metrics.get("epoch") == cfg.optim.epochs
-    record_final_artifacts(outcome, cfg, log_model=log_model and finished)
-    end_run(tracking_uri, run_id, "FINISHED" if finished else "KILLED")
-    if not quiet:
-        print_summary(outcome, finished)
-    return outcome
+    with run_log(run_dir):  # <run folder>/salgl.log; the controller and workers append theirs
+        init_ray(address)
+        trainer = build_trainer(
+            cfg, data_dir=data_dir, run_dir=run_dir, run_name=run_name, storage=storage,
+            tracking_uri=tracking_uri, mlflow_run_id=run_id, callbacks=callbacks,
+            resource_share=resource_share, quiet=quiet,
+        )
+        log.info(f"run {run_name}: {cfg.run.workers} workers, data {data_dir}, checkpoints in {run_dir}")
+        controller_env_defaults()
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:  # Ctrl-C (jobs.training.interrupt): the checkpoints so far are kept
+            end_run(tracking_uri, run_id, "KILLED")
+            raise Interrupted(f"interrupted; run {run_name} stopped. Continue it with: salgl train --resume {run_dir}") from None
+        except SystemExit as stop:
+            # Tune ending a trial that ASHA stops: sys.exit(0) from inside its report call.
+            end_run(tracking_uri, run_id, "KILLED" if stop.code in (0, None) else "FAILED")
+            raise
+        except BaseException:
+            end_run(tracking_uri, run_id, "FAILED")
+            raise
+        outcome = _outcome(result, cfg, run_name, run_dir, run_id, tracking_uri)
+        finished = outcome.metrics.get("epoch") == cfg.optim.epochs
+        record_final_artifacts(outcome, cfg, log_model=log_model and finished)
+        end_run(tracking_uri, run_id, "FINISHED" if finished else "KILLED")
+        if not quiet:
+            log_summary(outcome, finished)
+        return outcome
 
 
 def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Path, run_id: str, tracking_uri: str) -> TrainOutcome:
@@ -482,13 +498,13 @@ def log_checkpoint_model(checkpoint: str, tracking_uri: str, run_id: str, *, art
     return info.model_uri
 
 
-def print_summary(outcome: TrainOutcome, finished: bool) -> None:
+def log_summary(outcome: TrainOutcome, finished: bool) -> None:
     m = outcome.best_metrics or outcome.metrics
     keys = ["ema_mAP", "mAP", "ema_CF1", "ema_OF1", "ema_scene_entropy"]
-    print("[salgl] " + ("finished" if finished else f"stopped after epoch {outcome.metrics.get('epoch')}") + f": run {outcome.run_name}")
-    print("[salgl] best checkpoint: " + (outcome.best_checkpoint or "none"))
-    print("[salgl] " + "  ".join(f"{k} {m[k]:.2f}" for k in keys if isinstance(m.get(k), (int, float))))
-    print("[salgl] MLflow: " + run_page(outcome.tracking_uri, outcome.mlflow_run_id))
+    log.info(("finished" if finished else f"stopped after epoch {outcome.metrics.get('epoch')}") + f": run {outcome.run_name}")
+    log.info("best checkpoint: " + (outcome.best_checkpoint or "none"))
+    log.info("  ".join(f"{k} {m[k]:.2f}" for k in keys if isinstance(m.get(k), (int, float))))
+    log.info("MLflow: " + run_page(outcome.tracking_uri, outcome.mlflow_run_id))
     if not finished:
-        print(f"[salgl] continue with: salgl train --resume {outcome.run_name}")
+        log.info(f"continue with: salgl train --resume {outcome.run_name}")
 

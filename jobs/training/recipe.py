@@ -2,14 +2,14 @@
 
 Every rank runs the same steps (the same number of batches per epoch, the same collectives and
 the same ``report`` calls); rank 0 alone attaches a checkpoint. Metrics go to MLflow and the
-console from the driver side (``jobs.training.driver.EpochReporter``), so the loop never checks ranks to log.
+console from the driver side (``jobs.training.driver.EpochReporter``), so the loop never checks ranks to log;
+within an epoch, rank 0 alone writes a progress line now and then (``jobs.training.progress``).
 Per step: forward (the batch's count delta summed across workers in one collective, inside the
 head), ASL + lambda L_en, backward with DDP's gradient all-reduce, optimiser, schedule, EMA.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -22,22 +22,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs.logs import LOG_FILE, configure_worker_logging
 from jobs.training.checkpoints import TrainingState, read_checkpoint, write_checkpoint
 from jobs.training.distributed import check_counts_consistent, count_sync_for, gather_objects, world
+from jobs.training.progress import StepProgress
 from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
 from jobs.training.worker_spec import WorkerSpec
+from pipeline.seeding import derive_seed
 from salgl.config import Config, from_flat
 from salgl.ema import ModelEma
 from salgl.losses import salgl_loss
 from salgl.metrics import multilabel_metrics
 from salgl.model import SALGL, build_model, load_label_embeddings
 from salgl.scenes import train_eval_scenes
-
-
-def step_seed(seed: int, *parts: int | str) -> int:
-    """A reproducible seed per (run seed, rank, epoch, ...): restarts replay the same numbers."""
-    digest = hashlib.blake2b("/".join(map(str, (seed, *parts))).encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
 
 
 class Recipe:
@@ -85,7 +82,7 @@ class Recipe:
             self.optimizer, max_lr=self.cfg.optim.lr, total_steps=total_steps, pct_start=self.cfg.optim.pct_start
         )
         self.sync = count_sync_for(self.model, self.per_worker_batch, count_before_use=self.cfg.model.head.count_before_use)
-        self.state = TrainingState(epoch=0, step=0, data_seed=self.cfg.run.seed)
+        self.state = TrainingState(epoch=0, step=0)
         if restored is not None:
             self._restore(restored)
         self.use_amp = self.cfg.optim.amp and self.device.type == "cuda"
@@ -105,17 +102,19 @@ class Recipe:
             self.ema.load_state_dict(restored["ema"])
         self.optimizer.load_state_dict(restored["optimizer"])
         self.scheduler.load_state_dict(restored["scheduler"])
-        self.state = TrainingState(restored["epoch"], restored["step"], restored["data_seed"])
+        self.state = TrainingState(restored["epoch"], restored["step"])  # a data_seed key (older checkpoints) is ignored
 
     # ------------------------------------------------------------------ train
     def train_epoch(self, batches: Iterator[dict[str, Any]], epoch: int) -> dict[str, float]:
         cfg = self.cfg
-        torch.manual_seed(step_seed(cfg.run.seed, "dropout", self.world.rank, epoch))
+        torch.manual_seed(derive_seed(cfg.run.seed, "dropout", self.world.rank, epoch))
         self.model.train()
         totals = np.zeros(5)
         images_seen, start = 0, time.perf_counter()
         accum = cfg.optim.grad_accum
-        for micro, batch in enumerate(_take(batches, self.optimizer_steps_per_epoch * accum)):
+        total = self.optimizer_steps_per_epoch * accum
+        progress = StepProgress(total, epoch=epoch + 1, epochs=cfg.optim.epochs, world_size=self.world.size, enabled=self.world.is_main)
+        for micro, batch in enumerate(_take(batches, total)):
             self._maybe_inject_failure(epoch, micro)
             last_micro = (micro + 1) % accum == 0
             if self.probe is None:
@@ -123,6 +122,7 @@ class Recipe:
             terms = self._forward_backward(batch, sync_grads=last_micro)
             totals += [t.item() for t in terms]
             images_seen += batch["image"].shape[0]
+            progress.update(micro + 1, images_seen, totals[0] / (micro + 1))
             if last_micro:
                 self._optimizer_step()
                 if self.state.step % cfg.run.checksum_every == 0:
@@ -180,7 +180,7 @@ class Recipe:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.unwrapped)
-        self.state = TrainingState(self.state.epoch, self.state.step + 1, self.state.data_seed)
+        self.state = TrainingState(self.state.epoch, self.state.step + 1)
 
     # ------------------------------------------------------------------ evaluate
     @torch.no_grad()
@@ -252,7 +252,7 @@ class Recipe:
         )
 
     def finish_epoch(self, epoch: int) -> None:
-        self.state = TrainingState(epoch + 1, self.state.step, self.state.data_seed)
+        self.state = TrainingState(epoch + 1, self.state.step)
 
 
 def _take(iterator: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, Any]]:
@@ -268,13 +268,13 @@ def _take(iterator: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, 
 
 
 def _quiet_report_log() -> None:
-    """Ray Train 2.60 logs each report's whole metrics dict, per rank, at INFO, from a logger named
-    by its file path, which ``LoggingConfig`` does not reach; the epoch line already says it."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray version: its logging is left as it is
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    """Ray Train logs each report's whole metrics dict, per rank, at INFO, from a logger that
+    ``LoggingConfig`` does not reach; the epoch line already says it."""
+    from pipeline.ray_compat import train_report_logger_name
+
+    name = train_report_logger_name()
+    if name is not None:  # else another Ray version: its logging is left as it is
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _restore_point(spec: WorkerSpec) -> Any:
@@ -312,6 +312,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
 
     _quiet_report_log()
     spec = WorkerSpec.from_dict(spec_dict)
+    configure_worker_logging(spec.log_level, Path(spec.run_dir) / LOG_FILE if spec.run_dir else None)
     recipe = Recipe(spec)
     with _restore_point(spec) as ckpt_dir:
         recipe.setup(ckpt_dir)

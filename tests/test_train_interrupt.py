@@ -1,0 +1,58 @@
+"""Ctrl-C during `salgl train`: exit 130, the MLflow run KILLED, the resume command printed, and
+that command continues the run to its end.
+
+A real `salgl train` process on a local Ray instance (tiny preset, 64 px mosaic); the test sends
+SIGINT to its process group, as a terminal does, once the first epoch line is out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _salgl(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True, **kwargs,
+    )
+
+
+def test_ctrl_c_marks_the_run_killed_and_prints_a_resume_command_that_works(mosaic_dir: str, tmp_path: Path) -> None:
+    import mlflow
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["train", "tiny", f"data.path={mosaic_dir}", f"run.storage={tmp_path / 'runs'}",
+            f"run.tracking_uri={tracking}", "run.name=stopped", "optim.epochs=2"]
+    proc = _salgl(*args)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 1/2" in line:  # a checkpoint exists once its epoch line is out
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait() == 130, "".join(lines)
+    output = "".join(lines)
+    run_dir = tmp_path / "runs" / "stopped"
+    assert f"salgl train: error: interrupted; run stopped stopped. Continue it with: salgl train --resume {run_dir}" in output
+    assert not any(line.startswith("Traceback") for line in lines)  # the driver's own; actors' lines carry a prefix
+
+    mlflow.set_tracking_uri(tracking)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "KILLED"
+
+    resumed = _salgl("train", "--resume", str(run_dir))
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["epoch"] == 2
