@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # torch loads where a checkpoint is read or written, not wher
     import torch
     from torch import nn
 
+# In the run folder, beside the checkpoints: written by rank 0 when the weights stop being finite
+# (jobs.training.recipe), read by the driver to fail the run with the epoch, step and loss terms.
+DIVERGED_FILE = "diverged.json"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.json"

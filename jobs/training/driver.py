@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from salgl.errors import AlreadyExists, BadValue, Interrupted, NotFound
+from salgl.errors import AlreadyExists, BadValue, Failed, Interrupted, NotFound
 from jobs.logs import LOG_FILE, configure_worker_logging, console_level, run_log
 from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, plan_resources
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
@@ -46,7 +46,7 @@ class TrainOutcome:
 
 def resolve_data(cfg: Config, *, prepare_default: bool = True) -> str:
     """The dataset folder; the built-in mosaic data is prepared on first use."""
-    from pipeline.shards import check_shards
+    from pipeline.shards import verify_shards
 
     path = Path(cfg.data.path or DEFAULT_DATA).expanduser().resolve()
     if not (path / "manifest.json").is_file():
@@ -61,7 +61,7 @@ def resolve_data(cfg: Config, *, prepare_default: bool = True) -> str:
 
         log.info(f"preparing the built-in mosaic dataset at {path} (first use)")
         convert_mosaic(path)
-    check_shards(path)  # a truncated or missing shard fails here, named, before Ray starts
+    verify_shards(path)  # a truncated, missing or altered shard fails here, named, before Ray starts
     return str(path)
 
 
@@ -379,7 +379,8 @@ def train(
     trials at once); ``quiet`` keeps the run's epoch and progress lines off the console (its salgl.log
     still has them; a sweep prints its own, ``jobs.sweep.progress``).
     """
-    from pipeline.shards import check_shards
+    from jobs.training.checkpoints import DIVERGED_FILE
+    from pipeline.shards import verify_shards
 
     storage = storage_root(cfg)
     if resume:
@@ -389,7 +390,8 @@ def train(
         # A resumed run goes to the end of its schedule unless told to stop again.
         cfg = with_overrides(base, {"run.stop_after_epoch": 0, **(overrides or {})})
         run_name, data_dir = record["run_name"], record["data_dir"]
-        check_shards(data_dir)  # pipeline.shards: the data may have changed since the run began
+        verify_shards(data_dir)  # pipeline.shards: the data may have changed since the run began
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # continuing from the last good checkpoint
         tracking_uri, run_id = record["tracking_uri"], record["mlflow_run_id"]
         storage = str(run_dir.parent)
     else:
@@ -436,6 +438,7 @@ def train(
         except BaseException:
             end_run(tracking_uri, run_id, "FAILED")
             raise
+        check_not_diverged(run_dir, tracking_uri, run_id)
         outcome = _outcome(result, cfg, run_name, run_dir, run_id, tracking_uri)
         finished = outcome.metrics.get("epoch") == cfg.optim.epochs
         record_final_artifacts(outcome, cfg, log_model=log_model and finished)
@@ -443,6 +446,24 @@ def train(
         if not quiet:
             log_summary(outcome, finished)
         return outcome
+
+
+def check_not_diverged(run_dir: Path, tracking_uri: str, run_id: str) -> None:
+    """A run whose weights stopped being finite ends FAILED, never "finished": exit 1 with the
+    epoch, step and loss terms of the first non-finite loss (rank 0's)."""
+    from jobs.training.checkpoints import DIVERGED_FILE
+
+    marker = run_dir / DIVERGED_FILE
+    if not marker.is_file():
+        return
+    found = json.loads(marker.read_text())
+    end_run(tracking_uri, run_id, "FAILED")
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in found.items() if k.startswith("loss"))
+    raise Failed(
+        f"training diverged: a non-finite loss in epoch {found.get('epoch')}, step {found.get('step')} ({terms or 'loss terms finite on rank 0'}); "
+        f"the weights are no longer finite, so the run stopped without a checkpoint. Lower optim.lr or set "
+        f"optim.clip_grad_norm, then `salgl train --resume {run_dir} optim.lr=...` continues from the last good checkpoint"
+    )
 
 
 def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Path, run_id: str, tracking_uri: str) -> TrainOutcome:

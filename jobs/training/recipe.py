@@ -10,6 +10,7 @@ head), ASL + lambda L_en, backward with DDP's gradient all-reduce, optimiser, sc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -23,18 +24,23 @@ import torch
 from torch import nn
 
 from jobs.logs import LOG_FILE, configure_worker_logging
-from jobs.training.checkpoints import TrainingState, read_checkpoint, write_checkpoint
+from jobs.training.checkpoints import DIVERGED_FILE, TrainingState, read_checkpoint, write_checkpoint
 from jobs.training.distributed import check_counts_consistent, count_sync_for, gather_objects, world
 from jobs.training.progress import StepProgress
 from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
 from jobs.training.worker_spec import WorkerSpec
 from pipeline.seeding import derive_seed
+from salgl.atomic_file import write_text_atomic
 from salgl.config import Config, from_flat
 from salgl.ema import ModelEma
 from salgl.losses import salgl_loss
 from salgl.metrics import multilabel_metrics
 from salgl.model import SALGL, build_model, load_label_embeddings
 from salgl.scenes import train_eval_scenes
+
+
+# The epoch's loss terms by name, in the order of salgl.losses.LossTerms.
+LOSS_TERMS = ("loss", "loss_cls", "loss_sample_entropy", "loss_balance_entropy", "loss_scene_target")
 
 
 class Recipe:
@@ -88,6 +94,7 @@ class Recipe:
         self.use_amp = self.cfg.optim.amp and self.device.type == "cuda"
         # The first training images this worker sees, kept for train/eval scene agreement.
         self.probe: torch.Tensor | None = None
+        self.non_finite: dict[str, float] | None = None  # this rank's first non-finite loss: epoch, step, terms
 
     @property
     def unwrapped(self) -> SALGL:
@@ -114,31 +121,43 @@ class Recipe:
         accum = cfg.optim.grad_accum
         total = self.optimizer_steps_per_epoch * accum
         progress = StepProgress(total, epoch=epoch + 1, epochs=cfg.optim.epochs, world_size=self.world.size, enabled=self.world.is_main)
+        diverged = False
         for micro, batch in enumerate(_take(batches, total)):
             self._maybe_inject_failure(epoch, micro)
             last_micro = (micro + 1) % accum == 0
             if self.probe is None:
                 self.probe = batch["image"][:PROBE_IMAGES].to(self.device).clone()
             terms = self._forward_backward(batch, sync_grads=last_micro)
-            totals += [t.item() for t in terms]
+            values = [t.item() for t in terms]
+            totals += values
+            if self.non_finite is None and not np.isfinite(values).all():
+                self.non_finite = {"epoch": epoch + 1, "step": self.state.step + 1, **dict(zip(LOSS_TERMS, values))}
             images_seen += batch["image"].shape[0]
             progress.update(micro + 1, images_seen, totals[0] / (micro + 1))
             if last_micro:
                 self._optimizer_step()
                 if self.state.step % cfg.run.checksum_every == 0:
                     check_counts_consistent(self.unwrapped.head.counts, step=self.state.step)
+                    if not self.parameters_finite():
+                        diverged = True
+                        break
         check_counts_consistent(self.unwrapped.head.counts, step=self.state.step)
+        diverged = diverged or not self.parameters_finite()
         seconds = time.perf_counter() - start
         n = max(1, micro + 1)
+        if diverged:
+            return {"diverged": 1.0, "epoch": epoch + 1, "step": self.state.step, **(self.non_finite or {})}
         return {
-            "loss": totals[0] / n,
-            "loss_cls": totals[1] / n,
-            "loss_sample_entropy": totals[2] / n,
-            "loss_balance_entropy": totals[3] / n,
-            "loss_scene_target": totals[4] / n,
+            **{name: total / n for name, total in zip(LOSS_TERMS, totals)},
             "images_per_s": images_seen * self.world.size / max(seconds, 1e-9),
             "lr": self.scheduler.get_last_lr()[0],
         }
+
+    def parameters_finite(self) -> bool:
+        """Whether every weight is finite. DDP keeps the replicas identical, so every rank gives the
+        same answer without a collective: a non-finite loss on any rank reaches every replica's
+        weights through the gradient all-reduce, and all ranks stop at the same step."""
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(list(self.unwrapped.parameters()))))
 
     def _maybe_inject_failure(self, epoch: int, micro: int) -> None:
         """``run.inject_failure=EPOCH:RANK``: that rank's process dies half-way through that epoch,
@@ -327,6 +346,11 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
             normalize=cfg.data.normalize, device=recipe.device,
         )
         train_metrics = recipe.train_epoch(batches, epoch)
+        if "diverged" in train_metrics:  # every rank alike (see Recipe.parameters_finite): no checkpoint, stop
+            if recipe.world.is_main and spec.run_dir:
+                write_text_atomic(Path(spec.run_dir) / DIVERGED_FILE, json.dumps(train_metrics))
+            ray.train.report({k: float(v) for k, v in train_metrics.items()})
+            return
         recipe.finish_epoch(epoch)
         evals = recipe.evaluate(
             iter_eval_batches(test_shard, batch_size=recipe.per_worker_batch, normalize=cfg.data.normalize, device=recipe.device)

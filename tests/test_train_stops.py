@@ -1,8 +1,10 @@
-"""Ctrl-C during `salgl train`: exit 130, the MLflow run KILLED, the resume command printed, and
-that command continues the run to its end.
+"""How a `salgl train` run that stops short ends, through the real command on a local Ray instance
+(tiny preset, 64 px mosaic):
 
-A real `salgl train` process on a local Ray instance (tiny preset, 64 px mosaic); the test sends
-SIGINT to its process group, as a terminal does, once the first epoch line is out.
+- Ctrl-C (SIGINT to the process group, as a terminal sends it, once the first epoch line is out):
+  exit 130, the MLflow run KILLED, the resume command printed, and that command finishes the run;
+- a loss that stops being finite: exit 1, the MLflow run FAILED, the epoch, step and loss terms
+  named, and no checkpoint of non-finite weights.
 """
 
 from __future__ import annotations
@@ -56,3 +58,19 @@ def test_ctrl_c_marks_the_run_killed_and_prints_a_resume_command_that_works(mosa
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["epoch"] == 2
+
+
+def test_a_run_whose_loss_stops_being_finite_fails_naming_epoch_step_and_terms(mosaic_dir: str, tmp_path: Path) -> None:
+    import mlflow
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = _salgl("train", "tiny", f"data.path={mosaic_dir}", f"run.storage={tmp_path / 'runs'}", f"run.tracking_uri={tracking}",
+                  "run.name=diverges", "optim.lr=1e30", "optim.epochs=3", "run.checksum_every=1")
+    output = proc.communicate()[0]
+    assert proc.returncode == 1, output
+    assert "salgl train: error: training diverged: a non-finite loss in epoch 1, step " in output
+    assert "loss_cls" in output and "finished" not in output
+    mlflow.set_tracking_uri(tracking)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+    assert not list((tmp_path / "runs" / "diverges").glob("checkpoint_*/state.pt"))  # no checkpoint of NaN weights
