@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +57,13 @@ UNKNOWN_LABEL = "unknown label"
 EMPTY_LABELS = "empty label set"
 DUPLICATE_ID = "duplicate id"
 MALFORMED = "malformed record"
+NOT_A_FILE = "not a regular file"
+TOO_LARGE = "image too large"
+OUTSIDE_ROOT = "outside the image root"
+
+# Images above this many pixels are rejected (TOO_LARGE): PIL refuses twice this as a
+# decompression bomb, and every epoch would decode such an image in full again.
+MAX_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,8 @@ def check_image(data: bytes) -> str | None:
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                return f"{TOO_LARGE}: {img.width} x {img.height} pixels, more than {MAX_PIXELS:,}"
             img.verify()
         with Image.open(io.BytesIO(data)) as img:
             if img.format == "JPEG":
@@ -149,6 +159,8 @@ def _load(example: Example) -> tuple[bytes | None, str | None]:
         if example.path is None:
             return None, f"{MALFORMED}: no image path"
         try:
+            if not stat.S_ISREG(os.stat(example.path).st_mode):  # a FIFO would hang, /dev/zero never end
+                return None, f"{NOT_A_FILE}: {example.path}"
             data = Path(example.path).read_bytes()
         except FileNotFoundError:
             return None, f"{MISSING_FILE}: {example.path}"

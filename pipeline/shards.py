@@ -21,11 +21,13 @@ This module is plain pyarrow: no Ray, so converters and tests run anywhere.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -223,7 +225,7 @@ def check_shards(root: str | os.PathLike[str]) -> None:
 
     Reads only each shard's footer, so it costs milliseconds per shard: cheap enough to run before
     every training run, where the same fault would otherwise surface inside a Ray Data task as
-    "Parquet magic bytes not found" without the file's name. ``verify_checksums`` reads every byte.
+    "Parquet magic bytes not found" without the file's name. ``verify_shards`` also reads every byte.
     """
     manifest = read_manifest(root)
     for name, split in manifest["splits"].items():
@@ -238,13 +240,43 @@ def check_shards(root: str | os.PathLike[str]) -> None:
                 raise CorruptFile(f"{path}: {rows} rows, the manifest says {shard['rows']} (prepare the dataset again)")
 
 
-def verify_checksums(root: str | os.PathLike[str]) -> None:
-    """Raise ``ValueError`` naming the first shard whose sha256 differs from the manifest."""
-    manifest = read_manifest(root)
-    for split in manifest["splits"].values():
+def verified_cache_file() -> Path:
+    """Where ``verify_shards`` remembers the shards it hashed (per user, outside the dataset,
+    which may be read-only or shared)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "salgl" / "verified-shards.json"
+
+
+def verify_shards(root: str | os.PathLike[str], cache: Path | None = None) -> int:
+    """``check_shards``, then every shard's sha256 against the manifest; raise ``CorruptFile``
+    naming the first that differs. A shard hashed before with the same size and modification time
+    is not read again (``cache``, default ``verified_cache_file()``), so only the first run on a
+    dataset pays for reading it. Returns the number of shards hashed now."""
+    from salgl.atomic_file import write_text_atomic
+
+    check_shards(root)
+    cache = cache or verified_cache_file()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    hashed = 0
+    for name, split in read_manifest(root)["splits"].items():
         for shard in split["shards"]:
-            if file_sha256(Path(root) / shard["file"]) != shard["sha256"]:
-                raise CorruptFile(f"{Path(root) / shard['file']}: checksum differs from the manifest")
+            path = (Path(root) / shard["file"]).resolve()
+            stat = path.stat()
+            seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": shard["sha256"]}
+            if known.get(str(path)) == seen:
+                continue
+            hashed += 1
+            if file_sha256(path) != shard["sha256"]:
+                raise CorruptFile(f"{path}: its sha256 differs from the manifest (split {name!r}): the file was "
+                                  "altered or damaged after `salgl prepare` wrote it; prepare the dataset again")
+            known[str(path)] = seen
+    if hashed:
+        with contextlib.suppress(OSError):  # a read-only home: verify again next time
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cache, json.dumps(known))
+    return hashed
 
 
 def check_destination(
@@ -290,6 +322,7 @@ def staged_output(
     out = Path(out)
     check_destination(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out)
     staging = _sibling(out, "tmp")
     try:
         yield staging
@@ -301,15 +334,40 @@ def staged_output(
 
 
 def _sibling(out: Path, tag: str) -> Path:
-    """A new empty folder ``.<name>.<tag>-<random>`` beside ``out``, with umask permissions
-    (``tempfile.mkdtemp`` would make it 0700, and the dataset would keep that after the move)."""
+    """A new empty folder ``.<name>.<tag>-<host>-<pid>-<random>`` beside ``out``, with umask
+    permissions (``tempfile.mkdtemp`` would make it 0700, and the dataset would keep that after the
+    move). Host and pid name its owner, so a later run can tell one left by a killed process."""
     while True:
-        path = out.parent / f".{out.name}.{tag}-{secrets.token_hex(4)}"
+        path = out.parent / f".{out.name}.{tag}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             path.mkdir()
             return path
         except FileExistsError:
             continue
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Delete the temporary folders beside ``out`` that a process of this host left when it was
+    killed (SIGKILL, a crash: what no handler sees); those of live processes, or of other hosts
+    sharing the folder, stay. Returns what was removed."""
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*-*-*"):
+        tag, _, owner = path.name[len(out.name) + 2 :].partition("-")  # "tmp", "<host>-<pid>-<random>"
+        host, pid, _ = owner.rsplit("-", 2) if owner.count("-") >= 2 else ("", "", "")
+        if tag in ("tmp", "old") and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _replace(staging: Path, out: Path) -> None:

@@ -15,14 +15,17 @@ import contextlib
 import csv
 import json
 import os
+import logging
 import xml.etree.ElementTree as ET
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.prepare import MALFORMED, UNKNOWN_LABEL, Example, PrepareResult, write_dataset
+from pipeline.prepare import MALFORMED, OUTSIDE_ROOT, UNKNOWN_LABEL, Example, PrepareResult, write_dataset
 from salgl.errors import BadValue, NotFound
+
+log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
@@ -253,28 +256,53 @@ def convert_nuswide(
 # --------------------------------------------------------------------------------------- generic
 
 
-def _split_names(value: str) -> list[str]:
-    return [name.strip() for name in value.replace(";", "|").split("|") if name.strip()]
+# How the names in a CSV labels field are separated: "auto" takes "|" and ";" (and refuses names
+# that hold another convention's separator, see check_inferred_names); the others are explicit.
+LABEL_SEPARATORS = ("auto", "|", ";", ",", "space")
 
 
-def _generic_records(listing: Path) -> Iterator[dict[str, Any] | str]:
+def _split_names(value: str, separator: str = "auto") -> list[str]:
+    if separator == "space":
+        return value.split()
+    parts = value.replace(";", "|").split("|") if separator == "auto" else value.split(separator)
+    return [name.strip() for name in parts if name.strip()]
+
+
+def check_list_file(listing: Path) -> None:
+    """A list file that is there and is a file (a folder or a missing path is a one-line error)."""
+    if listing.is_dir():
+        raise BadValue(f"{listing} is a folder: give the list file (CSV with path,labels, or JSON lines)")
+    if not listing.is_file():
+        raise NotFound(f"list file {listing}: no such file")
+
+
+def _generic_records(listing: Path, separator: str = "auto") -> Iterator[dict[str, Any] | str]:
     """Records of a CSV (header with path,labels[,id][,ignore]) or JSON-lines file, in file order.
 
-    Yields a dict per record, or a string saying why the record is malformed.
+    Yields a dict per record, or a string saying why the record is malformed. A UTF-8 byte-order
+    mark (Excel's "CSV UTF-8") is accepted; a file that is not UTF-8 is named in the error.
     """
+    try:
+        yield from _read_generic(listing, separator)
+    except UnicodeDecodeError as err:
+        raise BadValue(f"{listing}: not UTF-8 text (byte {err.start}: {err.reason}); save the list as UTF-8") from None
+
+
+def _read_generic(listing: Path, separator: str) -> Iterator[dict[str, Any] | str]:
     if listing.suffix.lower() == ".csv":
-        with open(listing, newline="", encoding="utf-8") as f:
+        with open(listing, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if not {"path", "labels"} <= set(reader.fieldnames or ()):
-                raise BadValue(f"{listing}: the CSV header must name the columns path and labels")
+                raise BadValue(f"{listing}: the CSV header must name the columns path and labels "
+                               f"(found {', '.join(reader.fieldnames or []) or 'none'})")
             for row in reader:
                 if not row.get("path"):
                     yield "no path"
                     continue
-                yield {"path": row["path"], "labels": _split_names(row.get("labels") or ""),
-                       "ignore": _split_names(row.get("ignore") or ""), "id": row.get("id") or row["path"]}
+                yield {"path": row["path"], "labels": _split_names(row.get("labels") or "", separator),
+                       "ignore": _split_names(row.get("ignore") or "", separator), "id": row.get("id") or row["path"]}
         return
-    with open(listing, encoding="utf-8") as f:
+    with open(listing, encoding="utf-8-sig") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -293,13 +321,20 @@ def _generic_records(listing: Path) -> Iterator[dict[str, Any] | str]:
                        "id": str(record.get("id", record["path"]))}
 
 
-def _generic_examples(listing: Path, image_root: Path) -> Iterator[Example]:
-    for n, record in enumerate(_generic_records(listing)):
+def _generic_examples(
+    listing: Path, image_root: Path, separator: str = "auto", allow_outside: bool = False
+) -> Iterator[Example]:
+    root = image_root.resolve()
+    for n, record in enumerate(_generic_records(listing, separator)):
         if isinstance(record, str):
             yield Example(id=f"<record {n}>", error=f"{MALFORMED}: {record}")
-        else:
-            yield Example(id=record["id"], path=str(image_root / record["path"]),
-                          labels=record["labels"], ignore=record["ignore"])
+            continue
+        path = image_root / record["path"]
+        if not allow_outside and not path.resolve().is_relative_to(root):  # ../x.jpg, /etc/..., a link out
+            yield Example(id=record["id"], path=str(path), error=f"{OUTSIDE_ROOT}: {record['path']} (under {root}; "
+                          "--allow-outside-root takes it)")
+            continue
+        yield Example(id=record["id"], path=str(path), labels=record["labels"], ignore=record["ignore"])
 
 
 def read_vocabulary(path: PathLike) -> list[str]:
@@ -310,14 +345,36 @@ def read_vocabulary(path: PathLike) -> list[str]:
     return names
 
 
-def infer_vocabulary(lists: Mapping[str, PathLike]) -> list[str]:
-    """Sorted names of every label used in any of the lists (one streaming pass)."""
-    names: set[str] = set()
+def infer_vocabulary(lists: Mapping[str, PathLike], separator: str = "auto") -> list[str]:
+    """Sorted names of every label used in any of the lists (one streaming pass); logs how many and
+    the most frequent, and refuses names that look like several labels (``check_inferred_names``)."""
+    counts: Counter[str] = Counter()
     for listing in lists.values():
-        for record in _generic_records(Path(listing)):
+        for record in _generic_records(Path(listing), separator):
             if isinstance(record, dict):
-                names.update(record["labels"], record["ignore"])
-    return sorted(names)
+                counts.update(record["labels"])
+                for name in record["ignore"]:  # in the vocabulary, not in the frequencies
+                    counts.setdefault(name, 0)
+    check_inferred_names(counts, separator)
+    common = ", ".join(f"{name} ({n})" for name, n in counts.most_common(8))
+    log.info(f"vocabulary inferred from the lists: {len(counts)} labels; most frequent: {common}")
+    return sorted(counts)
+
+
+def check_inferred_names(counts: Mapping[str, int], separator: str) -> None:
+    """Refuse inferred names holding another convention's separator (``"cat,dog"``: labels separated
+    by commas inside a quoted field; ``"cat dog"``: by spaces), which would otherwise become new
+    label names in silence. An explicit ``separator`` says the rest is part of the names."""
+    if separator != "auto":
+        return
+    for mark, option in ((",", "','"), (" ", "space")):
+        joined = sorted(name for name in counts if mark in name)
+        if joined:
+            raise BadValue(
+                f"{len(joined)} inferred label name(s) hold {'a comma' if mark == ',' else 'a space'}, e.g. {joined[0]!r}: "
+                f"if the labels are separated by it, pass --label-sep {option}; if the names contain it, "
+                "give the names with --vocab FILE (one per line)"
+            )
 
 
 def convert_generic(
@@ -326,11 +383,14 @@ def convert_generic(
     *,
     vocabulary: PathLike | Sequence[str] | None = None,
     image_root: PathLike | None = None,
+    label_separator: str = "auto",
+    allow_outside_root: bool = False,
     **options: Any,
 ) -> PrepareResult:
     """A user's own images: ``lists`` maps split name -> CSV or JSON-lines file.
 
-    CSV: a header with ``path`` and ``labels`` (names separated by ``|`` or ``;``), optional
+    CSV: a header with ``path`` and ``labels`` (names separated by ``|`` or ``;``, or by
+    ``label_separator``: one of ``LABEL_SEPARATORS``), optional
     ``id`` and ``ignore``. JSON lines: ``{"path": ..., "labels": [...]}``, optional ``id`` and
     ``ignore``. The id defaults to the path as written. Relative paths are taken from
     ``image_root``, else from the list file's folder. ``vocabulary``: a file (one name per line)
@@ -338,14 +398,19 @@ def convert_generic(
     """
     if not lists:
         raise BadValue("give at least one split, e.g. --train FILE")
+    if label_separator not in LABEL_SEPARATORS:
+        raise BadValue(f"label separator {label_separator!r}: expected one of {', '.join(LABEL_SEPARATORS)}")
+    for listing in lists.values():
+        check_list_file(Path(listing))
     if isinstance(vocabulary, (str, os.PathLike)):
         names, vocab_source = read_vocabulary(vocabulary), str(vocabulary)
     elif vocabulary is not None:
         names, vocab_source = list(vocabulary), "given"
     else:
-        names, vocab_source = infer_vocabulary(lists), "inferred (sorted names used in the lists)"
+        names, vocab_source = infer_vocabulary(lists, label_separator), "inferred (sorted names used in the lists)"
     splits = {
-        split: _generic_examples(Path(listing), Path(image_root) if image_root else Path(listing).parent)
+        split: _generic_examples(Path(listing), Path(image_root) if image_root else Path(listing).parent,
+                                 label_separator, allow_outside_root)
         for split, listing in lists.items()
     }
     return write_dataset(
@@ -353,7 +418,7 @@ def convert_generic(
         inputs=[*lists.values(), *([image_root] if image_root else [Path(p).parent for p in lists.values()])],
         source={"converter": "generic", "parameters": {
             "lists": {split: str(p) for split, p in lists.items()}, "vocabulary": vocab_source,
-            "image_root": str(image_root) if image_root else None}},
+            "image_root": str(image_root) if image_root else None, "label_separator": label_separator}},
         description=(
             "User-supplied images and label names converted from "
             + ", ".join(f"{split}: {Path(p).name}" for split, p in lists.items())

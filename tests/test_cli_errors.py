@@ -131,3 +131,78 @@ def test_a_checkpoint_that_would_run_code_is_refused_unopened(tmp_path: Path, ca
     assert main(["inspect", str(tmp_path), "--out", str(tmp_path / "pictures")]) == 1
     assert "not only tensors and numbers; refused unopened" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_an_altered_shard_is_named_before_ray_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from tests._tiny_checkpoint import make_mosaic
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = Path(make_mosaic(tmp_path / "data"))
+    shard = next((data / "test").glob("*.parquet"))
+    altered = bytearray(shard.read_bytes())
+    altered[8] ^= 0xFF  # same size, readable footer: only the sha256 tells
+    shard.write_bytes(bytes(altered))
+    assert main(["train", "tiny", f"data.path={data}", f"run.storage={tmp_path / 'runs'}"]) == 1
+    assert capsys.readouterr().err.startswith(f"salgl train: error: {shard.resolve()}: its sha256 differs from the manifest")
+    assert not (tmp_path / "runs").exists()
+
+
+def _csv(path: Path, text: str, *, bom: bool = False) -> Path:
+    from tests._data_trees import photo_jpeg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    for n, line in enumerate(text.splitlines()[1:]):
+        (path.parent / line.split(",")[0]).write_bytes(photo_jpeg(n))
+    return path
+
+
+@pytest.mark.parametrize(("labels", "hint"), [('"cat,dog"', "--label-sep ','"), ("cat dog", "--label-sep space")])
+def test_names_holding_another_separator_are_refused_not_invented(labels: str, hint: str, tmp_path: Path, capsys) -> None:
+    listing = _csv(tmp_path / "src" / "list.csv", f"path,labels\na.jpg,{labels}\nb.jpg,cat\n")
+    assert main(["prepare", "generic", "--train", str(listing), "--out", str(tmp_path / "data"), "--no-progress"]) == 2
+    assert hint in capsys.readouterr().err and not (tmp_path / "data").exists()
+
+
+def test_comma_separated_labels_with_the_option_and_a_bom(tmp_path: Path) -> None:
+    from pipeline.shards import read_manifest
+
+    listing = _csv(tmp_path / "src" / "list.csv", 'path,labels\na.jpg,"cat,dog"\nb.jpg,cat\n', bom=True)
+    argv = ["prepare", "generic", "--train", str(listing), "--out", str(tmp_path / "data"), "--label-sep", ",", "--no-progress"]
+    assert main(argv) == 0
+    assert read_manifest(tmp_path / "data")["vocabulary"] == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("case", ["folder", "latin-1"])
+def test_a_list_that_cannot_be_read_is_one_line_naming_it(case: str, tmp_path: Path, capsys) -> None:
+    listing = tmp_path / "src"
+    listing.mkdir()
+    if case == "latin-1":
+        listing = listing / "list.csv"
+        listing.write_bytes("path,labels\nä.jpg,cat\n".encode("latin-1"))
+    assert main(["prepare", "generic", "--train", str(listing), "--out", str(tmp_path / "data"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"salgl prepare: error: {listing}") and err.count("\n") == 1
+
+
+def test_rows_that_are_unsafe_to_read_are_rejected_with_a_reason(tmp_path: Path) -> None:
+    import json
+    import os
+
+    from PIL import Image
+
+    src = tmp_path / "src"
+    listing = _csv(src / "list.csv", "path,labels\nok.jpg,cat\n")
+    (tmp_path / "outside.jpg").write_bytes((src / "ok.jpg").read_bytes())
+    os.mkfifo(src / "fifo.jpg")  # reading it would hang
+    os.symlink("/dev/zero", src / "zero.jpg")  # reading it would never end
+    Image.new("1", (8001, 8001)).save(src / "huge.png")  # 64 M pixels, a 10 kB file
+    rows = ["ok.jpg", "../outside.jpg", str(tmp_path / "outside.jpg"), "fifo.jpg", "zero.jpg", "huge.png"]
+    listing.write_text("path,labels\n" + "".join(f"{row},cat\n" for row in rows))
+    out = tmp_path / "data"
+    assert main(["prepare", "generic", "--train", str(listing), "--out", str(out), "--no-progress", "--workers", "1"]) == 0
+    reasons = {r["path"].rsplit("/", 1)[-1] + ("@" + str(r["row"])): r["reason"].split(":")[0]
+               for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert reasons == {"outside.jpg@1": "outside the image root", "outside.jpg@2": "outside the image root",
+                       "fifo.jpg@3": "not a regular file", "zero.jpg@4": "outside the image root",
+                       "huge.png@5": "image too large"}

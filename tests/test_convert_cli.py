@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,46 @@ def test_prepare_generic_named_splits(tmp_path: Path) -> None:
     assert list(manifest["splits"]) == ["train", "val"] and manifest["vocabulary"] == ["dog", "cat"]
     with pytest.raises(SystemExit):  # argparse: malformed NAME=FILE
         main(["prepare", "generic", "--split", "nofile", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_stopped_prepare_leaves_no_temporary_folder(stop: str, tmp_path: Path) -> None:
+    """SIGTERM (timeout, schedulers), SIGHUP and Ctrl-C all remove the staging folder, and exit 130."""
+    import signal
+    import subprocess
+    import sys
+
+    fake = write_fake_fashion_mnist(tmp_path / "fm")
+    data = tmp_path / "data"
+    data.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "prepare", "mosaic", "--out", str(data / "m"), "--fashion-mnist", str(fake),
+         "--train", "100000", "--test", "10", "--canvas", "32", "--shard-rows", "16", "--no-progress"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    while not list(data.glob(".m.tmp-*/train/*")):  # stop it once it is writing shards
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)  # polling a child's progress, not synchronising the test
+    proc.send_signal(getattr(signal, stop))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "salgl prepare: interrupted" in err
+    assert list(data.iterdir()) == []
+
+
+def test_a_temporary_folder_left_by_a_killed_process_is_removed_on_the_next_run(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    fake = write_fake_fashion_mnist(tmp_path / "fm")
+    data = tmp_path / "data"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = data / f".m.tmp-{socket.gethostname()}-{dead.pid}-0badc0de"
+    (stale / "train").mkdir(parents=True)
+    elsewhere = data / ".m.tmp-another-host-1-0badc0de"  # maybe alive on another host: kept
+    elsewhere.mkdir()
+    assert main(["prepare", "mosaic", "--out", str(data / "m"), "--fashion-mnist", str(fake), *TINY]) == 0
+    assert sorted(p.name for p in data.iterdir()) == sorted(["m", elsewhere.name])

@@ -16,7 +16,7 @@ from pipeline.shards import (
     read_manifest,
     shard_paths,
     staged_output,
-    verify_checksums,
+    verify_shards,
     write_manifest,
 )
 
@@ -67,12 +67,20 @@ def test_manifest_round_trip_and_shard_paths(tmp_path: Path) -> None:
     write_manifest(tmp_path, {"schema_version": 1, "splits": {"train": {"rows": 3, "shards": shards}}})
     assert read_manifest(tmp_path)["splits"]["train"]["rows"] == 3
     assert shard_paths(tmp_path, "train") == [str(tmp_path.resolve() / s["file"]) for s in shards]
-    verify_checksums(tmp_path)
+    cache = tmp_path / "cache" / "verified.json"
+    assert verify_shards(tmp_path, cache) == 2
+    assert verify_shards(tmp_path, cache) == 0  # same size and mtime: not read again
     with pytest.raises(FileNotFoundError, match="not in"):
         shard_paths(tmp_path, "val")
-    (tmp_path / shards[0]["file"]).write_bytes(b"tampered")
-    with pytest.raises(ValueError, match="checksum"):
-        verify_checksums(tmp_path)
+    shard = tmp_path / shards[0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[8] ^= 0xFF  # altered in place, in the first page: same size, the footer still reads
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256 differs from the manifest"):
+        verify_shards(tmp_path, cache)
+    shard.write_bytes(bytes(data[: len(data) // 2]))  # a copy cut short
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        verify_shards(tmp_path, cache)
 
 
 def test_read_manifest_rejects_other_schema_versions(tmp_path: Path) -> None:

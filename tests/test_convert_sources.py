@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests._data_trees import make_coco_tree, make_nuswide_tree, make_voc_tree, rejects, rows
-from pipeline.shards import read_manifest, verify_checksums
+from pipeline.shards import read_manifest, verify_shards
 from pipeline.sources import VOC_CLASSES, convert_coco2014, convert_nuswide, convert_voc2007
 
 
@@ -56,7 +56,7 @@ def test_voc2007_labels_difficult_rule_and_manifest(voc_root: Path, tmp_path: Pa
     assert manifest["rejects"] == {"train": 0, "test": 0} and rejects(out) == []
     assert manifest["source"]["converter"] == "voc2007" and manifest["extra_columns"] == []
     assert "difficult" in manifest["description"]
-    verify_checksums(out)
+    verify_shards(out, tmp_path / "verified.json")
 
 
 def test_voc2007_is_byte_deterministic(voc_root: Path, tmp_path: Path) -> None:

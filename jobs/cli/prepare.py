@@ -45,6 +45,11 @@ def _add_sources(sources: Any) -> None:
     gen.add_argument("--split", type=_split_file, action="append", default=[], metavar="NAME=FILE",
                      help="list file of another split (repeatable)")
     gen.add_argument("--vocab", type=Path, default=None, help="label names, one a line (default: inferred, sorted)")
+    gen.add_argument("--label-sep", choices=("auto", "|", ";", ",", "space"), default="auto",
+                     help="what separates a CSV row's label names (default auto: | or ;, refusing names "
+                          "that hold a comma or a space)")
+    gen.add_argument("--allow-outside-root", action="store_true",
+                     help="take rows whose path resolves outside the image root (../x.jpg, absolute paths)")
     gen.add_argument("--image-root", type=Path, default=None,
                      help="base of relative paths (default: the list's folder)")
     mosaic = sources.add_parser("mosaic", help="built-in scene mosaics of real Fashion-MNIST items (offline)")
@@ -89,7 +94,9 @@ def _convert(args: argparse.Namespace, options: dict[str, Any]) -> Any:
     if args.source == "generic":
         lists = {name: path for name, path in (("train", args.train), ("test", args.test)) if path}
         lists.update(args.split)
-        return sources.convert_generic(lists, args.out, vocabulary=args.vocab, image_root=args.image_root, **options)
+        return sources.convert_generic(lists, args.out, vocabulary=args.vocab, image_root=args.image_root,
+                                       label_separator=args.label_sep, allow_outside_root=args.allow_outside_root,
+                                       **options)
     from pipeline.mosaic import MosaicConfig, convert_mosaic
 
     config = MosaicConfig(
