@@ -49,8 +49,8 @@ def test_interrupted_sweep_resumes(mosaic_dir, tmp_path) -> None:
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "registered: models:/salgl/" in resumed.stdout
-    assert "[4/4 trials done]" in resumed.stdout, resumed.stdout[-3000:]  # the progress callback came back with the sweep
+    assert "registered: models:/salgl/" in resumed.stderr  # log lines go to stderr
+    assert "[4/4 trials done]" in resumed.stderr, resumed.stderr[-3000:]  # the progress callback came back with the sweep
     assert len(list(trials.glob("trial-*"))) == 4
 
     from mlflow.tracking import MlflowClient

@@ -440,6 +440,9 @@ def train(
             raise
         check_not_diverged(run_dir, tracking_uri, run_id)
         outcome = _outcome(result, cfg, run_name, run_dir, run_id, tracking_uri)
+        if outcome.metrics.get("epoch") != (result.metrics or {}).get("epoch"):
+            # The newest epoch's report was cut off (a stop right after its checkpoint): log it now.
+            MlflowLogger(tracking_uri, run_id).log_metrics(outcome.metrics, step=int(outcome.metrics.get("epoch", 0)))
         finished = outcome.metrics.get("epoch") == cfg.optim.epochs
         record_final_artifacts(outcome, cfg, log_model=log_model and finished)
         end_run(tracking_uri, run_id, "FINISHED" if finished else "KILLED")
@@ -459,21 +462,28 @@ def check_not_diverged(run_dir: Path, tracking_uri: str, run_id: str) -> None:
     found = json.loads(marker.read_text())
     end_run(tracking_uri, run_id, "FAILED")
     terms = ", ".join(f"{k} {v:.4g}" for k, v in found.items() if k.startswith("loss"))
+    what = "a non-finite loss" if found.get("non_finite_loss") else "non-finite weights after a finite loss"
     raise Failed(
-        f"training diverged: a non-finite loss in epoch {found.get('epoch')}, step {found.get('step')} ({terms or 'loss terms finite on rank 0'}); "
-        f"the weights are no longer finite, so the run stopped without a checkpoint. Lower optim.lr or set "
-        f"optim.clip_grad_norm, then `salgl train --resume {run_dir} optim.lr=...` continues from the last good checkpoint"
+        f"training diverged: {what} at epoch {found.get('epoch')}, step {found.get('step')} ({terms}); no checkpoint "
+        f"of it was written. Lower optim.lr or set optim.clip_grad_norm; `salgl train --resume {run_dir} optim.lr=...` "
+        "continues from the last good checkpoint"
     )
 
 
 def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Path, run_id: str, tracking_uri: str) -> TrainOutcome:
-    best_path, best_metrics = None, {}
-    if result.best_checkpoints:
-        checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("ema_mAP") or -1.0)
-        best_path = checkpoint.path
-    last = dict(result.metrics or {})
-    last_path = result.checkpoint.path if result.checkpoint else None
-    return TrainOutcome(run_name, str(run_dir), last, best_path, dict(best_metrics), last_path, run_id, tracking_uri)
+    """The run's newest and best checkpoints, read from its folder (their meta.json), as a resumed
+    run starts from them: Ray's ``Result`` misses a report that a stop cut off after its checkpoint
+    was written (a run stopped just after its last epoch would otherwise count as unfinished)."""
+    from jobs.training.checkpoints import META_FILE, best_checkpoint_in, newest_checkpoint
+
+    def metrics_of(folder: str | None) -> dict[str, Any]:
+        return json.loads((Path(folder) / META_FILE).read_text())["metrics"] if folder else {}
+
+    newest = newest_checkpoint(run_dir)
+    last_path = newest[0] if newest else None
+    best_path = best_checkpoint_in(run_dir, "ema_mAP")
+    last = metrics_of(last_path) or dict(result.metrics or {})
+    return TrainOutcome(run_name, str(run_dir), last, best_path, metrics_of(best_path), last_path, run_id, tracking_uri)
 
 
 def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool) -> None:

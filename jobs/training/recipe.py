@@ -145,8 +145,9 @@ class Recipe:
         diverged = diverged or not self.parameters_finite()
         seconds = time.perf_counter() - start
         n = max(1, micro + 1)
-        if diverged:
-            return {"diverged": 1.0, "epoch": epoch + 1, "step": self.state.step, **(self.non_finite or {})}
+        if diverged:  # the first non-finite loss on this rank, else the last loss before the weights broke
+            last = {"epoch": epoch + 1, "step": self.state.step, **dict(zip(LOSS_TERMS, values))}
+            return {"diverged": 1.0, **(self.non_finite or last), "non_finite_loss": float(self.non_finite is not None)}
         return {
             **{name: total / n for name, total in zip(LOSS_TERMS, totals)},
             "images_per_s": images_seen * self.world.size / max(seconds, 1e-9),
