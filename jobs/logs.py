@@ -24,6 +24,7 @@ LOGGERS = ("salgl", "jobs", "pipeline")
 LOG_FILE = "salgl.log"
 FILE_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 _CONSOLE, _FILE = "salgl-console", "salgl-file"  # handler names: configuring again replaces, never adds
+FILE_ONLY = {"file_only": True}  # ``extra=`` of a record that goes to salgl.log but not the console
 
 # Records that tell a salgl user nothing, by logger and message start; dropped unless -v.
 KNOWN_NOISE = {
@@ -130,6 +131,7 @@ def configure_worker_logging(level: int, log_file: str | Path | None = None) -> 
     console.name = _CONSOLE
     console.setLevel(level)
     console.setFormatter(ConsoleFormatter())
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     handlers: list[logging.Handler] = [console]
     if log_file:
         handlers.append(_file_handler(Path(log_file)))

@@ -52,8 +52,18 @@ CONSUMED = ("image", "labels", "ignore")
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (greyscale, palette and RGBA sources are converted)."""
+    """Encoded bytes -> RGB PIL image (greyscale, palette and RGBA sources are converted).
+
+    16- and 32-bit greyscale (``I;16*``, ``I``: 16-bit PNG, TIFF) is scaled to 8 bits by its
+    bit depth first (``I`` holding values up to 65535 counts as 16-bit); PIL's own conversion
+    clips it, so nearly every pixel would become white.
+    """
     img = Image.open(io.BytesIO(data))
+    if img.mode.startswith("I;16") or img.mode == "I":
+        pixels = np.asarray(img, dtype=np.float64)
+        bits = 16 if img.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else 32
+        pixels = pixels * (255.0 / (2**bits - 1))
+        img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB") if img.mode != "RGB" else img
 
 

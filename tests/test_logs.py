@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from jobs.logs import (
-    LOG_FILE, LOGGERS, NOISE_ENV, configure_logging, configure_worker_logging, console_level, level_for, run_log,
+    FILE_ONLY, LOG_FILE, LOGGERS, NOISE_ENV, configure_logging, configure_worker_logging, console_level, level_for, run_log,
 )
-from jobs.training.progress import StepProgress, format_duration, format_step_line
+from jobs.training.progress import ProgressBar, StepProgress, format_duration, format_step_line
 
 TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 TOKEN_BANNER = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
@@ -140,6 +140,13 @@ def test_worker_logging_writes_console_and_file(tmp_path: Path, capsys: pytest.C
     assert not logging.getLogger("jobs").propagate  # Ray Train's root console handler would print it twice
 
 
+def test_file_only_records_stay_off_the_console(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_worker_logging(logging.INFO, tmp_path / LOG_FILE)
+    logging.getLogger("jobs.training.progress").info("epoch 1/2  step 4/16", extra=FILE_ONLY)  # the bar shows it
+    assert capsys.readouterr().err == ""
+    assert "epoch 1/2  step 4/16" in (tmp_path / LOG_FILE).read_text()
+
+
 def test_duration_and_step_line() -> None:
     assert [format_duration(s) for s in (0, 59.4, 61, 3599, 3600, 7325)] == ["0:00", "0:59", "1:01", "59:59", "1:00:00", "2:02:05"]
     line = format_step_line(2, 10, 40, 128, 52.34, 102.0, 2.43121)
@@ -213,3 +220,40 @@ def test_ray_data_loads_the_quiet_config(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=100, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["['NOTSET',", "'WARNING']", "ERROR"]  # file: everything; console: warnings
+
+
+def test_the_status_file_follows_the_steps_at_most_once_a_second(tmp_path: Path) -> None:
+    import json
+
+    clock, status = FakeClock(), tmp_path / "progress.json"
+    progress = StepProgress(6, epoch=2, epochs=3, clock=clock, emit=lambda line: None, status_file=status)
+    seen = []
+    for step in range(1, 7):
+        clock.now += 0.4
+        progress.update(step, 4 * step, 0.5)
+        seen.append(json.loads(status.read_text())["step"])
+    assert seen == [1, 1, 1, 4, 4, 6]  # at the first step, then a second apart, and at the last step
+    last = json.loads(status.read_text())
+    assert last == {"epoch": 2, "epochs": 3, "step": 6, "total": 6, "images_per_s": pytest.approx(10.0), "eta_s": 0.0, "loss": 0.5}
+
+
+def test_the_bar_shows_the_status_and_starts_again_each_epoch(tmp_path: Path) -> None:
+    import io
+    import json
+
+    status, screen = tmp_path / "progress.json", io.StringIO()
+    bar = ProgressBar(status, stream=screen)
+    bar.poll()  # nothing written yet: no bar
+    assert bar.bar is None
+    for epoch, step in ((1, 3), (1, 5), (2, 1), (2, 2)):
+        status.write_text(json.dumps({"epoch": epoch, "epochs": 2, "step": step, "total": 8, "images_per_s": 12.5,
+                                      "eta_s": 65.0, "loss": 0.25}))
+        os.utime(status, ns=(step * 10**9 + epoch, step * 10**9 + epoch))  # a new mtime, as each write has
+        bar.poll()
+        assert (bar.epoch, bar.bar.n, bar.bar.total) == (epoch, step, 8)
+    status.write_text(json.dumps({"epoch": 2, "epochs": 2, "step": 8, "total": 8, "images_per_s": 12.5, "eta_s": 0.0, "loss": 0.25}))
+    bar.poll()
+    assert bar.bar is None  # the epoch's last step clears the bar for the epoch line
+    text = screen.getvalue()
+    assert "epoch 1/2" in text and "epoch 2/2" in text and "5/8" in text and "loss 0.2500  12.5 img/s  ETA 1:05" in text
+    bar._close()

@@ -199,3 +199,19 @@ def test_decode_converts_grey_and_rgba_to_rgb():
     rgba = Image.fromarray(skimage.data.astronaut()).resize((32, 32)).convert("RGBA")
     for img, fmt in ((grey, "JPEG"), (rgba, "PNG")):
         assert T.decode_image(_encode(img, fmt)).mode == "RGB"
+
+
+def test_16_bit_images_keep_their_range() -> None:
+    """A 16-bit PNG is scaled to 8 bits, not clipped (PIL's convert("RGB") turns it nearly white)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.transforms import decode_image
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    encoded = io.BytesIO()
+    Image.fromarray(ramp).save(encoded, "PNG")
+    pixels = np.asarray(decode_image(encoded.getvalue()))
+    assert pixels.shape == (64, 64, 3) and pixels.min() == 0 and pixels.max() == 255
+    np.testing.assert_allclose(pixels[..., 0], ramp / 257.0, atol=0.5)

@@ -5,10 +5,12 @@ Small functions, each one job; the per-worker loop is ``jobs.training.recipe``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any, Mapping, Sequence
 from salgl.errors import AlreadyExists, BadValue, Failed, Interrupted, NotFound
 from jobs.logs import LOG_FILE, configure_worker_logging, console_level, run_log
 from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, plan_resources
+from jobs.training.progress import STATUS_FILE, ProgressBar
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from salgl.atomic_file import write_text_atomic
 from salgl.config import Config, from_flat, to_flat, with_overrides
@@ -312,7 +315,9 @@ def build_trainer(
         run_dir=str(run_dir),
         scene_mixture=scene_mixture(data_dir, cfg),
         log_level=logging.WARNING if quiet else console_level(),
+        progress_bar=wants_progress_bar(quiet),
     )
+
     def train_stream() -> Any:
         # Ray Train calls this each time it (re)starts the worker group: the stream continues from
         # the epoch of the checkpoint the workers restore (both: newest_checkpoint(run_dir)), with
@@ -427,7 +432,8 @@ def train(
         log.info(f"run {run_name}: {cfg.run.workers} workers, data {data_dir}, checkpoints in {run_dir}")
         controller_env_defaults()
         try:
-            result = trainer.fit()
+            with ProgressBar(run_dir / STATUS_FILE) if wants_progress_bar(quiet) else contextlib.nullcontext():
+                result = trainer.fit()
         except KeyboardInterrupt:  # Ctrl-C (jobs.training.interrupt): the checkpoints so far are kept
             end_run(tracking_uri, run_id, "KILLED")
             raise Interrupted(f"interrupted; run {run_name} stopped. Continue it with: salgl train --resume {run_dir}") from None
@@ -449,6 +455,11 @@ def train(
         if not quiet:
             log_summary(outcome, finished)
         return outcome
+
+
+def wants_progress_bar(quiet: bool) -> bool:
+    """A bar in place of the in-epoch lines: on a terminal, at the default verbosity or above."""
+    return not quiet and sys.stderr.isatty() and console_level() <= logging.INFO
 
 
 def check_not_diverged(run_dir: Path, tracking_uri: str, run_id: str) -> None:

@@ -9,13 +9,18 @@ small machine) does not inflate the ETA. The loss is the epoch's mean so far on 
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
-from typing import Callable
+from pathlib import Path
+from typing import IO, Any, Callable
 
 log = logging.getLogger(__name__)
 
 EVERY_S = 30.0
+STATUS_FILE = "progress.json"  # in the run folder: rank 0's latest step, for the driver's bar
+STATUS_EVERY_S = 1.0
 
 
 def format_duration(seconds: float) -> str:
@@ -51,8 +56,11 @@ class StepProgress:
         enabled: bool = True,
         clock: Callable[[], float] = time.monotonic,
         emit: Callable[[str], None] | None = None,
+        status_file: Path | None = None,
     ) -> None:
         self.total, self.epoch, self.epochs, self.world_size = total, epoch, epochs, world_size
+        self.status_file = status_file  # where the driver's bar reads the latest step (ProgressBar)
+        self.last_status = float("-inf")
         self.every_s, self.every_steps = every_s, every_steps
         self.enabled = enabled
         self.clock = clock
@@ -74,12 +82,84 @@ class StepProgress:
         now = self.clock()
         if self.first is None:
             self.first = (step, images, now)
+            self._write_status(step, 0.0, None, loss, now)
             return
-        if not self.due(step, now):
-            return
-        self.last, self.last_step = now, step
         first_step, first_images, first_time = self.first
         elapsed = max(now - first_time, 1e-9)
-        eta = (self.total - step) * elapsed / (step - first_step)
         images_per_s = (images - first_images) * self.world_size / elapsed
+        eta = (self.total - step) * elapsed / (step - first_step) if step > first_step else None
+        self._write_status(step, images_per_s, eta, loss, now)
+        if not self.due(step, now) or eta is None:
+            return
+        self.last, self.last_step = now, step
         self.emit(format_step_line(self.epoch, self.epochs, step, self.total, images_per_s, eta, loss))
+
+    def _write_status(self, step: int, images_per_s: float, eta: float | None, loss: float, now: float) -> None:
+        """At most once a second (and at the epoch's last step), the latest step for the bar."""
+        if self.status_file is None or (now - self.last_status < STATUS_EVERY_S and step < self.total):
+            return
+        from salgl.atomic_file import write_text_atomic
+
+        self.last_status = now
+        status = {"epoch": self.epoch, "epochs": self.epochs, "step": step, "total": self.total,
+                  "images_per_s": images_per_s, "eta_s": eta, "loss": loss}
+        write_text_atomic(self.status_file, json.dumps(status))
+
+
+class ProgressBar:
+    """The driver's progress bar while a run trains, when its stderr is a terminal: a tqdm bar per
+    epoch, fed by the status file rank 0 writes (``StepProgress(status_file=...)``), polled on a
+    thread. The workers' 30 s lines then stay in the run's salgl.log."""
+
+    def __init__(self, status_file: Path, *, stream: IO[str] | None = None, poll_s: float = 0.5) -> None:
+        self.status_file, self.stream, self.poll_s = Path(status_file), stream, poll_s
+        self.bar: Any = None
+        self.epoch: int | None = None
+        self.seen: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="salgl-progress-bar", daemon=True)
+
+    def __enter__(self) -> "ProgressBar":
+        self.status_file.unlink(missing_ok=True)  # a resumed run's old status is not this one's
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self._close()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.poll_s):
+            self.poll()
+
+    def poll(self) -> None:
+        """Show the status file's step, if it changed since the last look."""
+        try:
+            mtime = self.status_file.stat().st_mtime_ns
+            if mtime == self.seen:
+                return
+            status = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):  # not written yet
+            return
+        self.seen = mtime
+        from tqdm import tqdm
+
+        if status["epoch"] != self.epoch:
+            self._close()
+            self.epoch = status["epoch"]
+            # tqdm's own rate and ETA would time the polls, not the steps: the status file has both.
+            self.bar = tqdm(total=status["total"], desc=f"epoch {status['epoch']}/{status['epochs']}", file=self.stream,
+                            leave=False, dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
+        eta = status.get("eta_s")
+        self.bar.n = status["step"]
+        self.bar.set_postfix_str(f"loss {status['loss']:.4f}  {status['images_per_s']:.1f} img/s  "
+                                 f"ETA {format_duration(eta) if eta is not None else '-'}", refresh=False)
+        self.bar.refresh()
+        if status["step"] >= status["total"]:  # cleared before the epoch's own line arrives
+            self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from jobs.logs import LOG_FILE, configure_worker_logging
+from jobs.logs import FILE_ONLY, LOG_FILE, configure_worker_logging
 from jobs.training.checkpoints import DIVERGED_FILE, TrainingState, read_checkpoint, write_checkpoint
 from jobs.training.distributed import check_counts_consistent, count_sync_for, gather_objects, world
-from jobs.training.progress import StepProgress
+from jobs.training.progress import STATUS_FILE, StepProgress
+from jobs.training.progress import log as progress_log
 from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
 from jobs.training.worker_spec import WorkerSpec
 from pipeline.seeding import derive_seed
@@ -120,7 +121,10 @@ class Recipe:
         images_seen, start = 0, time.perf_counter()
         accum = cfg.optim.grad_accum
         total = self.optimizer_steps_per_epoch * accum
-        progress = StepProgress(total, epoch=epoch + 1, epochs=cfg.optim.epochs, world_size=self.world.size, enabled=self.world.is_main)
+        progress = StepProgress(
+            total, epoch=epoch + 1, epochs=cfg.optim.epochs, world_size=self.world.size, enabled=self.world.is_main,
+            **self.progress_bar_options(),
+        )
         diverged = False
         for micro, batch in enumerate(_take(batches, total)):
             self._maybe_inject_failure(epoch, micro)
@@ -153,6 +157,14 @@ class Recipe:
             "images_per_s": images_seen * self.world.size / max(seconds, 1e-9),
             "lr": self.scheduler.get_last_lr()[0],
         }
+
+    def progress_bar_options(self) -> dict[str, Any]:
+        """With the driver's bar (``WorkerSpec.progress_bar``): the status file it reads, and the
+        30 s lines kept off the console (the bar says the same)."""
+        if not (self.spec.progress_bar and self.spec.run_dir):
+            return {}
+        return {"status_file": Path(self.spec.run_dir) / STATUS_FILE,
+                "emit": lambda line: progress_log.info(line, extra=FILE_ONLY)}
 
     def parameters_finite(self) -> bool:
         """Whether every weight is finite. DDP keeps the replicas identical, so every rank gives the

@@ -24,6 +24,7 @@ class WorkerSpec:
     run_dir: str = ""  # absolute folder of this run (its salgl.log, the fault-injection marker)
     scene_mixture: dict[str, Any] | None = None  # {"prior": (K,), "theta": (K, n)}: salgl/scenes.py
     log_level: int = logging.INFO  # the console's (jobs.logs.console_level); WARNING in a sweep's trials
+    progress_bar: bool = False  # the driver shows a bar (a terminal): rank 0 writes its status, lines go to the log only
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> "WorkerSpec":
