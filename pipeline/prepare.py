@@ -19,6 +19,7 @@ only state that grows with the dataset is the set of seen ids (needed to detect 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -150,8 +151,26 @@ def check_image(data: bytes) -> str | None:
     return None
 
 
-def _load(example: Example) -> tuple[bytes | None, str | None]:
-    """Read and check one example's image: (bytes, None) or (None, reason)."""
+def shrink(data: bytes, max_side: int) -> bytes:
+    """The image re-encoded with its longer side at most ``max_side`` (aspect kept), in its own
+    format (JPEG at quality 95); unchanged bytes when it is already small enough, so a dataset
+    converted with a limit above every image is byte-identical to one without."""
+    with Image.open(io.BytesIO(data)) as img:
+        if max(img.size) <= max_side:
+            return data
+        fmt = img.format if img.format in ("JPEG", "PNG", "WEBP") else "PNG"
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        small = img.convert("RGB") if fmt == "JPEG" and img.mode not in ("RGB", "L") else img
+        small = small.resize(size, Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        small.save(out, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        return out.getvalue()
+
+
+def _load(example: Example, max_side: int | None = None) -> tuple[bytes | None, str | None]:
+    """Read and check one example's image: (bytes, None) or (None, reason); with ``max_side``,
+    downsized (``shrink``) so that huge images are not decoded in full again every epoch."""
     if example.error is not None or example.dropped is not None:
         return None, None
     data = example.image
@@ -167,7 +186,9 @@ def _load(example: Example) -> tuple[bytes | None, str | None]:
         except OSError as exc:
             return None, f"{UNREADABLE_FILE}: {example.path}: {exc.strerror or exc}"
     reason = check_image(data)
-    return (None, reason) if reason else (data, None)
+    if reason:
+        return None, reason
+    return (shrink(data, max_side) if max_side else data), None
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int) -> Iterator[R]:
@@ -246,18 +267,20 @@ class _SplitWriter:
         self.stats.reject_reasons[reason.split(":")[0]] += 1
 
 
-def _load_pair(example: Example) -> tuple[Example, tuple[bytes | None, str | None]]:
-    return example, _load(example)
+def _load_pair(example: Example, max_side: int | None = None) -> tuple[Example, tuple[bytes | None, str | None]]:
+    return example, _load(example, max_side)
 
 
 def _write_split(
     staging: Path, split: str, examples: Iterable[Example], *, index: Mapping[str, int], schema: Any,
     rejects: Any, strict: bool, shard_rows: int, workers: int, total: int | None, progress: bool,
+    max_side: int | None = None,
 ) -> tuple[list[dict[str, Any]], _SplitWriter]:
     """Stream one split into its shards; returns the shard entries and the split's counts."""
     with ShardWriter(staging, split, shard_rows=shard_rows, schema=schema) as writer:
         target = _SplitWriter(split, writer, index, rejects, strict)
-        loaded = ordered_map(_load_pair, examples, workers=workers, window=4 * workers)
+        load = functools.partial(_load_pair, max_side=max_side)
+        loaded = ordered_map(load, examples, workers=workers, window=4 * workers)
         bar = tqdm(total=total, desc=f"prepare {split}", unit="img", disable=not progress, dynamic_ncols=True)
         with bar:
             for row, (example, (data, reason)) in enumerate(loaded):
@@ -281,17 +304,21 @@ def write_dataset(
     workers: int | None = None,
     totals: Mapping[str, int] | None = None,
     inputs: Sequence[str | os.PathLike[str]] = (),
+    max_side: int | None = None,
 ) -> PrepareResult:
     """Validate and write ``splits`` (name -> examples, consumed once, in order) as a dataset.
 
     ``source`` is ``{"converter": name, "parameters": {...}}``; ``totals`` (rows per split, when
     known) only sizes the progress bars; ``inputs`` are the files and folders the examples are
-    read from, which ``out`` must not hold (``--overwrite`` would delete them). Raises :class:`RejectedInput` in strict mode and
+    read from, which ``out`` must not hold (``--overwrite`` would delete them); ``max_side``
+    downsizes larger images (``shrink``). Raises :class:`RejectedInput` in strict mode and
     ``FileExistsError`` for an existing destination without ``overwrite``; either way no dataset
     (and no partial one) is left at ``out``.
     """
     if len(set(vocabulary)) != len(vocabulary):
         raise BadValue("vocabulary has repeated names")
+    if max_side is not None and max_side < 8:
+        raise BadValue(f"max side must be at least 8 pixels, got {max_side}")
     out = Path(out)
     check_destination(out, overwrite, inputs)  # fail before any work
     workers = workers or min(8, os.cpu_count() or 1)
@@ -303,7 +330,7 @@ def write_dataset(
                 shards[split], targets[split] = _write_split(
                     staging, split, examples, index=index, schema=dataset_schema(extra_columns),
                     rejects=rejects, strict=strict, shard_rows=shard_rows, workers=workers,
-                    total=(totals or {}).get(split), progress=progress,
+                    total=(totals or {}).get(split), progress=progress, max_side=max_side,
                 )
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -315,6 +342,7 @@ def write_dataset(
             "rejects": {split: t.stats.rejects for split, t in targets.items()},
             "dropped": {split: dict(sorted(t.stats.dropped.items())) for split, t in targets.items()},
             "extra_columns": list(extra_columns),
+            **({"max_side": max_side} if max_side else {}),
         }
         write_manifest(staging, manifest)
     return PrepareResult(out=out, manifest=manifest, stats={split: t.stats for split, t in targets.items()})

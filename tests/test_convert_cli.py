@@ -112,3 +112,23 @@ def test_a_temporary_folder_left_by_a_killed_process_is_removed_on_the_next_run(
     elsewhere.mkdir()
     assert main(["prepare", "mosaic", "--out", str(data / "m"), "--fashion-mnist", str(fake), *TINY]) == 0
     assert sorted(p.name for p in data.iterdir()) == sorted(["m", elsewhere.name])
+
+
+def test_max_side_downsizes_large_images_only(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from tests._data_trees import rows
+
+    listing = write_generic_csv(tmp_path / "src" / "list.csv", [("big.jpg", "cat"), ("small.jpg", "dog")])
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(listing.parent / "big.jpg", quality=95)
+    small = (listing.parent / "small.jpg").read_bytes()
+    out = tmp_path / "data"
+    argv = ["prepare", "generic", "--train", str(listing), "--out", str(out), "--max-side", "100", "--no-progress"]
+    assert main(argv) == 0
+    stored = {row["id"]: row["image"] for row in rows(out, "train")}
+    with Image.open(io.BytesIO(stored["big.jpg"])) as img:
+        assert (img.format, img.size) == ("JPEG", (100, 67))
+    assert stored["small.jpg"] == small  # already small enough: the original bytes
+    assert read_manifest(out)["max_side"] == 100

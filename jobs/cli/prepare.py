@@ -21,6 +21,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--workers", type=int, default=None, help="image-checking threads (default min(8, CPUs))")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-side", type=int, default=None, metavar="PX",
+                        help="downsize images whose longer side is larger (aspect kept, re-encoded in their format); "
+                             "huge images are then not decoded in full every epoch")
 
 
 def _split_file(value: str) -> tuple[str, Path]:
@@ -109,7 +112,7 @@ def _convert(args: argparse.Namespace, options: dict[str, Any]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = dict(shard_rows=args.shard_rows, strict=args.strict, overwrite=args.overwrite,
+    options = dict(shard_rows=args.shard_rows, strict=args.strict, overwrite=args.overwrite, max_side=args.max_side,
                    workers=args.workers, progress=not args.no_progress)
     result = _convert(args, options)  # a missing or bad input raises a salgl.errors one-liner
     print(result.summary())
