@@ -159,7 +159,37 @@ def test_secrets_never_travel_with_the_job(tmp_path: Path) -> None:
 
 def test_a_home_folder_is_not_uploaded_without_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sj, "project_root", lambda: None)  # as from a wheel install
-    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "train", "tiny"]) == 2
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path), "--", "train", "tiny"]) == 2
     assert "holds your home folder" in capsys.readouterr().err
+
+
+def test_an_installed_salgl_ships_its_packages_not_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a wheel install (no checkout) run in a home folder: the job gets a copy of the installed
+    packages and the local config, zipped as Ray zips a working directory (ray 2.60.0)."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    (tmp_path / ".env").write_text("SECRET=1")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "me.jpg").write_bytes(b"x")
+    (tmp_path / "my.yaml").write_text("preset: tiny\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sj, "project_root", lambda: None)
+
+    def runtime_env(working_dir: Path, env_vars, pip=()):
+        env = real_runtime_env(working_dir, env_vars, pip)
+        create_package(str(working_dir), tmp_path / "job.zip", include_gitignore=True, excludes=env["excludes"])
+        return env
+
+    def connect(address, token_file):
+        raise sj.SubmitError("stop before contacting a cluster")
+
+    real_runtime_env = sj.runtime_env
+    monkeypatch.setattr(sj, "runtime_env", runtime_env)
+    monkeypatch.setattr(sj, "connect", connect)
+    assert main(["submit", "--", "train", "my.yaml", "K=2"]) == 2
+    names = {n for n in zipfile.ZipFile(tmp_path / "job.zip").namelist() if not n.endswith("/")}
+    assert {"jobs/cli/__init__.py", "salgl/model.py", "pipeline/ingest.py", "my.yaml"} <= names
+    assert not {".env", "photos/me.jpg"} & names and not any("__pycache__" in n for n in names)

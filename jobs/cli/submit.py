@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -73,10 +74,14 @@ def job_dependencies(args: argparse.Namespace, working_dir: Path) -> list[str]:
     return []
 
 
-def resolve_working_dir(args: argparse.Namespace) -> Path:
-    from jobs.submission.client import SubmitError, project_root
+def resolve_working_dir(args: argparse.Namespace, staging: Path, config: str | None = None) -> Path:
+    """``--working-dir``, else this checkout (an editable install), else a copy of the installed
+    packages made in ``staging`` (``stage_installed_packages``); a home folder only with --force."""
+    from jobs.submission.client import SubmitError, project_root, stage_installed_packages
 
-    folder = Path(args.working_dir) if args.working_dir else (project_root() or Path.cwd())
+    if not args.working_dir and project_root() is None:
+        return stage_installed_packages(staging, config)
+    folder = Path(args.working_dir) if args.working_dir else project_root()
     if not folder.is_dir():
         raise SubmitError(f"--working-dir {folder}: not a folder")
     folder = folder.resolve()
@@ -94,9 +99,20 @@ def run(args: argparse.Namespace) -> int:
     if not job:
         raise sj.SubmitError("name what to run after --, for example: salgl submit -- train jobs/configs/tiny.yaml")
     command, job_args = job[0], job[1:]
-    working_dir = resolve_working_dir(args)
+    with tempfile.TemporaryDirectory(prefix="salgl-job-") as staging:  # removed once the job is uploaded
+        return submit_and_follow(args, command, job_args, Path(staging))
+
+
+def submit_and_follow(args: argparse.Namespace, command: str, job_args: list[str], staging: Path) -> int:
+    from jobs.submission import client as sj
+
+    local_config = job_args[0] if job_args and job_args[0].endswith((".yaml", ".yml")) and Path(job_args[0]).is_file() else None
+    working_dir = resolve_working_dir(args, staging, local_config if command != "prepare" else None)
     if command != "prepare":
-        job_args = sj.localize_config(job_args, working_dir)
+        if working_dir != staging:
+            job_args = sj.localize_config(job_args, working_dir)
+        elif local_config:  # copied to the staged folder's top (stage_installed_packages)
+            job_args = [Path(local_config).name, *job_args[1:]]
     sj.entrypoint(command, job_args)  # fail on an unknown command before connecting
     for warning in sj.local_path_warnings(job_args):
         print(f"[salgl] warning: {warning}", file=sys.stderr)

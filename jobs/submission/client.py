@@ -176,6 +176,24 @@ def project_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "jobs" / "cli" / "__init__.py").is_file() else None
 
 
+PACKAGES = ("salgl", "pipeline", "jobs")  # what a job needs of this project's code
+
+
+def stage_installed_packages(folder: Path, config: str | None = None) -> Path:
+    """For an installed (non-editable) salgl: copy its packages, as installed, into ``folder`` to
+    upload as the job's working directory, never the current directory (which may be a home
+    folder). A local ``config`` file travels beside them; returns ``folder``."""
+    import importlib
+    import shutil
+
+    for name in PACKAGES:
+        source = Path(importlib.import_module(name).__file__).parent
+        shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if config:
+        shutil.copy(config, folder / Path(config).name)
+    return folder
+
+
 def pinned_requirements(pyproject: Path) -> list[str]:
     """The project's dependencies exactly as ``pyproject.toml`` pins them."""
     return list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
