@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.prepare import MALFORMED, OUTSIDE_ROOT, UNKNOWN_LABEL, Example, PrepareResult, write_dataset
+from pipeline.shards import check_destination
 from salgl.errors import BadValue, NotFound
 
 log = logging.getLogger(__name__)
@@ -402,6 +403,8 @@ def convert_generic(
         raise BadValue(f"label separator {label_separator!r}: expected one of {', '.join(LABEL_SEPARATORS)}")
     for listing in lists.values():
         check_list_file(Path(listing))
+    inputs = [*lists.values(), *([image_root] if image_root else [Path(p).parent for p in lists.values()])]
+    check_destination(out, bool(options.get("overwrite")), inputs)  # before reading the lists: refused at once
     if isinstance(vocabulary, (str, os.PathLike)):
         names, vocab_source = read_vocabulary(vocabulary), str(vocabulary)
     elif vocabulary is not None:
@@ -415,7 +418,7 @@ def convert_generic(
     }
     return write_dataset(
         out, splits, vocabulary=names,
-        inputs=[*lists.values(), *([image_root] if image_root else [Path(p).parent for p in lists.values()])],
+        inputs=inputs,
         source={"converter": "generic", "parameters": {
             "lists": {split: str(p) for split, p in lists.items()}, "vocabulary": vocab_source,
             "image_root": str(image_root) if image_root else None, "label_separator": label_separator}},

@@ -157,12 +157,6 @@ def test_secrets_never_travel_with_the_job(tmp_path: Path) -> None:
     assert names == set(kept)
 
 
-def test_a_home_folder_is_not_uploaded_without_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert main(["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path), "--", "train", "tiny"]) == 2
-    assert "holds your home folder" in capsys.readouterr().err
-
-
 def test_an_installed_salgl_ships_its_packages_not_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """From a wheel install (no checkout) run in a home folder: the job gets a copy of the installed
     packages and the local config, zipped as Ray zips a working directory (ray 2.60.0)."""
