@@ -54,3 +54,42 @@ def train_report_logger_name() -> str | None:
     except ImportError:
         return None
     return context.__file__
+
+
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # in a Ray Train run folder (Ray 2.60.0)
+
+
+def forget_checkpoints(snapshot: str, dir_names: set[str], *, latest: str | None) -> str:
+    """Ray Train's record of a run (the JSON text of ``RAY_SNAPSHOT_FILE``) without the checkpoint
+    folders ``dir_names``, so that a resumed run neither fails on their absence nor counts them
+    among the ``num_to_keep`` it keeps (where a damaged one with a high score would push a good one
+    out); ``latest`` (a folder name, or None) becomes the run's latest checkpoint if it was dropped.
+
+    Checked against Ray 2.60.0: the JSON of
+    ``ray.train.v2._internal.execution.checkpoint.checkpoint_manager._CheckpointManagerState``
+    (parallel lists ``checkpoint_results`` / ``checkpoint_report_indices`` and
+    ``pending_training_results`` / ``pending_validation_specs``, each result naming its
+    ``checkpoint_dir_name``). If the layout changes, a resume after a damaged checkpoint fails with
+    Ray's ``CheckpointManagerInitializationError`` (a missing folder) instead of continuing.
+    """
+    import json
+
+    state = json.loads(snapshot)
+
+    def kept(result: dict) -> bool:
+        return result["checkpoint_dir_name"] not in dir_names
+
+    results = list(zip(state["checkpoint_results"], state["checkpoint_report_indices"]))
+    state["checkpoint_results"] = [r for r, _ in results if kept(r)]
+    state["checkpoint_report_indices"] = [i for r, i in results if kept(r)]
+    pending = list(zip(state.get("pending_training_results", []), state.get("pending_validation_specs", [])))
+    state["pending_training_results"] = [r for r, _ in pending if kept(r)]
+    state["pending_validation_specs"] = [s for r, s in pending if kept(r)]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        state[key] = [name for name in state.get(key, []) if name not in dir_names]
+    newest = state.get("latest_checkpoint_result")
+    if newest is not None and not kept(newest):
+        by_name = {r["checkpoint_dir_name"]: r for r in state["checkpoint_results"]}
+        state["latest_checkpoint_result"] = by_name.get(latest) if latest else None
+    return json.dumps(state)

@@ -256,7 +256,7 @@ class RunConfig:
     checksum_every: int = 50  # steps between cross-rank count checksums
     keep_checkpoints: int = 2
     max_failures: int = 2
-    storage: str = "runs"  # checkpoints: a local folder or a shared filesystem every node sees
+    storage: str = "runs"  # runs and checkpoints: a folder every node sees, or s3:// gs:// abfs://
     tracking_uri: str = ""  # "" -> sqlite:///mlflow.db in the working directory
     experiment: str = "salgl"
     stop_after_epoch: int = 0  # > 0: end cleanly after this epoch (resume later with --resume)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 
 from jobs.training.distributed import CountDivergenceError, check_counts_consistent, gather_objects, make_count_sync, world
 from salgl.graph import count_delta, resolve_delta
+from tests._servers import free_port
 
 K, N = 3, 5
 
@@ -21,12 +21,6 @@ def _payload(rank: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     weights = torch.nn.functional.one_hot(torch.randint(0, K, (rows,), generator=gen), K).double()
     targets = (torch.rand(rows, N, generator=gen) < 0.5).double()
     return weights, targets
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, max_batch: int, results: dict) -> None:
@@ -57,7 +51,7 @@ def _worker(rank: int, port: int, max_batch: int, results: dict) -> None:
 def test_two_workers_sum_the_same_delta_and_detect_divergence(max_batch: int) -> None:
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), max_batch, results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), max_batch, results), nprocs=2, join=True)
     expected = count_delta(*_payload(0, 4)) + count_delta(*_payload(1, 3))
     for rank in (0, 1):
         delta, gathered, diverged, size = results[rank]
@@ -125,7 +119,7 @@ def test_counts_riding_the_gradient_all_reduce_equal_the_separate_collective() -
     gradients those of DDP's own all-reduce, and a no_sync step must still count."""
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), results), nprocs=2, join=True)
     riding, separate, same_grads, fallbacks = results[0]
     assert fallbacks == [2] and results[1][3] == [2]  # only the no_sync step, where no bucket is reduced
     assert riding.sum() > 0
@@ -170,6 +164,6 @@ def test_ablation_heads_train_under_ddp_with_two_workers(overrides: dict) -> Non
     """T = 0 (no propagation) and K = 1 (no scene targets) train under DDP without unused parameters."""
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_ablation_worker, args=(_free_port(), overrides, results), nprocs=2, join=True)
+    mp.spawn(_ablation_worker, args=(free_port(), overrides, results), nprocs=2, join=True)
     assert results[0].sum() > 0
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

@@ -7,11 +7,7 @@ fit takes tens of seconds on 2 cores. Every Ray test has a timeout: these failur
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ import torch
 
 from jobs.training.checkpoints import read_checkpoint
 from salgl.config import preset
+from tests._servers import free_port, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 EPOCHS = 2
@@ -34,37 +31,19 @@ def mosaic_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real ``mlflow server`` process; ready once /health answers (bounded wait)."""
+    """A real ``mlflow server`` process; ready once /health answers."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.5)  # readiness polling of a child process, not test synchronisation
+    proc = start_server(cmd, uri + "/health", name="mlflow server")
     yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 def _config(mosaic_dir: str, storage: Path, tracking_uri: str, **overrides):
@@ -192,6 +171,29 @@ def test_stopped_run_resumes_to_the_uninterrupted_state(uninterrupted, mosaic_di
     assert a["scheduler"]["_last_lr"] == b["scheduler"]["_last_lr"]
     torch.testing.assert_close(a["model"]["head.counts"], b["model"]["head.counts"], rtol=0, atol=0)
     torch.testing.assert_close(a["ema"]["module.head.counts"], b["ema"]["module.head.counts"], rtol=0, atol=0)
+
+
+@pytest.mark.timeout(600)
+def test_a_resume_sets_a_damaged_checkpoint_aside_and_redoes_its_epoch(uninterrupted, mosaic_dir, mlflow_server, tmp_path) -> None:
+    """The newest checkpoint altered on disk: the resume continues from the one before, ends in the
+    uninterrupted state, and the damaged one no longer holds one of the two places Ray keeps."""
+    from jobs.training.checkpoints import DAMAGED_DIR, STATE_FILE, newest_checkpoint
+    from jobs.training.driver import train
+
+    cfg = _config(mosaic_dir, tmp_path, mlflow_server, **{"run.name": "damaged", "run.keep_checkpoints": 2})
+    first = train(cfg, log_model=False)
+    last = Path(first.last_checkpoint)
+    data = bytearray((last / STATE_FILE).read_bytes())
+    data[1000:1004] = b"\xff\xff\xff\xff"
+    (last / STATE_FILE).write_bytes(bytes(data))
+
+    resumed = train(cfg, resume="damaged", log_model=False)
+    assert resumed.metrics["epoch"] == EPOCHS
+    assert (Path(first.run_dir) / DAMAGED_DIR / last.name / STATE_FILE).is_file()
+    assert "set aside" in (Path(first.run_dir) / "salgl.log").read_text()
+    torch.testing.assert_close(_live_counts(resumed.last_checkpoint), _live_counts(uninterrupted.last_checkpoint), rtol=0, atol=0)
+    kept = sorted(p.parent.name for p in Path(first.run_dir).glob("checkpoint_*/" + STATE_FILE))
+    assert len(kept) == 2 and newest_checkpoint(first.run_dir)[1] == EPOCHS  # epoch 1 and the redone epoch 2
 
 
 @pytest.mark.timeout(600)

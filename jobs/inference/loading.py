@@ -3,7 +3,8 @@
 Three sources, told apart by :func:`checkpoint_kind`:
 
 - ``folder``: a training checkpoint of ours (``state.pt`` + ``config.json``, see
-  ``jobs.training.checkpoints``), or a run folder (its best checkpoint by EMA mAP is taken). The EMA
+  ``jobs.training.checkpoints``), or a run folder (its best checkpoint by EMA mAP is taken); a
+  path, or a URI in an object store (``s3://``, ``gs://``, ``abfs://``; see ``jobs.storage``). The EMA
   weights (``module.``-prefixed ModelEmaV3 state) are used unless ``which="live"``.
 - ``mlflow``: an MLflow model URI (``runs:/<id>/model``, ``models:/<name>/<version>``) or a
   downloaded MLflow model folder. The vocabulary is the logged model's ``vocabulary`` metadata;
@@ -23,6 +24,7 @@ from typing import Any, Literal, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from jobs.storage import Folder, is_object_store, local_copy
 from jobs.training.checkpoints import STATE_FILE, best_checkpoint_in, load_model_from_checkpoint
 from salgl.errors import BadValue, NotFound
 from salgl.config import Config, from_flat, preset, to_flat
@@ -55,6 +57,8 @@ def checkpoint_kind(source: str) -> Kind:
     """``folder``, ``mlflow`` or ``released``; raises when ``source`` is none of them."""
     if source.startswith(MLFLOW_SCHEMES):
         return "mlflow"
+    if is_object_store(source):
+        return "folder"
     path = Path(source)
     if path.is_dir():
         if (path / "MLmodel").is_file():
@@ -110,8 +114,18 @@ def config_from_flat(flat: Mapping[str, Any]) -> Config:
 
 
 def load_folder_checkpoint(path: str | Path, which: str = "ema") -> Loaded:
-    """A checkpoint folder of ours (or a run folder); the EMA weights unless ``which="live"``."""
-    return Loaded(*load_model_from_checkpoint(resolve_checkpoint_folder(path), which=which))
+    """A checkpoint folder of ours (or a run folder), local or in an object store (downloaded for
+    the load); the EMA weights unless ``which="live"``."""
+    if not is_object_store(str(path)):
+        return Loaded(*load_model_from_checkpoint(resolve_checkpoint_folder(path), which=which))
+    folder = Folder(str(path))
+    if not folder.is_file(STATE_FILE):
+        best = best_checkpoint_in(folder, "ema_mAP")
+        if best is None:
+            raise NotFound(f"{path} holds no {STATE_FILE}, and no checkpoint folders with an ema_mAP either")
+        folder = Folder(best)
+    with local_copy(folder) as local:
+        return Loaded(*load_model_from_checkpoint(local, which=which))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from jobs.logs import run_log
 from jobs.resources import plan_resources
 from jobs.sweep.search_space import METRIC, build_space, check_space, expected_trials, trial_label, trial_values
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
+from jobs.storage import is_object_store
 from jobs.training.driver import init_ray, new_run_name, resolve_data, storage_root
 from salgl.atomic_file import write_text_atomic
 from salgl.config import Config, from_flat, to_flat, with_overrides
@@ -98,12 +99,12 @@ def _report_if_complete(run_dir: Path, epochs: int) -> bool:
     report its last epoch's metrics again (Tune needs the metric) instead of training nothing."""
     import ray.tune
 
-    from jobs.training.checkpoints import META_FILE, newest_checkpoint
+    from jobs.training.checkpoints import newest_checkpoint, read_meta
 
     newest = newest_checkpoint(run_dir)
     if newest is None or newest[1] < epochs:
         return False
-    ray.tune.report(json.loads((Path(newest[0]) / META_FILE).read_text())["metrics"])
+    ray.tune.report(read_meta(newest[0])["metrics"])
     return True
 
 
@@ -158,6 +159,9 @@ def tune_sweep(
         return _resume(sweep_dir, register_as)
     check_schedule(samples, max_epochs, grace_period, reduction_factor)
     storage = storage_root(cfg)
+    if is_object_store(storage):
+        raise BadValue(f"run.storage={storage}: a sweep keeps its folder (Tune's state, its trials) on a filesystem "
+                       "path every node sees; object storage is for `salgl train` runs")
     name = cfg.run.name or new_run_name("sweep")
     sweep_dir = Path(storage) / name
     if sweep_dir.exists():

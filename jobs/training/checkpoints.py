@@ -8,6 +8,7 @@ that a folder left half-copied by a crash is never taken for a checkpoint (``new
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from jobs.storage import Folder
 from salgl.errors import BadValue, CorruptFile, NotFound
 
 if TYPE_CHECKING:  # torch loads where a checkpoint is read or written, not where one is only found
@@ -76,21 +78,23 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def damaged_file(folder: Path, meta: Mapping[str, Any], *, hashes: bool = True) -> str | None:
+def as_folder(location: str | os.PathLike[str] | Folder) -> Folder:
+    return location if isinstance(location, Folder) else Folder(str(location))
+
+
+def damaged_file(folder: Folder, meta: Mapping[str, Any], *, hashes: bool = True) -> str | None:
     """The first file of a checkpoint that is missing or differs from its meta.json record (size,
     and with ``hashes`` the sha256), as a message; None when all match. Older checkpoints record
     sizes only (``{name: size}``) and are checked by size."""
-    from pipeline.shards import file_sha256
-
     for name, record in meta.get("files", {}).items():
-        path = folder / name
         expected = record if isinstance(record, dict) else {"size": record}
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != expected.get("size"):
-            return f"{path} has {path.stat().st_size} bytes, its meta.json says {expected.get('size')}"
-        if hashes and "sha256" in expected and file_sha256(path) != expected["sha256"]:
-            return f"{path} differs from the sha256 in its meta.json (altered or damaged)"
+        size = folder.size(name)
+        if size is None:
+            return f"{folder / name} is missing"
+        if size != expected.get("size"):
+            return f"{folder / name} has {size} bytes, its meta.json says {expected.get('size')}"
+        if hashes and "sha256" in expected and folder.sha256(name) != expected["sha256"]:
+            return f"{folder / name} differs from the sha256 in its meta.json (altered or damaged)"
     return None
 
 
@@ -103,7 +107,7 @@ def verify_checkpoint(folder: str | os.PathLike[str]) -> None:
         return  # a bare state.pt (copied without its meta.json): nothing recorded to check against
     except ValueError:
         raise CorruptFile(f"{folder / META_FILE} is not valid JSON") from None
-    problem = damaged_file(folder, meta)
+    problem = damaged_file(Folder(str(folder)), meta)
     if problem:
         raise CorruptFile(f"checkpoint refused: {problem}")
 
@@ -164,28 +168,32 @@ def load_model_from_checkpoint(folder: str | os.PathLike[str], *, which: str = "
     return model.eval(), cfg, vocabulary
 
 
-def best_checkpoint_in(run_dir: str | os.PathLike[str], metric: str) -> str | None:
-    """The checkpoint folder under a run with the highest ``metric`` in its meta.json."""
+def _metas(run_dir: str | os.PathLike[str] | Folder) -> list[tuple[Folder, dict[str, Any]]]:
+    """Every folder directly under a run folder with a readable meta.json, with it."""
+    found = []
+    for folder in as_folder(run_dir).subfolders():
+        with contextlib.suppress(OSError, ValueError):  # no meta.json (yet), or one cut short
+            found.append((folder, json.loads(folder.read_text(META_FILE))))
+    return found
+
+
+def read_meta(folder: str | os.PathLike[str] | Folder) -> dict[str, Any]:
+    return json.loads(as_folder(folder).read_text(META_FILE))
+
+
+def best_checkpoint_in(run_dir: str | os.PathLike[str] | Folder, metric: str) -> str | None:
+    """The checkpoint folder (a path or URI) under a run with the highest ``metric`` in its meta.json."""
     best, best_value = None, float("-inf")
-    for meta_path in sorted(Path(run_dir).glob(f"*/{META_FILE}")):
-        value = json.loads(meta_path.read_text()).get("metrics", {}).get(metric)
+    for folder, meta in sorted(_metas(run_dir), key=lambda item: item[0].name):
+        value = meta.get("metrics", {}).get(metric)
         if isinstance(value, (int, float)) and value > best_value:
-            best, best_value = str(meta_path.parent), float(value)
+            best, best_value = folder.location, float(value)
     return best
 
 
-def _complete_meta(folder: Path, *, hashes: bool = False) -> dict[str, Any] | None:
-    """A checkpoint folder's meta.json when every file it lists is there at its size (and, with
-    ``hashes``, its sha256), else None."""
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if damaged_file(folder, meta, hashes=hashes) is None else None
-
-
-def newest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[str, int] | None:
-    """(folder, epochs completed) of the newest complete checkpoint under a run folder, or None.
+def newest_checkpoint(run_dir: str | os.PathLike[str] | Folder) -> tuple[str, int] | None:
+    """(folder, epochs completed) of the newest complete checkpoint under a run folder, or None;
+    the folder is a path, or a URI where the run is in an object store (``jobs.storage``).
 
     The one answer to "where does a (re)started worker group continue from": the data stream's
     first epoch and the workers' restored state both come from it. Ray Train's own "latest
@@ -193,15 +201,12 @@ def newest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[str, int] | None
     died may never be registered, and restoring that older state with the newer epoch's data seeds
     would silently change the run.
     """
-    found = []
-    for meta_path in Path(run_dir).glob(f"*/{META_FILE}"):
-        meta = _complete_meta(meta_path.parent)
-        if meta is not None:
-            found.append((int(meta.get("epoch", 0)), int(meta.get("step", 0)), str(meta_path.parent)))
+    found = [(int(meta.get("epoch", 0)), int(meta.get("step", 0)), folder.location, meta)
+             for folder, meta in _metas(run_dir) if damaged_file(folder, meta, hashes=False) is None]
     # Newest first; only the one taken is hashed, and a damaged one gives way to the next newest.
-    for epoch, _, folder in sorted(found, reverse=True):
-        if _complete_meta(Path(folder), hashes=True) is not None:
-            return folder, epoch
+    for epoch, _, location, meta in sorted(found, key=lambda item: item[:3], reverse=True):
+        if damaged_file(Folder(location), meta) is None:
+            return location, epoch
     return None
 
 
@@ -209,3 +214,48 @@ def latest_epoch(run_dir: str | os.PathLike[str]) -> int:
     """Epochs completed by the newest complete checkpoint under a run folder (0 when there is none)."""
     newest = newest_checkpoint(run_dir)
     return newest[1] if newest else 0
+
+
+DAMAGED_DIR = "damaged"
+
+
+def set_aside_damaged(run_dir: str | os.PathLike[str] | Folder) -> list[str]:
+    """Before a run resumes: move every checkpoint folder that fails its meta.json check into
+    ``<run>/damaged/`` and drop it from Ray's record of the run, returning one line per folder.
+
+    A damaged checkpoint left in place would still count among the ``run.keep_checkpoints`` that
+    Ray keeps by score, so a good one written after the resume could be deleted in its favour.
+    Raises ``CorruptFile`` when no checkpoint is intact, rather than quietly starting over.
+    """
+    from pipeline.ray_compat import RAY_SNAPSHOT_FILE, forget_checkpoints
+
+    run = as_folder(run_dir)
+    damaged, intact = {}, []
+    for folder in run.subfolders():
+        if not folder.is_file(META_FILE):
+            continue
+        try:
+            meta = read_meta(folder)
+            problem = damaged_file(folder, meta)
+        except ValueError:
+            problem = f"{folder / META_FILE} is not valid JSON"
+        if problem:
+            damaged[folder.name] = problem
+        else:
+            intact.append((int(meta.get("epoch", 0)), int(meta.get("step", 0)), folder.name))
+    if not damaged:
+        return []
+    if not intact:
+        raise CorruptFile(
+            f"every checkpoint of {run} is damaged ({'; '.join(damaged.values())}); nothing to continue "
+            f"from. Start a new run, or move {run} aside"
+        )
+    epoch, _, newest = max(intact)
+    if run.is_file(RAY_SNAPSHOT_FILE):
+        run.write_text(RAY_SNAPSHOT_FILE, forget_checkpoints(run.read_text(RAY_SNAPSHOT_FILE), set(damaged), latest=newest))
+    lines = []
+    for name, problem in sorted(damaged.items()):
+        (run / name).move_to(run / DAMAGED_DIR / name)
+        lines.append(f"checkpoint {name} set aside in {run / DAMAGED_DIR}: {problem}")
+    lines.append(f"continuing from {newest} (epoch {epoch})")
+    return lines

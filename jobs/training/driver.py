@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from salgl.errors import AlreadyExists, BadValue, Failed, Interrupted, NotFound
+from salgl.errors import AlreadyExists, Failed, Interrupted, NotFound
 from jobs.logs import LOG_FILE, configure_worker_logging, console_level, run_log
 from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, plan_resources
 from jobs.training.progress import STATUS_FILE, ProgressBar
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
-from salgl.atomic_file import write_text_atomic
+from jobs.storage import Folder, local_copy, resolve_storage
 from salgl.config import Config, from_flat, to_flat, with_overrides
 
 log = logging.getLogger(__name__)
@@ -97,30 +97,40 @@ def new_run_name(prefix: str = "salgl") -> str:
 
 
 def storage_root(cfg: Config) -> str:
-    """Absolute storage path (Ray workers run with another working directory).
-
-    A filesystem path only: salgl reads the run folder itself (its run record, and the newest
-    complete checkpoint a restarted run continues from), so object-store URIs are refused rather
-    than half-supported. On a cluster, mount shared storage (NFS, EFS, a ReadWriteMany volume).
-    """
-    if "://" in cfg.run.storage:
-        raise BadValue(
-            f"run.storage={cfg.run.storage}: use a filesystem path every node sees (a shared mount such as "
-            "/mnt/shared/runs); object-store URIs are not supported for checkpoints"
-        )
-    return str(Path(cfg.run.storage).expanduser().resolve())
+    """``run.storage`` as Ray Train gets it: an absolute path (Ray workers run with another working
+    directory) or an object-store URI (``jobs.storage``)."""
+    return resolve_storage(cfg.run.storage)
 
 
-def write_run_file(run_dir: Path, record: Mapping[str, Any]) -> None:
-    write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=1))
+def write_run_file(run_dir: Folder, record: Mapping[str, Any]) -> None:
+    run_dir.write_text(RUN_FILE, json.dumps(record, indent=1))
 
 
-def find_run(run: str, storage: str) -> Path:
-    """``--resume RUN``: a run name under the storage folder, or a run folder path."""
-    for candidate in (Path(run), Path(storage) / run):
-        if (candidate / RUN_FILE).is_file():
-            return candidate.resolve()
-    raise NotFound(f"no salgl run named {run!r} (looked for {RUN_FILE} in {run} and {storage}/{run})")
+def find_run(run: str, storage: str) -> Folder:
+    """``--resume RUN``: a run name under the storage folder, or a run folder (a path or URI)."""
+    for candidate in (Folder(resolve_storage(run)), Folder(storage) / run):
+        if candidate.is_file(RUN_FILE):
+            return candidate
+    raise NotFound(f"no salgl run named {run!r} (looked for {RUN_FILE} in {run} and {Folder(storage) / run})")
+
+
+def local_folder(run_dir: Folder) -> Path:
+    """Where a run's log and progress file are written while it runs: its own folder, or for a run
+    in an object store (which cannot append) a folder of the same name in the local cache; the log
+    is copied to the run folder as the run ends (``upload_log``)."""
+    if not run_dir.remote:
+        return run_dir.local_path
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    scheme, path = run_dir.location.split("://", 1)
+    return cache / "salgl" / "runs" / scheme / path
+
+
+def upload_log(run_dir: Folder, local_dir: Path) -> None:
+    if run_dir.remote and (local_dir / LOG_FILE).is_file():
+        try:
+            run_dir.upload(LOG_FILE, local_dir / LOG_FILE)
+        except OSError as err:  # the run's own outcome matters more than its log's copy
+            log.warning(f"could not copy {local_dir / LOG_FILE} to {run_dir}: {err}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +297,7 @@ def build_trainer(
     cfg: Config,
     *,
     data_dir: str,
-    run_dir: Path,
+    run_dir: Folder,
     run_name: str,
     storage: str,
     tracking_uri: str,
@@ -313,6 +323,7 @@ def build_trainer(
         train_rows=train_rows,
         threads=plan.torch_threads,
         run_dir=str(run_dir),
+        local_dir=str(local_folder(run_dir)),
         scene_mixture=scene_mixture(data_dir, cfg),
         log_level=logging.WARNING if quiet else console_level(),
         progress_bar=wants_progress_bar(quiet),
@@ -352,7 +363,7 @@ def build_trainer(
             ),
             callbacks=[
                 make_tracking_warmup(tracking_uri, mlflow_run_id),
-                make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=str(run_dir / LOG_FILE)),
+                make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=str(local_folder(run_dir) / LOG_FILE)),
                 *callbacks,
             ],
             # Train's INFO lines repeat every report's metrics dict per rank; ours is one line an epoch.
@@ -384,24 +395,24 @@ def train(
     trials at once); ``quiet`` keeps the run's epoch and progress lines off the console (its salgl.log
     still has them; a sweep prints its own, ``jobs.sweep.progress``).
     """
-    from jobs.training.checkpoints import DIVERGED_FILE
+    from jobs.training.checkpoints import DIVERGED_FILE, set_aside_damaged
     from pipeline.shards import verify_shards
 
     storage = storage_root(cfg)
     if resume:
         run_dir = find_run(resume, storage)
-        record = json.loads((run_dir / RUN_FILE).read_text())
+        record = json.loads(run_dir.read_text(RUN_FILE))
         base = from_flat(record["config"])
         # A resumed run goes to the end of its schedule unless told to stop again.
         cfg = with_overrides(base, {"run.stop_after_epoch": 0, **(overrides or {})})
         run_name, data_dir = record["run_name"], record["data_dir"]
         verify_shards(data_dir)  # pipeline.shards: the data may have changed since the run began
-        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # continuing from the last good checkpoint
+        run_dir.delete(DIVERGED_FILE)  # continuing from the last good checkpoint
         tracking_uri, run_id = record["tracking_uri"], record["mlflow_run_id"]
-        storage = str(run_dir.parent)
+        storage = run_dir.location.rsplit("/", 1)[0]
     else:
         run_name = cfg.run.name or new_run_name()
-        run_dir = Path(storage) / run_name
+        run_dir = Folder(storage) / run_name
         if run_dir.exists():
             raise AlreadyExists(
                 f"run {run_name!r} already exists in {storage}: Ray would silently resume it. "
@@ -422,7 +433,14 @@ def train(
             "run_name": run_name, "data_dir": data_dir, "config": to_flat(cfg),
             "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
         })
-    with run_log(run_dir):  # <run folder>/salgl.log; the controller and workers append theirs
+    local_dir = local_folder(run_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    # salgl.log (the controller and workers append theirs), copied to an object-store run folder at the end
+    with contextlib.ExitStack() as on_exit, run_log(local_dir):
+        on_exit.callback(upload_log, run_dir, local_dir)
+        if resume:
+            for line in set_aside_damaged(run_dir):
+                log.warning(line)
         init_ray(address)
         trainer = build_trainer(
             cfg, data_dir=data_dir, run_dir=run_dir, run_name=run_name, storage=storage,
@@ -432,7 +450,7 @@ def train(
         log.info(f"run {run_name}: {cfg.run.workers} workers, data {data_dir}, checkpoints in {run_dir}")
         controller_env_defaults()
         try:
-            with ProgressBar(run_dir / STATUS_FILE) if wants_progress_bar(quiet) else contextlib.nullcontext():
+            with ProgressBar(local_dir / STATUS_FILE) if wants_progress_bar(quiet) else contextlib.nullcontext():
                 result = trainer.fit()
         except KeyboardInterrupt:  # Ctrl-C (jobs.training.interrupt): the checkpoints so far are kept
             end_run(tracking_uri, run_id, "KILLED")
@@ -462,15 +480,14 @@ def wants_progress_bar(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty() and console_level() <= logging.INFO
 
 
-def check_not_diverged(run_dir: Path, tracking_uri: str, run_id: str) -> None:
+def check_not_diverged(run_dir: Folder, tracking_uri: str, run_id: str) -> None:
     """A run whose weights stopped being finite ends FAILED, never "finished": exit 1 with the
     epoch, step and loss terms of the first non-finite loss (rank 0's)."""
     from jobs.training.checkpoints import DIVERGED_FILE
 
-    marker = run_dir / DIVERGED_FILE
-    if not marker.is_file():
+    if not run_dir.is_file(DIVERGED_FILE):
         return
-    found = json.loads(marker.read_text())
+    found = json.loads(run_dir.read_text(DIVERGED_FILE))
     end_run(tracking_uri, run_id, "FAILED")
     terms = ", ".join(f"{k} {v:.4g}" for k, v in found.items() if k.startswith("loss"))
     what = "a non-finite loss" if found.get("non_finite_loss") else "non-finite weights after a finite loss"
@@ -481,14 +498,14 @@ def check_not_diverged(run_dir: Path, tracking_uri: str, run_id: str) -> None:
     )
 
 
-def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Path, run_id: str, tracking_uri: str) -> TrainOutcome:
+def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Folder, run_id: str, tracking_uri: str) -> TrainOutcome:
     """The run's newest and best checkpoints, read from its folder (their meta.json), as a resumed
     run starts from them: Ray's ``Result`` misses a report that a stop cut off after its checkpoint
     was written (a run stopped just after its last epoch would otherwise count as unfinished)."""
-    from jobs.training.checkpoints import META_FILE, best_checkpoint_in, newest_checkpoint
+    from jobs.training.checkpoints import best_checkpoint_in, newest_checkpoint, read_meta
 
     def metrics_of(folder: str | None) -> dict[str, Any]:
-        return json.loads((Path(folder) / META_FILE).read_text())["metrics"] if folder else {}
+        return read_meta(folder)["metrics"] if folder else {}
 
     newest = newest_checkpoint(run_dir)
     last_path = newest[0] if newest else None
@@ -499,15 +516,21 @@ def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Path, run_id: str
 
 def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool) -> None:
     """Resolved config, metrics JSON, scene pictures, the best checkpoint and the MLflow model."""
-    from jobs.artifacts import write_occupancy_chart, write_scene_heatmaps, write_scene_rankings
-    from jobs.training.checkpoints import load_model_from_checkpoint
 
     logger = MlflowLogger(outcome.tracking_uri, outcome.mlflow_run_id)
     logger.log_text(json.dumps(to_flat(cfg), indent=1), "config/resolved_config.json")
     logger.log_text(json.dumps({"last": outcome.metrics, "best": outcome.best_metrics}, indent=1, default=str), "metrics/final_metrics.json")
     if not outcome.best_checkpoint:
         return
-    model, _, vocabulary = load_model_from_checkpoint(outcome.best_checkpoint)
+    with local_copy(outcome.best_checkpoint) as best:
+        _record_checkpoint_artifacts(outcome, cfg, logger, best, log_model=log_model)
+
+
+def _record_checkpoint_artifacts(outcome: TrainOutcome, cfg: Config, logger: MlflowLogger, best: Path, *, log_model: bool) -> None:
+    from jobs.artifacts import write_occupancy_chart, write_scene_heatmaps, write_scene_rankings
+    from jobs.training.checkpoints import load_model_from_checkpoint
+
+    model, _, vocabulary = load_model_from_checkpoint(best)
     counts = model.head.counts
     occupancy = [outcome.best_metrics.get(f"ema_occupancy_{k}", 0.0) for k in range(cfg.model.head.num_scenes)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -515,9 +538,9 @@ def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: boo
         write_scene_rankings(counts, vocabulary, Path(tmp) / "scenes")
         write_occupancy_chart(occupancy, Path(tmp) / "scenes" / "scene_occupancy.png")
         logger.log_artifacts(str(Path(tmp) / "scenes"), "scenes")
-    logger.log_artifacts(outcome.best_checkpoint, "best_checkpoint")
+    logger.log_artifacts(str(best), "best_checkpoint")
     if log_model:
-        log_checkpoint_model(outcome.best_checkpoint, outcome.tracking_uri, outcome.mlflow_run_id)
+        log_checkpoint_model(str(best), outcome.tracking_uri, outcome.mlflow_run_id)
 
 
 def log_checkpoint_model(checkpoint: str, tracking_uri: str, run_id: str, *, artifact_name: str = "model") -> str:

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
-from torch import nn
 
 from jobs.logs import FILE_ONLY, LOG_FILE, configure_worker_logging
+from jobs.storage import Folder
 from jobs.training.checkpoints import DIVERGED_FILE, TrainingState, read_checkpoint, write_checkpoint
 from jobs.training.distributed import check_counts_consistent, count_sync_for, gather_objects, world
 from jobs.training.progress import STATUS_FILE, StepProgress
@@ -31,7 +31,6 @@ from jobs.training.progress import log as progress_log
 from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
 from jobs.training.worker_spec import WorkerSpec
 from pipeline.seeding import derive_seed
-from salgl.atomic_file import write_text_atomic
 from salgl.config import Config, from_flat
 from salgl.ema import ModelEma
 from salgl.losses import salgl_loss
@@ -161,9 +160,9 @@ class Recipe:
     def progress_bar_options(self) -> dict[str, Any]:
         """With the driver's bar (``WorkerSpec.progress_bar``): the status file it reads, and the
         30 s lines kept off the console (the bar says the same)."""
-        if not (self.spec.progress_bar and self.spec.run_dir):
+        if not (self.spec.progress_bar and self.spec.local_dir):
             return {}
-        return {"status_file": Path(self.spec.run_dir) / STATUS_FILE,
+        return {"status_file": Path(self.spec.local_dir) / STATUS_FILE,
                 "emit": lambda line: progress_log.info(line, extra=FILE_ONLY)}
 
     def parameters_finite(self) -> bool:
@@ -179,7 +178,7 @@ class Recipe:
         if not spec or micro != self.steps_per_epoch // 2:
             return
         fail_epoch, fail_rank = (int(p) for p in spec.split(":"))
-        marker = Path(self.spec.run_dir or tempfile.gettempdir()) / ".salgl_failure_injected"
+        marker = Path(self.spec.local_dir or tempfile.gettempdir()) / ".salgl_failure_injected"
         if (epoch, self.world.rank) == (fail_epoch, fail_rank) and not marker.exists():
             marker.touch()
             os._exit(1)
@@ -318,11 +317,12 @@ def _restore_point(spec: WorkerSpec) -> Any:
     """
     import ray.train
 
+    from jobs.storage import local_copy
     from jobs.training.checkpoints import newest_checkpoint
 
     if spec.run_dir:
         newest = newest_checkpoint(spec.run_dir)
-        return nullcontext(newest[0] if newest else None)
+        return local_copy(newest[0]) if newest else nullcontext(None)
     checkpoint = ray.train.get_checkpoint()
     return checkpoint.as_directory() if checkpoint else nullcontext()
 
@@ -344,7 +344,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
 
     _quiet_report_log()
     spec = WorkerSpec.from_dict(spec_dict)
-    configure_worker_logging(spec.log_level, Path(spec.run_dir) / LOG_FILE if spec.run_dir else None)
+    configure_worker_logging(spec.log_level, Path(spec.local_dir) / LOG_FILE if spec.local_dir else None)
     recipe = Recipe(spec)
     with _restore_point(spec) as ckpt_dir:
         recipe.setup(ckpt_dir)
@@ -361,7 +361,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
         train_metrics = recipe.train_epoch(batches, epoch)
         if "diverged" in train_metrics:  # every rank alike (see Recipe.parameters_finite): no checkpoint, stop
             if recipe.world.is_main and spec.run_dir:
-                write_text_atomic(Path(spec.run_dir) / DIVERGED_FILE, json.dumps(train_metrics))
+                Folder(spec.run_dir).write_text(DIVERGED_FILE, json.dumps(train_metrics))
             ray.train.report({k: float(v) for k, v in train_metrics.items()})
             return
         recipe.finish_epoch(epoch)

@@ -21,7 +21,8 @@ class WorkerSpec:
     label_embeddings: list[list[float]]
     train_rows: int
     threads: int = 1
-    run_dir: str = ""  # absolute folder of this run (its salgl.log, the fault-injection marker)
+    run_dir: str = ""  # this run's folder: an absolute path or an object-store URI (jobs.storage)
+    local_dir: str = ""  # a local folder for salgl.log, the progress file and the fault-injection marker
     scene_mixture: dict[str, Any] | None = None  # {"prior": (K,), "theta": (K, n)}: salgl/scenes.py
     log_level: int = logging.INFO  # the console's (jobs.logs.console_level); WARNING in a sweep's trials
     progress_bar: bool = False  # the driver shows a bar (a terminal): rank 0 writes its status, lines go to the log only

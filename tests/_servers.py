@@ -1,0 +1,46 @@
+"""Servers the integration tests start on 127.0.0.1: a free port, and a child process that is
+ready once a URL answers (polled with a deadline; a child that exits early fails the test)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+from typing import Sequence
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: Sequence[str], ready_url: str, *, timeout: float = 120, name: str = "server", **popen) -> subprocess.Popen:
+    """Start ``cmd`` and return once ``ready_url`` answers 2xx; fail the test if it exits or the deadline passes."""
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    proc = subprocess.Popen(list(cmd), **popen)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2) as response:
+                if 200 <= response.status < 300:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{name} did not start ({' '.join(cmd)})")
+        time.sleep(0.2)  # readiness polling of a child process, not test synchronisation
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
