@@ -93,3 +93,27 @@ def forget_checkpoints(snapshot: str, dir_names: set[str], *, latest: str | None
         by_name = {r["checkpoint_dir_name"]: r for r in state["checkpoint_results"]}
         state["latest_checkpoint_result"] = by_name.get(latest) if latest else None
     return json.dumps(state)
+
+
+def files_ray_would_upload(working_dir: Any, excludes: list[str]) -> list[tuple[Any, int]]:
+    """(path, size) of every file Ray's job packaging takes from ``working_dir`` with ``excludes``
+    and the folder's ``.gitignore`` / ``.rayignore`` files, so a submission can be sized before it
+    is zipped and uploaded.
+
+    Checked against Ray 2.60.0 (``ray._private.runtime_env.packaging._dir_travel`` with
+    ``_get_excludes``, what ``create_package`` walks). If they change, ``salgl submit`` fails with
+    ``ImportError`` or ``TypeError`` before it connects; nothing is uploaded.
+    """
+    from pathlib import Path
+
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    root = Path(working_dir).resolve()
+    found: list[tuple[Any, int]] = []
+
+    def take(path: Path) -> None:
+        if path.is_file() and not path.is_symlink():
+            found.append((path, path.stat().st_size))
+
+    _dir_travel(root, [_get_excludes(root, list(excludes))], take, include_gitignore=True)
+    return found

@@ -104,6 +104,14 @@ def _flip_one_byte(data: bytes) -> bytes:
     return data[:8] + bytes([data[8] ^ 0xFF]) + data[9:]  # the footer still reads: only the sha256 tells
 
 
+def _big_upload(tmp: Path) -> list[str]:
+    (tmp / "wd" / "checkpoints").mkdir(parents=True)
+    (tmp / "wd" / "checkpoints" / "big.pt").write_bytes(b"\0" * (3 << 20))
+    (tmp / "wd" / "train.py").write_text("print('hi')")
+    return ["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp / "wd"), "--max-upload-mib", "2",
+            "--", "train", "tiny"]
+
+
 def _home_upload(tmp: Path) -> list[str]:
     return ["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp), "--", "train", "tiny"]
 
@@ -144,6 +152,9 @@ CASES: dict[str, BadInput] = {
     "resume-in-the-storage-given": BadInput(
         lambda t: ["train", "--resume", "a-run", f"run.storage={t / 'elsewhere'}"], 2, "no salgl run named 'a-run' (looked for salgl_run.json in a-run and {tmp}/elsewhere/a-run)"),
     "submit-a-home-folder": BadInput(_home_upload, 2, "the job would upload {tmp}, which holds your home folder"),
+    "submit-a-folder-over-the-size-limit": BadInput(
+        _big_upload, 2, "the job would upload 3 MiB from {tmp}/wd (largest: checkpoints/big.pt (3 MiB), train.py (0 MiB)), "
+        "over --max-upload-mib 2"),
 }
 
 

@@ -187,3 +187,16 @@ def test_an_installed_salgl_ships_its_packages_not_the_current_folder(tmp_path: 
     names = {n for n in zipfile.ZipFile(tmp_path / "job.zip").namelist() if not n.endswith("/")}
     assert {"jobs/cli/__init__.py", "salgl/model.py", "pipeline/ingest.py", "my.yaml"} <= names
     assert not {".env", "photos/me.jpg"} & names and not any("__pycache__" in n for n in names)
+
+
+def test_an_upload_is_sized_as_ray_packages_it(tmp_path: Path) -> None:
+    """Files that .rayignore (or the excludes) leave out do not count towards --max-upload-mib."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "state.pt").write_bytes(b"\0" * (2 << 20))  # excluded: /runs/
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "big.bin").write_bytes(b"\0" * (2 << 20))
+    excludes = sj.runtime_env(tmp_path, {})["excludes"]
+    with pytest.raises(sj.SubmitError, match="largest: scratch/big.bin"):
+        sj.check_upload_size(tmp_path, excludes, 1)
+    (tmp_path / ".rayignore").write_text("scratch/\n")
+    sj.check_upload_size(tmp_path, excludes, 1)

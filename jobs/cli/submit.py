@@ -52,7 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following the job")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for the job (repeatable); MLFLOW_TRACKING_URI is passed on when set")
     p.add_argument("--working-dir", help="folder uploaded as the job's working directory (default: this project's root)")
-    p.add_argument("--force", action="store_true", help="upload the working directory even if it is your home folder")
+    p.add_argument("--force", action="store_true",
+                   help="upload the working directory even if it is your home folder or over --max-upload-mib")
+    p.add_argument("--max-upload-mib", type=float, default=100.0, metavar="MIB",
+                   help="refuse (without --force) to upload a working directory larger than this (default 100)")
     deps = p.add_mutually_exclusive_group()
     deps.add_argument("--pip", action="store_true", help="install pyproject's pinned dependencies for the job (clusters without them)")
     deps.add_argument("--requirements", metavar="FILE", help="install these requirements for the job")
@@ -117,6 +120,8 @@ def submit_and_follow(args: argparse.Namespace, command: str, job_args: list[str
     for warning in sj.local_path_warnings(job_args):
         print(f"[salgl] warning: {warning}", file=sys.stderr)
     env = sj.runtime_env(working_dir, sj.parse_env(args.env), job_dependencies(args, working_dir))
+    if not args.force:
+        sj.check_upload_size(working_dir, env["excludes"], args.max_upload_mib)
     cluster = sj.connect(args.address, args.token_file)
     job_id = sj.submit(cluster, command, job_args, env)
     print(f"[salgl] submitted {job_id} to {cluster.address}", flush=True)

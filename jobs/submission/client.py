@@ -228,6 +228,25 @@ def runtime_env(working_dir: Path, env_vars: Mapping[str, str], pip: Sequence[st
     return env
 
 
+def check_upload_size(working_dir: Path, excludes: Sequence[str], limit_mib: float) -> None:
+    """Refuse a working directory whose upload (what Ray's packaging takes, after the excludes and
+    ignore files) is over ``limit_mib``, naming its largest files: a dataset or a run folder left
+    in it would otherwise be zipped into every job (Ray itself stops at 512 MiB)."""
+    from pipeline.ray_compat import files_ray_would_upload
+
+    files = files_ray_would_upload(working_dir, list(excludes))
+    total = sum(size for _, size in files)
+    if total <= limit_mib * 2**20:
+        return
+    largest = ", ".join(f"{path.relative_to(working_dir)} ({size / 2**20:.0f} MiB)"
+                        for path, size in sorted(files, key=lambda item: -item[1])[:3])
+    raise SubmitError(
+        f"the job would upload {total / 2**20:.0f} MiB from {working_dir} (largest: {largest}), over "
+        f"--max-upload-mib {limit_mib:g}: list what the job does not need in .rayignore or .gitignore, "
+        "or pass --force"
+    )
+
+
 def localize_config(args: Sequence[str], working_dir: Path) -> list[str]:
     """A local YAML config given first travels with the working directory: name it relative to it."""
     if not args or "=" in args[0] or not args[0].endswith((".yaml", ".yml")) or not Path(args[0]).is_file():
