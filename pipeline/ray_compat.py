@@ -115,5 +115,9 @@ def files_ray_would_upload(working_dir: Any, excludes: list[str]) -> list[tuple[
         if path.is_file() and not path.is_symlink():
             found.append((path, path.stat().st_size))
 
-    _dir_travel(root, [_get_excludes(root, list(excludes))], take, include_gitignore=True)
+    import logging
+
+    quiet = logging.getLogger(__name__ + ".packaging")  # Ray says which ignore files it read; it will again
+    quiet.setLevel(logging.WARNING)
+    _dir_travel(root, [_get_excludes(root, list(excludes))], take, include_gitignore=True, logger=quiet)
     return found
