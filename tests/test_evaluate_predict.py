@@ -248,6 +248,7 @@ def test_predict_skips_broken_images_and_predicts_the_rest(
         assert [t["label"] for t in r["top_k"]] == [vocabulary[j] for j in np.argsort(-scores[i], kind="stable")[:3]]
         np.testing.assert_allclose([t["score"] for t in r["top_k"]], np.sort(scores[i])[::-1][:3], atol=1e-5)
         assert r["labels"] == [vocabulary[j] for j in np.argsort(-scores[i], kind="stable") if scores[i, j] >= 0.5]
+        np.testing.assert_allclose(r["scores"], [scores[i, vocabulary.index(label)] for label in r["labels"]], atol=1e-5)
         assert r["scene"] == int(scene_probs[i].argmax())
         assert r["scene_probability"] == pytest.approx(float(scene_probs[i].max()), abs=1e-5)
 
