@@ -30,8 +30,6 @@ FILE_ONLY = {"file_only": True}  # ``extra=`` of a record that goes to salgl.log
 KNOWN_NOISE = {
     # ray.init on a new local instance: token auth is Ray's default there, not a choice made.
     "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray cluster",),
-    # The pickle format is chosen on purpose (jobs.training.driver.log_checkpoint_model).
-    "mlflow.pytorch": ("Saving pytorch model by Pickle",),
 }
 # Python warnings dropped unless -v: (message regex, category).
 KNOWN_WARNINGS = (
@@ -44,6 +42,8 @@ KNOWN_WARNINGS = (
 # exported wins.
 NOISE_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables...", run links
+    # "Downloading artifacts" bars, drawn mid-run when logging the model copies its own local files.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # Ray Data's console at WARNING ("Dataset ... execution finished") and its progress-bar notices off.
     "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
     # Tune's experiment table and "View detailed results here" on stdout, which its new output

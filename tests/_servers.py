@@ -18,23 +18,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: Sequence[str], ready_url: str, *, timeout: float = 120, name: str = "server", **popen) -> subprocess.Popen:
-    """Start ``cmd`` and return once ``ready_url`` answers 2xx; fail the test if it exits or the deadline passes."""
-    popen.setdefault("stdout", subprocess.DEVNULL)
-    popen.setdefault("stderr", subprocess.DEVNULL)
-    proc = subprocess.Popen(list(cmd), **popen)
+def wait_until_answering(url: str, proc: subprocess.Popen, *, timeout: float = 120.0) -> None:
+    """Return once ``url`` answers 2xx; raise when ``proc`` exits first or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(ready_url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if 200 <= response.status < 300:
-                    return proc
+                    return
         except OSError:
             pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{name} did not start ({' '.join(cmd)})")
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before {url} answered")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
         time.sleep(0.2)  # readiness polling of a child process, not test synchronisation
+
+
+def start_server(cmd: Sequence[str], ready_url: str, *, timeout: float = 120, name: str = "server", **popen) -> subprocess.Popen:
+    """Start ``cmd`` and return once ``ready_url`` answers; fail the test if it exits or the deadline passes."""
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    proc = subprocess.Popen(list(cmd), **popen)
+    try:
+        wait_until_answering(ready_url, proc, timeout=timeout)
+    except (RuntimeError, TimeoutError) as err:
+        proc.kill()
+        pytest.fail(f"{name} did not start ({' '.join(cmd)}): {err}")
+    return proc
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -27,7 +27,7 @@ from pipeline.transforms import transform_batch
 from salgl.config import Config
 from salgl.metrics import multilabel_metrics, scene_entropy, scene_occupancy
 from salgl.official import ReleasedFlags
-from tests._tiny_checkpoint import IMG_SIZE, make_mosaic, tiny_config, tiny_trained_model, write_tiny_checkpoint
+from tests._tiny_checkpoint import IMG_SIZE, make_mosaic, write_tiny_checkpoint
 from tests.reference.released_reference import ReleasedHead
 
 RELEASED_DIMS = {"dim": 512, "label_dim": 24, "num_scenes": 4, "ffn": 64, "att_dim": 32}
@@ -153,33 +153,33 @@ def test_released_flags_from_the_command_line() -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_run(tmp_path_factory: pytest.TempPathFactory, vocabulary: list[str]) -> tuple[str, str, torch.nn.Module]:
-    """A sqlite store with a training-like run (flat config as params) that logged a tiny model,
-    registered as ``salgl-tiny`` version 1: (tracking URI, run id, the model)."""
+def mlflow_run(tmp_path_factory: pytest.TempPathFactory, checkpoint: str) -> tuple[str, str, torch.nn.Module]:
+    """A sqlite store with a training-like run (flat config as params) that logged the tiny
+    checkpoint's model as training does, registered as ``salgl-tiny`` version 1: (tracking URI,
+    run id, the checkpoint's model)."""
     import mlflow
-    import mlflow.pytorch
 
+    from jobs.inference.pyfunc import log_checkpoint_model
     from jobs.tracking import start_run
     from salgl.config import to_flat
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = tiny_config()
-    model, _ = tiny_trained_model(cfg, len(vocabulary))
+    model, cfg, _ = load_for_inference(checkpoint)
     run_id = start_run(uri, "salgl-test", run_name="train", params=to_flat(cfg), artifact_root=str(root / "mlruns"))
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        # Explicit requirements, as jobs.training.driver does: inferring them runs the model in a subprocess.
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=["torch", "salgl"],
-                                 metadata={"vocabulary": vocabulary}, registered_model_name="salgl-tiny")
+    mlflow.register_model(log_checkpoint_model(checkpoint, uri, run_id), "salgl-tiny")
     return uri, run_id, model
 
 
-def test_mlflow_model_uri_loads(mlflow_run, vocabulary: list[str]) -> None:
+def test_mlflow_model_uri_loads(mlflow_run, vocabulary: list[str], tmp_path: Path) -> None:
+    import mlflow
+
     uri, run_id, model = mlflow_run
     images = torch.randn(2, 3, IMG_SIZE, IMG_SIZE)
     expected = score_images(model, images)
-    for source in (f"runs:/{run_id}/model", "models:/salgl-tiny/1"):
+    downloaded = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path), tracking_uri=uri)
+    for source in (f"runs:/{run_id}/model", "models:/salgl-tiny/1", downloaded):
         loaded, loaded_cfg, vocab = load_for_inference(source, tracking_uri=uri)
         assert vocab == vocabulary and loaded_cfg.data.img_size == IMG_SIZE
         np.testing.assert_allclose(score_images(loaded, images)[0], expected[0], atol=1e-6)
@@ -248,6 +248,7 @@ def test_predict_skips_broken_images_and_predicts_the_rest(
         assert [t["label"] for t in r["top_k"]] == [vocabulary[j] for j in np.argsort(-scores[i], kind="stable")[:3]]
         np.testing.assert_allclose([t["score"] for t in r["top_k"]], np.sort(scores[i])[::-1][:3], atol=1e-5)
         assert r["labels"] == [vocabulary[j] for j in np.argsort(-scores[i], kind="stable") if scores[i, j] >= 0.5]
+        np.testing.assert_allclose(r["scores"], [scores[i, vocabulary.index(label)] for label in r["labels"]], atol=1e-5)
         assert r["scene"] == int(scene_probs[i].argmax())
         assert r["scene_probability"] == pytest.approx(float(scene_probs[i].max()), abs=1e-5)
 

@@ -137,11 +137,12 @@ def test_mlflow_server_holds_params_metrics_and_artifacts(uninterrupted) -> None
     checkpoint_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
     assert "state.pt" in checkpoint_files
 
-    import mlflow.pytorch
+    from jobs.inference.loading import load_for_inference
 
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    model, cfg, vocabulary = load_for_inference(f"runs:/{run.info.run_id}/model", tracking_uri=uninterrupted.tracking_uri)
+    assert cfg.data.img_size == 64 and len(vocabulary) == 10
     with torch.no_grad():
-        out = model.eval()(torch.randn(2, 3, 64, 64))
+        out = model(torch.randn(2, 3, 64, 64))
     assert out.logits.shape == (2, 10)
 
 

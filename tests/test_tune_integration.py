@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from salgl.config import preset
 
@@ -95,7 +94,11 @@ def test_mlflow_holds_parent_and_named_children(sweep) -> None:
 
 @pytest.mark.timeout(900)
 def test_best_checkpoint_is_registered_and_predicts(sweep) -> None:
-    import mlflow.pytorch
+    import io
+
+    import mlflow.pyfunc
+    import pandas as pd
+    from PIL import Image
 
     from jobs.training.checkpoints import read_checkpoint
 
@@ -104,7 +107,12 @@ def test_best_checkpoint_is_registered_and_predicts(sweep) -> None:
     assert best_meta["metrics"]["ema_mAP"] == pytest.approx(sweep.best["best_ema_mAP"])
     assert read_checkpoint(sweep.best["best_checkpoint"])["epoch"] >= 1
     mlflow.set_tracking_uri(sweep.tracking_uri)
-    model = mlflow.pytorch.load_model(sweep.registered_model)
-    with torch.no_grad():
-        out = model.eval()(torch.randn(2, 3, 64, 64))
-    assert out.logits.shape == (2, 10) and torch.isfinite(out.logits).all()
+    model = mlflow.pyfunc.load_model(sweep.registered_model)  # the pyfunc, weights and code without pickles
+    images = []
+    for shade in (40, 200):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (shade, shade, shade)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    records = model.predict(pd.DataFrame({"image": images}), params={"top_k": 10})
+    assert len(records) == 2 and all(len(r["top_k"]) == 10 and 0 <= r["scene"] for r in records)
+    assert all(0.0 <= t["score"] <= 1.0 for r in records for t in r["top_k"])

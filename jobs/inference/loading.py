@@ -7,8 +7,9 @@ Three sources, told apart by :func:`checkpoint_kind`:
   path, or a URI in an object store (``s3://``, ``gs://``, ``abfs://``; see ``jobs.storage``). The EMA
   weights (``module.``-prefixed ModelEmaV3 state) are used unless ``which="live"``.
 - ``mlflow``: an MLflow model URI (``runs:/<id>/model``, ``models:/<name>/<version>``) or a
-  downloaded MLflow model folder. The vocabulary is the logged model's ``vocabulary`` metadata;
-  the config (image size, normalisation) is rebuilt from the run's params when the run has them.
+  downloaded MLflow model folder, as ``jobs.inference.pyfunc`` logs it: the network is rebuilt from
+  its weights (safetensors), config and vocabulary (``jobs.inference.model_files``). Older models
+  of a pickled PyTorch module are refused unless ``SALGL_ALLOW_PICKLED_MODELS=1``.
 - ``released``: a ``.pth`` of the authors' code (SPEC section 2 layout), built with the
   ``official`` preset; sizes come from the tensors, switches from :class:`ReleasedFlags`, label
   names from the caller (the file has none).
@@ -17,6 +18,8 @@ Three sources, told apart by :func:`checkpoint_kind`:
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping, NamedTuple, Sequence
@@ -24,15 +27,19 @@ from typing import Any, Literal, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from jobs.inference.model_files import config_from_flat, read_model_files
 from jobs.storage import Folder, is_object_store, local_copy
 from jobs.training.checkpoints import STATE_FILE, best_checkpoint_in, load_model_from_checkpoint
-from salgl.errors import BadValue, NotFound
+from salgl.errors import BadValue, NotFound, UsageError
 from salgl.config import Config, from_flat, preset, to_flat
 from salgl.model import SALGL, build_model
 from salgl.official import ReleasedFlags, head_config_from_released, load_released_checkpoint, load_released_file, strip_module_prefix
 
 Kind = Literal["folder", "mlflow", "released"]
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+# "1" loads MLflow models that hold a pickled torch module (salgl's format before the pyfunc):
+# unpickling runs whatever code the file names, so only for models from a source one trusts.
+ALLOW_PICKLED_ENV = "SALGL_ALLOW_PICKLED_MODELS"
 # Blocks per stage of the torchvision / timm ResNets, and whether they are bottlenecks.
 _RESNETS: dict[tuple[tuple[int, ...], bool], str] = {
     ((2, 2, 2, 2), False): "resnet18",
@@ -100,15 +107,6 @@ def read_vocabulary(path: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def config_from_flat(flat: Mapping[str, Any]) -> Config:
-    """``from_flat`` that skips keys this version does not know (older or newer checkpoints)."""
-    known = to_flat(Config())
-    unknown = sorted(set(flat) - set(known))
-    if unknown:
-        warnings.warn(f"ignoring config keys this version does not know: {unknown}", stacklevel=2)
-    return from_flat({k: v for k, v in flat.items() if k in known})
-
-
 # ---------------------------------------------------------------------------------------------
 # Our checkpoints
 
@@ -133,13 +131,37 @@ def load_folder_checkpoint(path: str | Path, which: str = "ema") -> Loaded:
 
 
 def load_mlflow_model(uri: str, tracking_uri: str = "") -> Loaded:
-    """An MLflow PyTorch model (as ``jobs.training.driver.log_pytorch_model`` logs it)."""
+    """An MLflow model as ``jobs.inference.pyfunc`` logs it: weights and config read as data, the
+    network rebuilt by this checkout's code (not the code shipped with the model)."""
     import mlflow
-    import mlflow.pytorch
+    from mlflow.models import Model
 
     from jobs.tracking import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = uri if Path(uri).is_dir() else mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        flavors = Model.load(folder).flavors
+        artifacts = flavors.get("python_function", {}).get("artifacts") or {}
+        if {"weights", "config"} <= set(artifacts):
+            return Loaded(*read_model_files(*(Path(folder) / artifacts[k]["path"] for k in ("weights", "config"))))
+    if "pytorch" in flavors:
+        return load_pickled_mlflow_model(uri)
+    raise BadValue(f"MLflow model {uri} is not a salgl model (flavours {sorted(flavors)}, no weights and config artifacts)")
+
+
+def load_pickled_mlflow_model(uri: str) -> Loaded:
+    """An MLflow PyTorch model of a pickled SALGL module (as salgl logged them before the pyfunc),
+    loaded only when ``SALGL_ALLOW_PICKLED_MODELS=1``; MLflow's tracking URI is already set."""
+    import mlflow
+    import mlflow.pytorch
+
+    if os.environ.get(ALLOW_PICKLED_ENV) != "1":
+        raise UsageError(f"MLflow model {uri} is a pickled PyTorch module (salgl's older model format): unpickling it "
+                         f"runs code the file names, so it is refused. If you trust where it came from, set "
+                         f"{ALLOW_PICKLED_ENV}=1 to load it anyway, or log its checkpoint again "
+                         "(jobs.inference.pyfunc.log_checkpoint_model) to get the weights-only format")
+    warnings.warn(f"{ALLOW_PICKLED_ENV}=1: unpickling MLflow model {uri}, which can run any code it names", stacklevel=2)
     info = mlflow.models.get_model_info(uri)
     vocabulary = (info.metadata or {}).get("vocabulary")
     if not vocabulary:

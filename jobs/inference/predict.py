@@ -1,4 +1,4 @@
-"""``salgl predict``: labels, top-k and the detected scene for image files, in plain torch.
+"""``salgl predict``: labels, top-k and the detected scene for image files (or encoded images), in plain torch.
 
 Images are read, resized and normalised as the checkpoint's test transform does
 (``pipeline.transforms``), scored in batches, and turned into one JSON-able record each. A file
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 # What a broken or unreadable file raises: OSError covers missing files, PIL's
 # UnidentifiedImageError and truncated data; DecompressionBombError is a plain Exception.
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# An image file, or an image's encoded bytes (what the MLflow model is given: jobs.inference.pyfunc).
+Source = Union[Path, bytes]
 
 
 def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -40,38 +42,51 @@ def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return found
 
 
-def load_image(path: Path, cfg: DataConfig) -> Image.Image:
-    """The file as an S x S RGB image; raises one of ``READ_ERRORS`` when it cannot be read."""
-    img = decode_image(path.read_bytes())
+def load_image(source: Source, cfg: DataConfig) -> Image.Image:
+    """The file (or encoded image) as an S x S RGB image; raises one of ``READ_ERRORS`` when it cannot be read."""
+    img = decode_image(source if isinstance(source, bytes) else source.read_bytes())
     img.load()  # PIL decodes lazily: force it here, where a truncated file can be caught
     return resize(img, cfg.img_size)
 
 
-def prediction_record(
-    path: Path, probs: np.ndarray, scene_probs: np.ndarray, vocabulary: Sequence[str], *, threshold: float, top_k: int
+def score_record(
+    probs: np.ndarray, scene_probs: np.ndarray, vocabulary: Sequence[str], *, threshold: float, top_k: int
 ) -> dict[str, Any]:
-    """One image's JSON line: labels >= threshold (best first), the top-k with scores, the scene."""
+    """One image's scores: labels >= threshold (best first) and theirs, the top-k with scores, the scene."""
     order = np.argsort(-probs, kind="stable")  # (n,)
+    chosen = [i for i in order if probs[i] >= threshold]
     scene = int(scene_probs.argmax())
     return {
-        "path": str(path),
-        "labels": [vocabulary[i] for i in order if probs[i] >= threshold],
+        "labels": [vocabulary[i] for i in chosen],
+        "scores": [round(float(probs[i]), 6) for i in chosen],
         "top_k": [{"label": vocabulary[i], "score": round(float(probs[i]), 6)} for i in order[:top_k]],
         "scene": scene,
         "scene_probability": round(float(scene_probs[scene]), 6),
     }
 
 
-def error_record(path: Path, err: BaseException) -> dict[str, Any]:
+def prediction_record(
+    source: Source, probs: np.ndarray, scene_probs: np.ndarray, vocabulary: Sequence[str], *, threshold: float, top_k: int
+) -> dict[str, Any]:
+    """One image's JSON line: where it came from (a file's ``path``), then its ``score_record``."""
+    return {**_origin(source), **score_record(probs, scene_probs, vocabulary, threshold=threshold, top_k=top_k)}
+
+
+def error_record(source: Source, err: BaseException) -> dict[str, Any]:
     # PIL names the in-memory buffer (`<_io.BytesIO object at 0x...>`), not the file: say it plainly.
     reason = "cannot identify image file" if isinstance(err, UnidentifiedImageError) else str(err)
-    return {"path": str(path), "error": f"{type(err).__name__}: {reason}"}
+    return {**_origin(source), "error": f"{type(err).__name__}: {reason}"}
+
+
+def _origin(source: Source) -> dict[str, str]:
+    # Encoded bytes (the MLflow model's input) have no name; the caller keeps them in order.
+    return {} if isinstance(source, bytes) else {"path": str(source)}
 
 
 def predict_chunk(
-    model: SALGL, cfg: DataConfig, vocabulary: Sequence[str], paths: Sequence[Path], *, threshold: float, top_k: int
+    model: SALGL, cfg: DataConfig, vocabulary: Sequence[str], paths: Sequence[Source], *, threshold: float, top_k: int
 ) -> list[dict[str, Any]]:
-    """Records for ``paths`` in their order: the readable ones scored in one batch."""
+    """Records for ``paths`` (files or encoded images) in their order: the readable ones scored in one batch."""
     images: dict[int, Image.Image] = {}
     records: list[dict[str, Any] | None] = [None] * len(paths)
     for i, path in enumerate(paths):
@@ -91,14 +106,14 @@ def predict_files(
     model: SALGL,
     cfg: DataConfig,
     vocabulary: Sequence[str],
-    paths: Sequence[Path],
+    paths: Sequence[Source],
     *,
     batch_size: int = 32,
     threshold: float = 0.5,
     top_k: int = 5,
     progress: bool = True,
 ) -> Iterator[dict[str, Any]]:
-    """Records for every path, in order, ``batch_size`` images per model call, with a progress bar."""
+    """Records for every path (or encoded image), in order, ``batch_size`` images per model call, with a progress bar."""
     from tqdm import tqdm
 
     model.eval()

@@ -383,7 +383,7 @@ def register_checkpoint(checkpoint: str, tracking_uri: str, run_id: str, name: s
     """Log a checkpoint's EMA model on ``run_id`` and register it; returns ``models:/name/version``."""
     import mlflow
 
-    from jobs.training.driver import log_checkpoint_model
+    from jobs.inference.pyfunc import log_checkpoint_model
 
     model_uri = log_checkpoint_model(checkpoint, tracking_uri, run_id, artifact_name="best_model")
     mlflow.set_tracking_uri(tracking_uri)

@@ -540,27 +540,9 @@ def _record_checkpoint_artifacts(outcome: TrainOutcome, cfg: Config, logger: Mlf
         logger.log_artifacts(str(Path(tmp) / "scenes"), "scenes")
     logger.log_artifacts(str(best), "best_checkpoint")
     if log_model:
+        from jobs.inference.pyfunc import log_checkpoint_model
+
         log_checkpoint_model(str(best), outcome.tracking_uri, outcome.mlflow_run_id)
-
-
-def log_checkpoint_model(checkpoint: str, tracking_uri: str, run_id: str, *, artifact_name: str = "model") -> str:
-    """A checkpoint's EMA model (live if none) as an MLflow PyTorch model; returns its model URI."""
-    import mlflow
-    import mlflow.pytorch
-
-    from jobs.training.checkpoints import load_model_from_checkpoint
-
-    model, _, vocabulary = load_model_from_checkpoint(checkpoint)
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            # pickle: SALGL's forward takes optional targets and a sync callable, which the
-            # traced pt2 format cannot capture; loading needs the salgl package installed.
-            model, name=artifact_name, serialization_format="pickle",
-            pip_requirements=["torch==2.14.1", "timm==1.0.31", "salgl"],
-            metadata={"vocabulary": vocabulary},
-        )
-    return info.model_uri
 
 
 def log_summary(outcome: TrainOutcome, finished: bool) -> None:
