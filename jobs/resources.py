@@ -1,4 +1,4 @@
-"""Size Ray Train workers and Ray Data tasks from what the cluster has.
+"""Size Ray Train workers and Ray Data tasks from what the cluster has, GPUs included.
 
 On 2 cores, two workers at 1 CPU each leave Ray Data nothing and the job hangs without an error
 (STACK.md), so workers get a fraction of a CPU there and the data tasks the rest.
@@ -6,8 +6,52 @@ On 2 cores, two workers at 1 CPU each leave Ray Data nothing and the job hangs w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
+
+from salgl.errors import BadValue, UsageError
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where the workers run: ``use_gpu`` (one GPU each), how many, and ``note``, a line for the
+    user when the plan differs from what was asked ("" when it does not)."""
+
+    use_gpu: bool
+    num_workers: int
+    note: str = ""
+
+
+def plan_devices(*, requested: str, workers: int, cluster_gpus: float) -> DevicePlan:
+    """``run.device`` against the cluster's GPUs. Never a silent CPU run on a GPU cluster: with
+    fewer whole GPUs than ``workers``, one worker per GPU (the global batch is the same, each worker
+    takes a larger share) and a note saying so; ``cuda`` without GPUs is refused with the fix."""
+    gpus = math.floor(cluster_gpus + 1e-9)  # a worker needs a whole GPU
+    if requested == "cpu" or (requested == "auto" and cluster_gpus <= 0):
+        return DevicePlan(use_gpu=False, num_workers=workers)
+    if requested == "auto" and gpus < 1:
+        return DevicePlan(use_gpu=False, num_workers=workers, note=(
+            f"the cluster has {cluster_gpus:g} GPUs, less than one per worker: running on CPUs (run.device=cpu says so quietly)"
+        ))
+    if gpus < 1:
+        raise UsageError(
+            f"run.device=cuda but the Ray cluster has {cluster_gpus:g} GPUs: run on a cluster with GPUs "
+            "(`ray start --num-gpus N`, or a GPU node), or set run.device=auto (GPUs when there are any) or run.device=cpu"
+        )
+    if gpus >= workers:
+        return DevicePlan(use_gpu=True, num_workers=workers)
+    return DevicePlan(use_gpu=True, num_workers=gpus, note=(
+        f"run.workers={workers} but the cluster has {gpus} GPU{'s' if gpus > 1 else ''}: running {gpus} "
+        f"worker{'s' if gpus > 1 else ''}, one per GPU, with the same global batch (run.device=cpu runs {workers} CPU workers)"
+    ))
+
+
+def check_precision(precision: str, *, use_gpu: bool) -> None:
+    """float16 autocast runs on GPUs only: on CPU some ops have no float16 kernel and the rest are
+    slower than float32, so a CPU run with it is refused rather than half-working."""
+    if precision == "fp16" and not use_gpu:
+        raise BadValue("optim.precision=fp16 needs GPUs (this run is on CPUs): use optim.precision=bf16 or fp32 on CPUs")
 
 
 @dataclass(frozen=True)
@@ -18,21 +62,32 @@ class ResourcePlan:
     data_cpus: float  # CPUs left for Ray Data's decode / augment tasks
     data_task_cpus: float  # CPUs asked per data task
     torch_threads: int
+    note: str = ""  # the device plan's line for the user (``DevicePlan.note``)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
+    @property
+    def gpus_per_worker(self) -> int:
+        return 1 if self.use_gpu else 0
 
 
-def plan_resources(num_workers: int, cluster: Mapping[str, float], *, data_share: float = 0.5) -> ResourcePlan:
+def plan_resources(
+    num_workers: int, cluster: Mapping[str, float], *, device: str = "auto", data_share: float = 0.5
+) -> ResourcePlan:
     """Workers take at most ``1 - data_share`` of the CPUs (never more than what is free), data the rest.
 
-    With GPUs for every worker, each worker gets one GPU and a CPU or two; data tasks get the
+    On GPUs (``plan_devices``) each worker gets one GPU and a CPU or two; data tasks get the
     remaining CPUs. Raises when the cluster cannot host the workers at all.
     """
     cpus = float(cluster.get("CPU", 0))
-    gpus = float(cluster.get("GPU", 0))
     if num_workers < 1:
         raise ValueError("run.workers must be >= 1")
     if cpus <= 0:
         raise RuntimeError("the Ray cluster reports no CPUs")
-    use_gpu = gpus >= num_workers
+    devices = plan_devices(requested=device, workers=num_workers, cluster_gpus=float(cluster.get("GPU", 0)))
+    use_gpu, num_workers = devices.use_gpu, devices.num_workers
     worker_budget = cpus * (1.0 - data_share)
     per_worker = min(4.0 if use_gpu else max(1.0, worker_budget // num_workers), worker_budget / num_workers)
     per_worker = max(0.01, round(per_worker, 2) - (0.01 if per_worker < 1 else 0))
@@ -44,6 +99,7 @@ def plan_resources(num_workers: int, cluster: Mapping[str, float], *, data_share
         data_cpus=data_cpus,
         data_task_cpus=0.5 if data_cpus < 4 else 1.0,
         torch_threads=max(1, int(cpus // num_workers) if per_worker < 1 else int(per_worker)),
+        note=devices.note,
     )
 
 

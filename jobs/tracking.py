@@ -33,6 +33,19 @@ class MlflowLogger:
         for start in range(0, len(batch), 900):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 900])
 
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params the run does not hold yet. MLflow params never change, so one the run holds with
+        another value (a run resumed on other hardware) is kept as the tag ``resumed.<key>``."""
+        from mlflow.entities import Param
+
+        held = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in held]
+        if new:
+            self.client.log_batch(self.run_id, params=new)
+        for key, value in params.items():
+            if key in held and held[key] != str(value):
+                self.client.set_tag(self.run_id, f"resumed.{key}", str(value))
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 

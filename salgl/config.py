@@ -200,6 +200,9 @@ class EmaConfig:
         _choice("counts", self.counts, ("ema", "live"))
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with a one-cycle schedule (SPEC section 2)."""
@@ -211,7 +214,9 @@ class OptimConfig:
     batch_size: int = 128  # global batch; each of N workers takes batch_size / N
     grad_accum: int = 1
     clip_grad_norm: float = 0.0  # 0 disables clipping
-    amp: bool = True  # mixed precision, used on GPU only
+    # Autocast of the step: "fp32" (none), "bf16", or "fp16" (GPU only, with a gradient scaler).
+    # The counts stay float64 whatever it is. fp32 until a GPU benchmark says otherwise.
+    precision: str = "fp32"
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -223,6 +228,7 @@ class OptimConfig:
         _at_least("batch_size", self.batch_size, 1)
         _at_least("grad_accum", self.grad_accum, 1)
         _at_least("clip_grad_norm", self.clip_grad_norm, 0.0)
+        _choice("precision", self.precision, PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,9 @@ class DataConfig:
         _choice("normalize", self.normalize, ("imagenet", "half"))
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """How a job runs: workers, seeds, tracking, checkpoints."""
@@ -262,10 +271,16 @@ class RunConfig:
     stop_after_epoch: int = 0  # > 0: end cleanly after this epoch (resume later with --resume)
     inject_failure: str = ""  # "EPOCH:RANK": that worker exits mid-epoch once (fault-tolerance tests)
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK fills nodes, SPREAD spreads them
+    # "auto": one GPU per worker when the cluster has GPUs (one worker per GPU when it has fewer
+    # than run.workers), else CPUs; "cuda": the same, refused on a cluster without GPUs; "cpu".
+    device: str = "auto"
+    channels_last: bool = False  # images and backbone in channels-last memory order (off until measured on a GPU)
+    compile: bool = False  # torch.compile the backbone (off until measured on a GPU)
 
     def validate(self) -> None:
         _at_least("workers", self.workers, 1)
         _choice("placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+        _choice("device", self.device, DEVICES)
         _at_least("stop_after_epoch", self.stop_after_epoch, 0)
         if self.inject_failure and not all(p.isdigit() for p in self.inject_failure.split(":", 1)):
             raise ConfigError("inject_failure", f"expected EPOCH:RANK, got {self.inject_failure!r}")
@@ -289,6 +304,13 @@ ALIASES: dict[str, str] = {
     "K": "model.head.num_scenes",
     "lambda": "loss.entropy_weight",
     "T": "model.head.steps",
+}
+
+
+# Keys that older versions wrote into run records and checkpoints, with what replaced them. A
+# stored config drops them (``from_flat``); given as an override they fail, naming the new key.
+RETIRED: dict[str, str] = {
+    "optim.amp": "optim.precision=fp32|bf16|fp16 (optim.amp=true meant bf16 on GPUs only)",
 }
 
 
@@ -363,6 +385,8 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     nested: dict[str, Any] = {}
     for raw_key, value in overrides.items():
         key = resolve_key(raw_key)
+        if key in RETIRED:
+            raise ConfigError(key, f"no longer exists; use {RETIRED[key]}")
         node: Any = cfg
         parts = key.split(".")
         for depth, part in enumerate(parts):
@@ -396,8 +420,9 @@ def _replace_nested(node: Any, changes: Mapping[str, Any]) -> Any:
 
 
 def from_flat(flat: Mapping[str, Any], base: Config | None = None) -> Config:
-    """Rebuild a tree from dotted keys (for example MLflow params or a Tune trial's config)."""
-    return with_overrides(base or Config(), flat)
+    """Rebuild a tree from dotted keys (for example MLflow params or a Tune trial's config); a
+    stored config's retired keys are dropped, so runs and checkpoints of older versions load."""
+    return with_overrides(base or Config(), {k: v for k, v in flat.items() if resolve_key(k) not in RETIRED})
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -29,6 +29,8 @@ def count_delta(scene_weights: Tensor, targets: Tensor) -> Tensor:
     """Eq. 7: sum over the batch of w_bk * y_b y_b^T, one matrix per scene, vectorised.
 
     scene_weights is one-hot of the argmax scene for hard counting or pi for soft counting.
+    In float64, which autocast never lowers (it casts float32 only): the counts come out the
+    same under any ``optim.precision``.
     """
     w = scene_weights.to(torch.float64)  # (B, K)
     y = targets.to(torch.float64)  # (B, n)

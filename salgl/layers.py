@@ -181,7 +181,12 @@ class SceneClassifier(nn.Module):
         self.prototypes = nn.Linear(token_dim, num_scenes, bias=False)  # W: (K, d)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.prototypes(tokens.mean(dim=1)).softmax(dim=-1)  # (B, K)
+        # In the weights' precision even under autocast: pi picks the count matrix each image adds
+        # to (eq. 7), and a bfloat16 rounding could flip a near-tie, so the counts would depend on
+        # the precision. (B, d) x (d, K) is too small for the lower precision to save anything.
+        with torch.autocast(tokens.device.type, enabled=False):
+            pooled = tokens.mean(dim=1, dtype=self.prototypes.weight.dtype)  # (B, d)
+            return self.prototypes(pooled).softmax(dim=-1)  # (B, K)
 
 
 class GatedPropagation(nn.Module):

@@ -127,6 +127,7 @@ def test_a_checkpoint_holding_a_data_seed_still_restores(tmp_path: Path) -> None
 
     import torch
 
+    from jobs.training.acceleration import StepPrecision
     from jobs.training.checkpoints import read_checkpoint
     from jobs.training.recipe import Recipe
     from tests._tiny_checkpoint import tiny_config, tiny_trained_model
@@ -142,6 +143,7 @@ def test_a_checkpoint_holding_a_data_seed_still_restores(tmp_path: Path) -> None
     model, _ = tiny_trained_model(tiny_config(), 2)
     optimizer = torch.optim.AdamW(model.parameters())
     recipe = types.SimpleNamespace(ema=None, optimizer=optimizer,
-                                   scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+                                   scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                                   precision=StepPrecision("fp32", torch.device("cpu")))  # no grad_scaler key: older
     Recipe._restore(recipe, read_checkpoint(folder))  # type: ignore[arg-type]
     assert (recipe.state.epoch, recipe.state.step) == (1, 3)

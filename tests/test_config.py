@@ -47,12 +47,23 @@ def test_aliases_and_cli_overrides() -> None:
         ({"model.head.num_scenes": "six"}, "model.head.num_scenes"),
         ({"model.head.nope": 1}, "model.head.nope"),
         ({"model.head": 1}, "model.head"),
+        ({"run.device": "gpu"}, "run.device"),
+        ({"optim.precision": "fp8"}, "optim.precision"),
     ],
 )
 def test_invalid_values_name_the_key(overrides: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         with_overrides(Config(), overrides)
     assert str(err.value).startswith(key + ":")
+
+
+def test_a_retired_key_loads_from_a_stored_config_and_is_refused_as_an_override() -> None:
+    """Runs and checkpoints of older versions hold ``optim.amp``; typed today it names its successor."""
+    from salgl.config import from_flat
+
+    assert from_flat({"optim.amp": "true", "K": 3}).model.head.num_scenes == 3
+    with pytest.raises(ConfigError, match="^optim.amp: no longer exists; use optim.precision="):
+        with_overrides(Config(), {"optim.amp": "true"})
 
 
 def test_yaml_style_tree_with_preset() -> None:
@@ -149,11 +160,10 @@ def test_a_trial_process_builds_its_trainer_without_the_training_stack(tmp_path)
         "import jobs.training.driver\n"
         "from jobs.resources import plan_resources\n"
         "from salgl.config import preset\n"
-        "jobs.training.driver.cluster_plan = lambda workers, share=1.0: plan_resources(workers, {'CPU': 2.0})  # no Ray instance\n"
         f"root = Path({str(tmp_path)!r})\n"
         "cfg = preset('tiny', {'data.path': str(root / 'data'), 'run.workers': 1})\n"
         "jobs.training.driver.build_trainer(cfg, data_dir=str(root / 'data'), run_dir=root / 'run', run_name='run', storage=str(root),\n"
-        "              tracking_uri=f'sqlite:///{root}/mlflow.db', mlflow_run_id='0')\n"
+        "              tracking_uri=f'sqlite:///{root}/mlflow.db', mlflow_run_id='0', plan=plan_resources(1, {'CPU': 2.0}))\n"
         "print([m for m in ('jobs.training.recipe', 'timm', 'salgl.model', 'transformers') if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

@@ -86,7 +86,7 @@ def test_the_run_writes_its_log_into_its_folder(uninterrupted) -> None:
     """The driver, the Train controller (epoch lines) and rank 0 (progress lines, on long epochs)
     append to ``<run folder>/salgl.log``."""
     lines = (Path(uninterrupted.run_dir) / "salgl.log").read_text().splitlines()
-    assert sum("run straight: 2 workers" in line for line in lines) == 1
+    assert sum("run straight: 2 workers on cpu, precision fp32; data " in line for line in lines) == 1
     assert [line.split(": ", 1)[1].split("  ")[0] for line in lines if "EMA mAP" in line] == [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
     assert any(line.endswith("finished: run straight") for line in lines)
 
@@ -128,6 +128,11 @@ def test_mlflow_server_holds_params_metrics_and_artifacts(uninterrupted) -> None
     assert run.info.status == "FINISHED"
     assert run.data.params["model.head.num_scenes"] == "3"
     assert run.data.params["run.workers"] == "2"
+    # What the run asked for and what it got (no GPUs here: run.device=auto runs on CPUs).
+    assert {k: run.data.params[k] for k in ("run.device", "optim.precision", "resources.device", "resources.workers",
+                                            "resources.gpus_per_worker")} == {
+        "run.device": "auto", "optim.precision": "fp32", "resources.device": "cpu", "resources.workers": "2",
+        "resources.gpus_per_worker": "0"}
     history = client.get_metric_history(run.info.run_id, "ema_mAP")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
     top = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -125,10 +125,10 @@ class SweepOutcome:
 
 def trial_concurrency(cfg: Config, cluster: Mapping[str, float]) -> int:
     """How many trials fit at once, each with its workers and a data share that does not starve."""
-    one = plan_resources(cfg.run.workers, cluster)
+    one = plan_resources(cfg.run.workers, cluster, device=cfg.run.device)
     per_trial = one.cpus_per_worker * one.num_workers * 2  # workers plus as much again for data
-    if one.use_gpu:
-        return max(1, int(cluster.get("GPU", 0) // cfg.run.workers))
+    if one.use_gpu:  # one GPU per worker; fewer GPUs than run.workers: fewer workers (jobs.resources)
+        return max(1, int(cluster.get("GPU", 0) // one.num_workers))
     return max(1, min(int(cluster.get("CPU", 1) // max(per_trial, 1.0)), 64))
 
 

@@ -1,6 +1,6 @@
 """Training checkpoints: one folder with everything needed to continue exactly.
 
-``state.pt`` holds model, EMA, optimiser, scheduler, epoch and step; the counts (live
+``state.pt`` holds model, EMA, optimiser, scheduler, the fp16 gradient scaler, epoch and step; the counts (live
 and EMA) are in the two model state dicts. ``meta.json`` repeats epoch, step and metrics in plain
 text so tools can pick a checkpoint without loading tensors, and the size of every other file, so
 that a folder left half-copied by a crash is never taken for a checkpoint (``newest_checkpoint``).
@@ -49,6 +49,7 @@ def write_checkpoint(
     config: Mapping[str, Any],
     vocabulary: list[str],
     metrics: Mapping[str, Any],
+    grad_scaler: Mapping[str, Any] | None = None,
 ) -> Path:
     import torch
 
@@ -61,6 +62,7 @@ def write_checkpoint(
         "scheduler": scheduler.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
+        "grad_scaler": dict(grad_scaler) if grad_scaler else None,  # optim.precision=fp16's loss scale
     }
     torch.save(blob, folder / STATE_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps({"config": dict(config), "vocabulary": vocabulary}, indent=1))

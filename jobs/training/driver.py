@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from salgl.errors import AlreadyExists, Failed, Interrupted, NotFound
 from jobs.logs import LOG_FILE, configure_worker_logging, console_level, run_log
-from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, plan_resources
+from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, check_precision, plan_resources
 from jobs.training.progress import STATUS_FILE, ProgressBar
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.storage import Folder, local_copy, resolve_storage
@@ -202,10 +202,32 @@ def controller_env_defaults() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
 
 
-def cluster_plan(workers: int, share: float = 1.0) -> ResourcePlan:
+def cluster_plan(workers: int, share: float = 1.0, *, device: str = "auto") -> ResourcePlan:
     import ray
 
-    return plan_resources(workers, {k: v * share for k, v in ray.cluster_resources().items()})
+    return plan_resources(workers, {k: v * share for k, v in ray.cluster_resources().items()}, device=device)
+
+
+def run_plan(cfg: Config, share: float = 1.0) -> ResourcePlan:
+    """Workers, CPUs and devices for this run, from the cluster (``jobs.resources``); a device or
+    precision the cluster cannot give fails here, before the run starts (``salgl.errors``)."""
+    plan = cluster_plan(cfg.run.workers, share, device=cfg.run.device)
+    check_precision(cfg.optim.precision, use_gpu=plan.use_gpu)
+    return plan
+
+
+def plan_params(plan: ResourcePlan) -> dict[str, Any]:
+    """What the run got, beside what it asked for (``run.device``, ``run.workers``): MLflow params."""
+    return {"resources.device": plan.device, "resources.workers": plan.num_workers,
+            "resources.gpus_per_worker": plan.gpus_per_worker, "resources.cpus_per_worker": plan.cpus_per_worker}
+
+
+def start_line(run_name: str, cfg: Config, plan: ResourcePlan) -> str:
+    """The run's first line: where it runs and in what precision (and where its data and checkpoints are)."""
+    gpus = f" ({plan.gpus_per_worker} GPU each)" if plan.use_gpu else ""
+    options = "".join(f", {name}" for name, on in (("channels_last", cfg.run.channels_last), ("compiled backbone", cfg.run.compile)) if on)
+    workers = f"{plan.num_workers} worker{'s' if plan.num_workers != 1 else ''}"
+    return f"run {run_name}: {workers} on {plan.device}{gpus}, precision {cfg.optim.precision}{options}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,8 +324,8 @@ def build_trainer(
     storage: str,
     tracking_uri: str,
     mlflow_run_id: str,
+    plan: ResourcePlan,
     callbacks: Sequence[Any] = (),
-    resource_share: float = 1.0,
     quiet: bool = False,
 ):
     import ray.train
@@ -314,7 +336,6 @@ def build_trainer(
     from salgl.label_embeddings import label_embeddings
 
     vocabulary, train_rows = dataset_facts(data_dir)
-    plan = cluster_plan(cfg.run.workers, resource_share)
     embeddings = label_embeddings(vocabulary, cfg.model.labels)
     spec = WorkerSpec(
         config=to_flat(cfg),
@@ -407,9 +428,12 @@ def train(
         cfg = with_overrides(base, {"run.stop_after_epoch": 0, **(overrides or {})})
         run_name, data_dir = record["run_name"], record["data_dir"]
         verify_shards(data_dir)  # pipeline.shards: the data may have changed since the run began
+        init_ray(address)
+        plan = run_plan(cfg, resource_share)
         run_dir.delete(DIVERGED_FILE)  # continuing from the last good checkpoint
         tracking_uri, run_id = record["tracking_uri"], record["mlflow_run_id"]
         storage = run_dir.location.rsplit("/", 1)[0]
+        MlflowLogger(tracking_uri, run_id).log_params(plan_params(plan))  # the hardware may differ now
     else:
         run_name = cfg.run.name or new_run_name()
         run_dir = Folder(storage) / run_name
@@ -421,11 +445,13 @@ def train(
         data_dir = resolve_data(cfg)
         tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
         cfg = with_overrides(cfg, {"run.name": run_name, "data.path": data_dir})
+        init_ray(address)
+        plan = run_plan(cfg, resource_share)  # a device the cluster lacks fails before the run exists
         run_id = start_run(
             tracking_uri,
             cfg.run.experiment,
             run_name=mlflow_run_name or run_name,
-            params={**to_flat(cfg), **(extra_params or {})},
+            params={**to_flat(cfg), **plan_params(plan), **(extra_params or {})},
             tags={"salgl.run_dir": str(run_dir)},
             parent_run_id=parent_run_id,
         )
@@ -441,13 +467,13 @@ def train(
         if resume:
             for line in set_aside_damaged(run_dir):
                 log.warning(line)
-        init_ray(address)
         trainer = build_trainer(
             cfg, data_dir=data_dir, run_dir=run_dir, run_name=run_name, storage=storage,
-            tracking_uri=tracking_uri, mlflow_run_id=run_id, callbacks=callbacks,
-            resource_share=resource_share, quiet=quiet,
+            tracking_uri=tracking_uri, mlflow_run_id=run_id, plan=plan, callbacks=callbacks, quiet=quiet,
         )
-        log.info(f"run {run_name}: {cfg.run.workers} workers, data {data_dir}, checkpoints in {run_dir}")
+        log.info(f"{start_line(run_name, cfg, plan)}; data {data_dir}, checkpoints in {run_dir}")
+        if plan.note:
+            log.warning(plan.note)
         controller_env_defaults()
         try:
             with ProgressBar(local_dir / STATUS_FILE) if wants_progress_bar(quiet) else contextlib.nullcontext():

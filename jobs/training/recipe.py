@@ -24,6 +24,7 @@ import torch
 
 from jobs.logs import FILE_ONLY, LOG_FILE, configure_worker_logging
 from jobs.storage import Folder
+from jobs.training.acceleration import StepPrecision, channels_last_images, compile_backbone, to_channels_last
 from jobs.training.checkpoints import DIVERGED_FILE, TrainingState, read_checkpoint, write_checkpoint
 from jobs.training.distributed import check_counts_consistent, count_sync_for, gather_objects, world
 from jobs.training.progress import STATUS_FILE, StepProgress
@@ -77,9 +78,14 @@ class Recipe:
         else:
             model.load_state_dict(restored["model"])
         self.device = ray.train.torch.get_device()
+        self.precision = StepPrecision(self.cfg.optim.precision, self.device)
+        if self.cfg.run.channels_last:
+            to_channels_last(model)
         # The counts are summed across workers explicitly; DDP must never overwrite them from rank 0.
         self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
         self.ema = ModelEma(self.unwrapped, self.cfg.ema) if self.cfg.ema.enabled else None
+        if self.cfg.run.compile:  # after the EMA's copy, which stays eager (it only evaluates)
+            compile_backbone(self.unwrapped)
         self.optimizer = torch.optim.AdamW(
             self.unwrapped.parameters(), lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay
         )
@@ -91,7 +97,6 @@ class Recipe:
         self.state = TrainingState(epoch=0, step=0)
         if restored is not None:
             self._restore(restored)
-        self.use_amp = self.cfg.optim.amp and self.device.type == "cuda"
         # The first training images this worker sees, kept for train/eval scene agreement.
         self.probe: torch.Tensor | None = None
         self.non_finite: dict[str, float] | None = None  # this rank's first non-finite loss: epoch, step, terms
@@ -109,6 +114,7 @@ class Recipe:
             self.ema.load_state_dict(restored["ema"])
         self.optimizer.load_state_dict(restored["optimizer"])
         self.scheduler.load_state_dict(restored["scheduler"])
+        self.precision.load_state_dict(restored.get("grad_scaler"))
         self.state = TrainingState(restored["epoch"], restored["step"])  # a data_seed key (older checkpoints) is ignored
 
     # ------------------------------------------------------------------ train
@@ -183,15 +189,18 @@ class Recipe:
             marker.touch()
             os._exit(1)
 
+    def _images(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        images = batch["image"].to(self.device)  # (B, 3, S, S)
+        return channels_last_images(images) if self.cfg.run.channels_last else images
+
     def _forward_backward(self, batch: dict[str, Any], *, sync_grads: bool) -> tuple[torch.Tensor, ...]:
-        images = batch["image"].to(self.device)
+        images = self._images(batch)
         targets = batch["target"].to(self.device)
         ignore = batch["ignore"].to(self.device)
         no_sync = getattr(self.model, "no_sync", None)
         grad_ctx = nullcontext() if sync_grads or no_sync is None else no_sync()
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
         with grad_ctx:
-            with amp:
+            with self.precision.autocast():
                 # The count payload rides the backward's gradient all-reduce (or, unwrapped, its
                 # own collective); settled before the optimiser step, EMA, checksum or checkpoint.
                 out = self.model(images, targets, sync=self.sync, defer_count_update=True)
@@ -199,14 +208,12 @@ class Recipe:
             terms = salgl_loss(
                 out.logits.float(), out.scene_probs.float(), targets, self.cfg.loss, mask=ignore, scene_targets=scene_targets
             )
-            (terms.total / self.cfg.optim.grad_accum).backward()
+            self.precision.backward(terms.total / self.cfg.optim.grad_accum)
         self.unwrapped.head.settle_counts()
         return tuple(t.detach() for t in terms)
 
     def _optimizer_step(self) -> None:
-        if self.cfg.optim.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), self.cfg.optim.clip_grad_norm)
-        self.optimizer.step()
+        self.precision.optimizer_step(self.optimizer, self.unwrapped.parameters(), clip_grad_norm=self.cfg.optim.clip_grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.ema is not None:
@@ -233,9 +240,10 @@ class Recipe:
         targets, ignores, truths = [], [], []
         for batch in batches:
             keep = _host(batch["valid"]).astype(bool) if "valid" in batch else np.ones(len(batch["id"]), bool)
-            images = batch["image"].to(self.device)
+            images = self._images(batch)
             for name, model in models.items():
-                out = model(images)
+                with self.precision.autocast():
+                    out = model(images)
                 parts[f"{name}_scores"].append(torch.sigmoid(out.logits.float()).cpu().numpy()[keep])
                 parts[f"{name}_scenes"].append(out.scene_probs.argmax(-1).cpu().numpy()[keep])
             targets.append(_host(batch["target"])[keep])
@@ -280,6 +288,7 @@ class Recipe:
             config=self.spec.config,
             vocabulary=self.spec.vocabulary,
             metrics=metrics,
+            grad_scaler=self.precision.state_dict(),
         )
 
     def finish_epoch(self, epoch: int) -> None:
