@@ -194,6 +194,7 @@ class EmaConfig:
     enabled: bool = True
     decay: float = 0.9997
     counts: str = "ema"  # "ema": average the counts too (released default); "live": copy them
+    warmup: bool = True  # timm ModelEmaV3 warm-up: decay min(decay, 1 - (1 + step)^-2/3); the release has none
 
     def validate(self) -> None:
         _in_unit("decay", self.decay, closed_high=True)
@@ -450,6 +451,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss.reduction": "released",
         "loss.balance_scale": 100.0,
         "ema.counts": "ema",
+        "ema.warmup": False,
     },
     # Seconds on CPU: a timm test backbone, seeded label vectors, small head.
     "tiny": {

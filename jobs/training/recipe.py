@@ -210,7 +210,7 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update(self.unwrapped)
+            self.ema.update(self.unwrapped, step=self.state.step + 1)
         self.state = TrainingState(self.state.epoch, self.state.step + 1)
 
     # ------------------------------------------------------------------ evaluate
