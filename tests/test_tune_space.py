@@ -138,3 +138,22 @@ def test_a_sweep_that_breaks_marks_its_mlflow_parent_failed(tmp_path, caplog) ->
         _fit(BrokenTuner(), tmp_path / "sweep", record)
     assert MlflowClient(uri).get_run(record["parent_run_id"]).info.status == "FAILED"
     assert f"salgl tune --resume {tmp_path / 'sweep'}" in caplog.text  # a warning: shown with -q too
+
+
+def test_every_ranking_metric_is_a_score_the_epoch_report_has() -> None:
+    import numpy as np
+
+    from jobs.sweep.search_space import RANKING_METRICS
+    from salgl.metrics import multilabel_metrics
+
+    scores = multilabel_metrics(np.random.default_rng(0).random((8, 3)), np.eye(8, 3))
+    assert {name.removeprefix("ema_") for name in RANKING_METRICS} <= set(scores)
+    assert {"mAP", "ema_mAP"} <= set(RANKING_METRICS) and "loss" not in RANKING_METRICS
+
+
+def test_an_unknown_ranking_metric_is_a_usage_error_before_ray_starts(tmp_path, capsys) -> None:
+    from jobs.cli import main
+
+    assert main(["tune", "tiny", "--metric", "ema_map", f"run.storage={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("salgl tune: error: unknown ranking metric 'ema_map'; choose one of mAP, ") and "ema_mAP" in err

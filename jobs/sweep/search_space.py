@@ -105,7 +105,23 @@ def expected_trials(space: Mapping[str, Any], samples: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # A trial's values and name (shared by the sweep and its progress lines)
 
-METRIC = "ema_mAP"  # what ASHA and the best-trial choice rank by
+METRIC = "ema_mAP"  # what ASHA and the best-trial choice rank by, unless `salgl tune --metric` says otherwise
+
+# What a sweep may rank by: the epoch report's scores where higher is better (the live model's
+# and, prefixed ema_, the EMA model's; salgl.metrics.multilabel_metrics names them, in percent).
+RANKING_METRICS: tuple[str, ...] = tuple(
+    f"{model}{name}"
+    for model in ("", "ema_")
+    for name in ("mAP", "mAP_noninterp", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3",
+                 "OP_top3", "OR_top3", "OF1_top3")
+)
+
+
+def check_metric(metric: str) -> None:
+    """A ranking metric Tune would not find in any report fails every trial's ASHA check late and
+    vaguely; it is refused here, naming the choices."""
+    if metric not in RANKING_METRICS:
+        raise BadValue(f"unknown ranking metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}")
 
 
 def trial_values(base: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,9 @@ from typing import Any, Mapping
 from salgl.errors import AlreadyExists, BadValue, NotFound
 from jobs.logs import run_log
 from jobs.resources import plan_resources
-from jobs.sweep.search_space import METRIC, build_space, check_space, expected_trials, trial_label, trial_values
+from jobs.sweep.search_space import (
+    METRIC, build_space, check_metric, check_space, expected_trials, trial_label, trial_values,
+)
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.storage import is_object_store
 from jobs.training.driver import init_ray, new_run_name, resolve_data, storage_root
@@ -143,8 +145,11 @@ def tune_sweep(
     register_as: str = "salgl",
     address: str | None = None,
     resume: str | None = None,
+    metric: str = METRIC,
 ) -> SweepOutcome:
     """Run (or continue) a sweep; returns the summary and where everything went.
+
+    ``metric`` is what ASHA stops trials by and the best trial is chosen by (its best epoch).
 
     What the user gave is checked before Ray starts (``salgl.errors``: one line from `salgl tune`).
     """
@@ -158,6 +163,7 @@ def tune_sweep(
         init_ray(address)
         return _resume(sweep_dir, register_as)
     check_schedule(samples, max_epochs, grace_period, reduction_factor)
+    check_metric(metric)
     storage = storage_root(cfg)
     if is_object_store(storage):
         raise BadValue(f"run.storage={storage}: a sweep keeps its folder (Tune's state, its trials) on a filesystem "
@@ -186,15 +192,15 @@ def tune_sweep(
     sweep_dir.mkdir(parents=True)
     record = {"name": name, "tracking_uri": tracking_uri, "parent_run_id": parent, "max_epochs": max_epochs,
               "samples": samples, "expected_trials": expected_trials(space, samples), "base": to_flat(base),
-              "resource_share": 1.0 / concurrency}
+              "resource_share": 1.0 / concurrency, "metric": metric}
     write_text_atomic(sweep_dir / SWEEP_FILE, json.dumps(record, indent=1))
-    headline = (f"sweep {name}: {record['expected_trials']} trials, ASHA on {METRIC} over {max_epochs} epochs, "
+    headline = (f"sweep {name}: {record['expected_trials']} trials, ASHA on {metric} over {max_epochs} epochs, "
                 f"{concurrency} at a time; MLflow parent {parent}")
     tuner = tune.Tuner(
         trial_trainable(sweep_context(record)),
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=samples,
+            metric=metric, mode="max", num_samples=samples,
             # Seeded by run.seed: the same sweep draws the same trials.
             search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.run.seed),
             scheduler=asha_scheduler(max_epochs, grace_period, reduction_factor),
@@ -202,14 +208,15 @@ def tune_sweep(
         run_config=tune.RunConfig(
             name="tune", storage_path=str(sweep_dir), verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),  # see trial_config
-            callbacks=[SweepProgress(record["expected_trials"], max_epochs, record["base"])],  # restored with the sweep by --resume
+            # restored with the sweep by --resume
+            callbacks=[SweepProgress(record["expected_trials"], max_epochs, record["base"], metric=metric)],
         ),
     )
     return _run(tuner, sweep_dir, record, register_as, headline)
 
 
 def asha_scheduler(max_epochs: int, grace_period: int, reduction_factor: int) -> Any:
-    """ASHA over epochs; it ranks trials by the ``TuneConfig``'s metric (``METRIC``)."""
+    """ASHA over epochs; it ranks trials by the ``TuneConfig``'s metric (``salgl tune --metric``)."""
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
@@ -276,7 +283,8 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
     tracking_uri, parent = record["tracking_uri"], record["parent_run_id"]
     # Tune creates trials lazily, so an early Ctrl-C leaves fewer trials than the sweep has.
     total = max(len(results), record.get("expected_trials", 0))
-    summary = summarize(results, record["max_epochs"], record["base"])
+    metric = sweep_metric(record)
+    summary = summarize(results, record["max_epochs"], record["base"], metric)
     if results.num_terminated + results.num_errors < total:
         # Interrupted (Ctrl-C): Tune saved its scheduler and searcher state; nothing is final yet.
         log.warning(f"sweep interrupted with {results.num_terminated} of {total} trials done; "
@@ -285,19 +293,26 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
     close_trial_runs(tracking_uri, parent, summary)
     logger = MlflowLogger(tracking_uri, parent)
     write_sweep_artifacts(summary, logger)
-    finished = [row for row in summary if row.get("best_ema_mAP") is not None]
-    best = max(finished, key=lambda r: r["best_ema_mAP"]) if finished else {}
+    rank = f"best_{metric}"
+    finished = [row for row in summary if row.get(rank) is not None]
+    best = max(finished, key=lambda r: r[rank]) if finished else {}
     registered = None
     if best.get("best_checkpoint"):
-        logger.log_metrics({"best_ema_mAP": best["best_ema_mAP"]}, step=0)
+        logger.log_metrics({key: best[key] for key in ("best_ema_mAP", rank)}, step=0)
         registered = register_checkpoint(best["best_checkpoint"], tracking_uri, parent, register_as)
     end_run(tracking_uri, parent, "FINISHED")
     log_sweep(summary, best, registered, tracking_uri, parent)
     return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, best, registered)
 
 
-def summarize(results: Any, max_epochs: int, base: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial: its values, best and last EMA mAP, epochs run, and whether ASHA stopped it."""
+def sweep_metric(record: Mapping[str, Any]) -> str:
+    """What the sweep ranks by (a sweep recorded before ``--metric`` existed ranked by EMA mAP)."""
+    return str(record.get("metric", METRIC))
+
+
+def summarize(results: Any, max_epochs: int, base: Mapping[str, Any], metric: str = METRIC) -> list[dict[str, Any]]:
+    """One row per trial: its values, best and last EMA mAP, its best ``metric`` (what the sweep
+    ranks by), epochs run, and whether ASHA stopped it; best first."""
     from jobs.training.checkpoints import best_checkpoint_in
 
     rows = []
@@ -308,10 +323,10 @@ def summarize(results: Any, max_epochs: int, base: Mapping[str, Any]) -> list[di
         flat = trial_values(base, config)
         history = result.metrics_dataframe
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        best_map = float(history[METRIC].max()) if history is not None and METRIC in history else None
+        best = {key: float(history[key].max()) if history is not None and key in history else None for key in ("ema_mAP", metric)}
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
         run_dir = Path(flat["run.storage"]) / f"trial-{result.metrics.get('trial_id', '')}"
-        best_ckpt = best_checkpoint_in(run_dir, METRIC) if run_dir.is_dir() else None
+        best_ckpt = best_checkpoint_in(run_dir, metric) if run_dir.is_dir() else None
         rows.append({
             "trial": trial_id,
             "K": int(flat["model.head.num_scenes"]),
@@ -321,12 +336,14 @@ def summarize(results: Any, max_epochs: int, base: Mapping[str, Any]) -> list[di
             "epochs": epochs,
             "stopped_early": bool(result.error is None and 0 < epochs < max_epochs),
             "error": str(result.error)[:200] if result.error else None,
-            "best_ema_mAP": best_map,
-            "last_ema_mAP": result.metrics.get(METRIC),
+            "best_ema_mAP": best["ema_mAP"],
+            f"best_{metric}": best[metric],
+            "last_ema_mAP": result.metrics.get("ema_mAP"),
             "scene_entropy": result.metrics.get("ema_scene_entropy"),
             "best_checkpoint": best_ckpt,
         })
-    return sorted(rows, key=lambda r: (r["best_ema_mAP"] is None, -(r["best_ema_mAP"] or 0)))
+    rank = f"best_{metric}"
+    return sorted(rows, key=lambda r: (r[rank] is None, -(r[rank] or 0)))
 
 
 def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any]]) -> None:
