@@ -47,7 +47,7 @@ def test_a_trial_takes_its_sampled_values_and_leaves_retries_to_tune() -> None:
     assert cfg.run.max_failures == 0 and cfg.optim == base.optim
 
 
-def test_closing_trial_runs_marks_tune_stops_killed_and_keeps_real_failures(tmp_path) -> None:
+def test_closing_trial_runs_finishes_tune_stops_tagged_and_keeps_real_failures(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
     from jobs.tracking import end_run, start_run
@@ -70,8 +70,11 @@ def test_closing_trial_runs_marks_tune_stops_killed_and_keeps_real_failures(tmp_
     close_trial_runs(uri, parent, summary)
     client = MlflowClient(uri)
     status = {t: client.get_run(r).info.status for t, r in runs.items()}
-    assert status == {"t1": "KILLED", "t2": "FAILED", "t3": "KILLED", "t4": "FINISHED", "t5": "KILLED"}
-    assert client.get_run(runs["t1"]).data.tags["asha.stopped_early"] == "true"
+    assert status == {"t1": "FINISHED", "t2": "FAILED", "t3": "FINISHED", "t4": "FINISHED", "t5": "FINISHED"}
+    tags = {t: client.get_run(r).data.tags for t, r in runs.items()}
+    assert tags["t1"]["salgl.stopped_by"] == "asha" and tags["t1"]["salgl.stopped_at_epoch"] == "1"
+    assert tags["t1"]["asha.stopped_early"] == "true"
+    assert "salgl.stopped_by" not in tags["t5"] and "salgl.stopped_by" not in tags["t2"]
 
 
 def test_a_bad_search_space_is_refused_before_any_trial_runs() -> None:

@@ -80,6 +80,7 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
         log_model=False,
         resource_share=sweep.resource_share,
         quiet=True,
+        weights_only=True,
     )
 
 
@@ -347,14 +348,16 @@ def summarize(results: Any, max_epochs: int, base: Mapping[str, Any], metric: st
 
 
 def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any]]) -> None:
-    """Child runs of trials that Tune stopped stay RUNNING unless ended: mark and end them.
+    """Every trial Tune ended without an error ends FINISHED in MLflow, with its artifacts.
 
-    Tune's own record is what counts. A trial it ended without an error (ASHA stopping it early,
-    or stopping it on its last report because it reached ``max_t``) can have its stop reach the
-    trial's training as an exception other than Tune's ``SystemExit(0)``, depending on where it
-    lands (a Train run shutting down after its last epoch, for one); then
-    ``jobs.training.driver.train`` has marked the child FAILED, and it is set to KILLED here. Trials Tune
-    records with an error stay FAILED.
+    A trial that completes records its artifacts itself (``jobs.training.driver.train``). One that
+    Tune ends (ASHA stopping it early, or stopping it on its last report because it reached
+    ``max_t``) has its process ended mid-way: its run is left RUNNING, or marked KILLED or FAILED
+    by ``train`` depending on where the stop landed, and without its scene pictures. Here its
+    artifacts are recorded from the checkpoints in its run folder (the best kept one, as for a
+    completed run), an early stop is tagged
+    ``salgl.stopped_by=asha`` with ``salgl.stopped_at_epoch`` (the rung), and the run is FINISHED.
+    Trials Tune records with an error stay FAILED.
     """
     from mlflow.tracking import MlflowClient
 
@@ -364,12 +367,30 @@ def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any
     by_trial = {row["trial"]: row for row in summary}
     for child in children:
         row = by_trial.get(child.data.params.get("trial_id", ""))
-        if row is not None:
-            client.set_tag(child.info.run_id, "asha.stopped_early", str(row["stopped_early"]).lower())
-            client.set_tag(child.info.run_id, "asha.epochs", str(row["epochs"]))
-        stopped_by_tune = row is not None and not row.get("error") and child.info.status == "FAILED"
-        if child.info.status == "RUNNING" or stopped_by_tune:
-            end_run(tracking_uri, child.info.run_id, "KILLED")
+        if row is None or row.get("error"):
+            continue
+        run_id = child.info.run_id
+        client.set_tag(run_id, "asha.stopped_early", str(row["stopped_early"]).lower())
+        client.set_tag(run_id, "asha.epochs", str(row["epochs"]))
+        if row["stopped_early"]:
+            client.set_tag(run_id, "salgl.stopped_by", "asha")
+            client.set_tag(run_id, "salgl.stopped_at_epoch", str(row["epochs"]))
+        if child.info.status != "FINISHED":
+            record_stopped_trial(child.data.tags.get("salgl.run_dir"))
+            end_run(tracking_uri, run_id, "FINISHED")
+
+
+def record_stopped_trial(run_dir: str | None) -> None:
+    """A trial Tune ended: its artifacts from its last checkpoint, as ``train`` records them for a
+    trial that completes (weights only; no MLflow model). Nothing where no run folder is left."""
+    from jobs.storage import Folder
+    from jobs.training.driver import recorded_outcome, record_final_artifacts
+
+    found = recorded_outcome(Folder(run_dir)) if run_dir else None
+    if found is None:
+        return
+    outcome, cfg = found
+    record_final_artifacts(outcome, cfg, log_model=False, weights_only=True)
 
 
 def write_sweep_artifacts(summary: list[dict[str, Any]], logger: MlflowLogger) -> None:

@@ -387,13 +387,15 @@ def train(
     extra_params: Mapping[str, Any] | None = None,
     resource_share: float = 1.0,
     quiet: bool = False,
+    weights_only: bool = False,
 ) -> TrainOutcome:
     """Train end to end (or continue ``resume``) and record the outcome in MLflow.
 
     ``parent_run_id`` / ``mlflow_run_name`` / ``extra_params`` nest the run under a sweep;
     ``resource_share`` is the fraction of the cluster this run may size itself from (several
     trials at once); ``quiet`` keeps the run's epoch and progress lines off the console (its salgl.log
-    still has them; a sweep prints its own, ``jobs.sweep.progress``).
+    still has them; a sweep prints its own, ``jobs.sweep.progress``); ``weights_only`` logs the best
+    checkpoint's weights to MLflow rather than the whole checkpoint (``record_final_artifacts``).
     """
     from jobs.training.checkpoints import DIVERGED_FILE, set_aside_damaged
     from pipeline.shards import verify_shards
@@ -468,7 +470,7 @@ def train(
             # The newest epoch's report was cut off (a stop right after its checkpoint): log it now.
             MlflowLogger(tracking_uri, run_id).log_metrics(outcome.metrics, step=int(outcome.metrics.get("epoch", 0)))
         finished = outcome.metrics.get("epoch") == cfg.optim.epochs
-        record_final_artifacts(outcome, cfg, log_model=log_model and finished)
+        record_final_artifacts(outcome, cfg, log_model=log_model and finished, weights_only=weights_only)
         end_run(tracking_uri, run_id, "FINISHED" if finished else "KILLED")
         if not quiet:
             log_summary(outcome, finished)
@@ -502,6 +504,14 @@ def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Folder, run_id: s
     """The run's newest and best checkpoints, read from its folder (their meta.json), as a resumed
     run starts from them: Ray's ``Result`` misses a report that a stop cut off after its checkpoint
     was written (a run stopped just after its last epoch would otherwise count as unfinished)."""
+    return outcome_in(run_dir, run_name, run_id, tracking_uri, fallback=dict(result.metrics or {}))
+
+
+def outcome_in(
+    run_dir: Folder, run_name: str, run_id: str, tracking_uri: str, *, fallback: Mapping[str, Any] | None = None,
+) -> TrainOutcome:
+    """A run's outcome from its folder alone: also what a sweep records for a trial whose process
+    Tune ended (an ASHA stop) before ``train`` could."""
     from jobs.training.checkpoints import best_checkpoint_in, newest_checkpoint, read_meta
 
     def metrics_of(folder: str | None) -> dict[str, Any]:
@@ -510,25 +520,40 @@ def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Folder, run_id: s
     newest = newest_checkpoint(run_dir)
     last_path = newest[0] if newest else None
     best_path = best_checkpoint_in(run_dir, "ema_mAP")
-    last = metrics_of(last_path) or dict(result.metrics or {})
+    last = metrics_of(last_path) or dict(fallback or {})
     return TrainOutcome(run_name, str(run_dir), last, best_path, metrics_of(best_path), last_path, run_id, tracking_uri)
 
 
-def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool) -> None:
-    """Resolved config, metrics JSON, scene pictures, the best checkpoint and the MLflow model."""
+def recorded_outcome(run_dir: Folder) -> tuple[TrainOutcome, Config] | None:
+    """(outcome, config) of a run folder from its run record; None where it has none."""
+    if not run_dir.is_file(RUN_FILE):
+        return None
+    record = json.loads(run_dir.read_text(RUN_FILE))
+    outcome = outcome_in(run_dir, record["run_name"], record["mlflow_run_id"], record["tracking_uri"])
+    return outcome, from_flat(record["config"])
 
+
+def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool, weights_only: bool = False) -> None:
+    """Resolved config, metrics JSON, scene pictures, the best checkpoint and the MLflow model.
+
+    ``weights_only`` (sweep trials): the best checkpoint's model weights go to MLflow instead of
+    the whole checkpoint, whose optimiser state doubles its size and serves only a resume, which
+    reads the run folder anyway.
+    """
     logger = MlflowLogger(outcome.tracking_uri, outcome.mlflow_run_id)
     logger.log_text(json.dumps(to_flat(cfg), indent=1), "config/resolved_config.json")
     logger.log_text(json.dumps({"last": outcome.metrics, "best": outcome.best_metrics}, indent=1, default=str), "metrics/final_metrics.json")
     if not outcome.best_checkpoint:
         return
     with local_copy(outcome.best_checkpoint) as best:
-        _record_checkpoint_artifacts(outcome, cfg, logger, best, log_model=log_model)
+        _record_checkpoint_artifacts(outcome, cfg, logger, best, log_model=log_model, weights_only=weights_only)
 
 
-def _record_checkpoint_artifacts(outcome: TrainOutcome, cfg: Config, logger: MlflowLogger, best: Path, *, log_model: bool) -> None:
+def _record_checkpoint_artifacts(
+    outcome: TrainOutcome, cfg: Config, logger: MlflowLogger, best: Path, *, log_model: bool, weights_only: bool,
+) -> None:
     from jobs.artifacts import write_occupancy_chart, write_scene_heatmaps, write_scene_rankings
-    from jobs.training.checkpoints import load_model_from_checkpoint
+    from jobs.training.checkpoints import export_weights, load_model_from_checkpoint
 
     model, _, vocabulary = load_model_from_checkpoint(best)
     counts = model.head.counts
@@ -538,7 +563,10 @@ def _record_checkpoint_artifacts(outcome: TrainOutcome, cfg: Config, logger: Mlf
         write_scene_rankings(counts, vocabulary, Path(tmp) / "scenes")
         write_occupancy_chart(occupancy, Path(tmp) / "scenes" / "scene_occupancy.png")
         logger.log_artifacts(str(Path(tmp) / "scenes"), "scenes")
-    logger.log_artifacts(str(best), "best_checkpoint")
+        if weights_only:
+            logger.log_artifacts(str(export_weights(best, Path(tmp) / "weights")), "best_weights")
+    if not weights_only:
+        logger.log_artifacts(str(best), "best_checkpoint")
     if log_model:
         log_checkpoint_model(str(best), outcome.tracking_uri, outcome.mlflow_run_id)
 
