@@ -40,6 +40,36 @@ class MlflowLogger:
         self.client.log_artifacts(self.run_id, folder, artifact_path)
 
 
+class BestSoFar:
+    """A run's best ``ema_mAP`` and the epoch it came at, logged beside every epoch's metrics so
+    the runs table can sort by best rather than last (a sweep trial's last epoch is often not its
+    best)."""
+
+    METRIC = "ema_mAP"
+
+    def __init__(self, value: float | None = None, epoch: int | None = None) -> None:
+        self.value, self.epoch = value, epoch
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | None) -> "BestSoFar":
+        """Seeded from a run folder's best checkpoint (a resumed run's epochs so far; checkpoints
+        are kept by this score, so its best is never deleted)."""
+        from jobs.training.checkpoints import best_checkpoint_in, read_meta
+
+        folder = best_checkpoint_in(run_dir, cls.METRIC) if run_dir else None
+        if folder is None:
+            return cls()
+        meta = read_meta(folder)
+        return cls(float(meta["metrics"][cls.METRIC]), int(meta["epoch"]))
+
+    def update(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Take one epoch's metrics; returns ``best_ema_mAP`` and ``best_epoch`` so far ({} before any)."""
+        value = metrics.get(self.METRIC)
+        if _is_number(value) and (self.value is None or value > self.value):
+            self.value, self.epoch = float(value), int(metrics.get("epoch", 0))
+        return {} if self.value is None else {"best_ema_mAP": self.value, "best_epoch": self.epoch}
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 

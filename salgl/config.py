@@ -263,9 +263,11 @@ class RunConfig:
     stop_after_epoch: int = 0  # > 0: end cleanly after this epoch (resume later with --resume)
     inject_failure: str = ""  # "EPOCH:RANK": that worker exits mid-epoch once (fault-tolerance tests)
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK fills nodes, SPREAD spreads them
+    preset: str = "paper"  # the preset the numbers started from: recorded (MLflow param `preset`), applies nothing
 
     def validate(self) -> None:
         _at_least("workers", self.workers, 1)
+        _choice("preset", self.preset, tuple(PRESETS))
         _choice("placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         _at_least("stop_after_epoch", self.stop_after_epoch, 0)
         if self.inject_failure and not all(p.isdigit() for p in self.inject_failure.split(":", 1)):
@@ -291,6 +293,16 @@ ALIASES: dict[str, str] = {
     "lambda": "loss.entropy_weight",
     "T": "model.head.steps",
 }
+
+
+def short_key(key: str) -> str:
+    """A dotted key's alias where it has one (``model.head.num_scenes`` -> ``K``), else the key."""
+    return next((alias for alias, full in ALIASES.items() if full == key), key)
+
+
+def short_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``K``, ``lambda``, ``T`` and ``preset`` of a flat config: the columns runs are compared by."""
+    return {**{alias: flat[key] for alias, key in ALIASES.items()}, "preset": flat["run.preset"]}
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
@@ -478,7 +490,7 @@ def preset(name: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """A named preset with optional dotted-key overrides applied on top."""
     if name not in PRESETS:
         raise ConfigError("preset", f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    return with_overrides(Config(), {**PRESETS[name], **(overrides or {})})
+    return with_overrides(Config(), {**PRESETS[name], "run.preset": name, **(overrides or {})})
 
 
 def load(tree: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:

@@ -160,3 +160,15 @@ def test_an_unknown_ranking_metric_is_a_usage_error_before_ray_starts(tmp_path, 
     assert main(["tune", "tiny", "--metric", "ema_map", f"run.storage={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("salgl tune: error: unknown ranking metric 'ema_map'; choose one of mAP, ") and "ema_mAP" in err
+
+
+def test_the_space_reads_as_its_values_on_the_sweep_parent() -> None:
+    from jobs.sweep.search_space import describe_domain
+    from salgl.config import short_key
+
+    space = build_space({"K": "1,2,4", "T": "grid:0,3", "optim.lr": "uniform:1e-4:1e-3", "ema.decay": "0.99"})
+    shown = {f"space.{short_key(k)}": describe_domain(v) for k, v in space.items()}
+    assert shown == {
+        "space.K": "choice[1, 2, 4]", "space.lambda": "loguniform[0.01, 10.0]", "space.T": "grid[0, 3]",
+        "space.optim.lr": "uniform[0.0001, 0.001]", "space.ema.decay": "0.99",
+    }

@@ -96,6 +96,22 @@ def check_space(base: Config, space: Mapping[str, Any]) -> None:
                 raise ConfigError(key, f"in the search space: {str(err).split(': ', 1)[1]}{hint}") from None
 
 
+def describe_domain(domain: Any) -> str:
+    """A search-space entry as the sweep parent's MLflow param shows it: ``choice[1, 2, 4]``,
+    ``grid[0, 3]``, ``loguniform[0.01, 10.0]``, ``uniform[...]`` or the fixed value (``str()`` of a
+    Tune domain is its object address)."""
+    from ray.tune.search.sample import Categorical, Float, LogUniform
+
+    if isinstance(domain, dict) and "grid_search" in domain:
+        return f"grid{list(domain['grid_search'])}"
+    if isinstance(domain, Categorical):
+        return f"choice{list(domain.categories)}"
+    if isinstance(domain, Float):
+        kind = "loguniform" if isinstance(domain.get_sampler(), LogUniform) else "uniform"
+        return f"{kind}[{domain.lower}, {domain.upper}]"
+    return str(domain)
+
+
 def expected_trials(space: Mapping[str, Any], samples: int) -> int:
     """Trials a complete sweep has: ``samples`` times every combination of the grid values."""
     grids = [len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v]

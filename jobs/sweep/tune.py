@@ -21,13 +21,13 @@ from salgl.errors import AlreadyExists, BadValue, NotFound
 from jobs.logs import run_log
 from jobs.resources import plan_resources
 from jobs.sweep.search_space import (
-    METRIC, build_space, check_metric, check_space, expected_trials, trial_label, trial_values,
+    METRIC, build_space, check_metric, check_space, describe_domain, expected_trials, trial_label, trial_values,
 )
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.storage import is_object_store
 from jobs.training.driver import init_ray, new_run_name, resolve_data, storage_root
 from salgl.atomic_file import write_text_atomic
-from salgl.config import Config, from_flat, to_flat, with_overrides
+from salgl.config import Config, from_flat, short_key, to_flat, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
         resume=resume,
         parent_run_id=sweep.parent_run_id,
         mlflow_run_name=trial_label(flat, trial_id),
-        extra_params={"K": flat["model.head.num_scenes"], "lambda": flat["loss.entropy_weight"], "T": flat["model.head.steps"], "trial_id": trial_id},
+        extra_params={"trial_id": trial_id},  # K, lambda, T and preset come with every run's params
         callbacks=[TuneReportCallback()],
         log_model=False,
         resource_share=sweep.resource_share,
@@ -187,8 +187,9 @@ def tune_sweep(
     concurrency = trial_concurrency(base, ray.cluster_resources())
     parent = start_run(tracking_uri, cfg.run.experiment, run_name=name, params={
         "sweep.samples": samples, "sweep.max_epochs": max_epochs, "sweep.grace_period": grace_period,
-        "sweep.reduction_factor": reduction_factor, "sweep.concurrency": concurrency,
-        **{f"space.{k}": str(v) for k, v in space.items()},
+        "sweep.reduction_factor": reduction_factor, "sweep.concurrency": concurrency, "sweep.metric": metric,
+        "preset": cfg.run.preset,
+        **{f"space.{short_key(k)}": describe_domain(v) for k, v in space.items()},
     }, tags={"salgl.sweep_dir": str(sweep_dir)})
     sweep_dir.mkdir(parents=True)
     record = {"name": name, "tracking_uri": tracking_uri, "parent_run_id": parent, "max_epochs": max_epochs,

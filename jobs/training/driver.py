@@ -21,9 +21,9 @@ from salgl.errors import AlreadyExists, Failed, Interrupted, NotFound
 from jobs.logs import LOG_FILE, configure_worker_logging, console_level, run_log
 from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, plan_resources
 from jobs.training.progress import STATUS_FILE, ProgressBar
-from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
+from jobs.tracking import BestSoFar, MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.storage import Folder, local_copy, resolve_storage
-from salgl.config import Config, from_flat, to_flat, with_overrides
+from salgl.config import Config, from_flat, short_params, to_flat, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -253,15 +253,19 @@ def make_tracking_warmup(tracking_uri: str, run_id: str):
     return TrackingWarmup()
 
 
-def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int, *, quiet: bool = False, log_file: str | None = None):
+def make_epoch_reporter(
+    tracking_uri: str, run_id: str, epochs: int, *, quiet: bool = False, log_file: str | None = None, run_dir: str | None = None,
+):
     """A Ray Train UserCallback: one line per epoch (the console, unless ``quiet``, and ``log_file``)
-    and the metrics into MLflow (rank 0's report)."""
+    and the metrics into MLflow (rank 0's report), with ``best_ema_mAP`` and ``best_epoch`` so far
+    (a resumed run starts from its folder's best checkpoint, ``run_dir``)."""
     from ray.train import UserCallback
 
     level = logging.WARNING if quiet else console_level()  # chosen here: Train runs the callback in its controller
 
     class EpochReporter(UserCallback):
         logging_ready = False
+        best: BestSoFar | None = None
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             if not metrics:
@@ -271,8 +275,10 @@ def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int, *, quiet: b
                 self.logging_ready = True
             m = metrics[0]
             log.info(format_epoch_line(m, epochs))
+            if self.best is None:
+                self.best = BestSoFar.from_run_dir(run_dir)
             if run_id:
-                MlflowLogger(tracking_uri, run_id).log_metrics(m, step=int(m.get("epoch", 0)))
+                MlflowLogger(tracking_uri, run_id).log_metrics({**m, **self.best.update(m)}, step=int(m.get("epoch", 0)))
 
     return EpochReporter()
 
@@ -363,7 +369,10 @@ def build_trainer(
             ),
             callbacks=[
                 make_tracking_warmup(tracking_uri, mlflow_run_id),
-                make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=str(local_folder(run_dir) / LOG_FILE)),
+                make_epoch_reporter(
+                    tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=str(local_folder(run_dir) / LOG_FILE),
+                    run_dir=str(run_dir),
+                ),
                 *callbacks,
             ],
             # Train's INFO lines repeat every report's metrics dict per rank; ours is one line an epoch.
@@ -427,7 +436,7 @@ def train(
             tracking_uri,
             cfg.run.experiment,
             run_name=mlflow_run_name or run_name,
-            params={**to_flat(cfg), **(extra_params or {})},
+            params={**to_flat(cfg), **short_params(to_flat(cfg)), **(extra_params or {})},
             tags={"salgl.run_dir": str(run_dir)},
             parent_run_id=parent_run_id,
         )
@@ -468,7 +477,8 @@ def train(
         outcome = _outcome(result, cfg, run_name, run_dir, run_id, tracking_uri)
         if outcome.metrics.get("epoch") != (result.metrics or {}).get("epoch"):
             # The newest epoch's report was cut off (a stop right after its checkpoint): log it now.
-            MlflowLogger(tracking_uri, run_id).log_metrics(outcome.metrics, step=int(outcome.metrics.get("epoch", 0)))
+            best = BestSoFar.from_run_dir(str(run_dir)).update({})
+            MlflowLogger(tracking_uri, run_id).log_metrics({**outcome.metrics, **best}, step=int(outcome.metrics.get("epoch", 0)))
         finished = outcome.metrics.get("epoch") == cfg.optim.epochs
         record_final_artifacts(outcome, cfg, log_model=log_model and finished, weights_only=weights_only)
         end_run(tracking_uri, run_id, "FINISHED" if finished else "KILLED")
