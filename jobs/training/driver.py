@@ -21,7 +21,7 @@ from salgl.errors import AlreadyExists, Failed, Interrupted, NotFound
 from jobs.logs import LOG_FILE, configure_worker_logging, console_level, run_log
 from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, plan_resources
 from jobs.training.progress import STATUS_FILE, ProgressBar
-from jobs.tracking import BestSoFar, MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
+from jobs.tracking import BestSoFar, MlflowLogger, end_run, log_dataset, resolve_tracking_uri, run_page, start_run
 from jobs.storage import Folder, local_copy, resolve_storage
 from salgl.config import Config, from_flat, short_params, to_flat, with_overrides
 
@@ -440,6 +440,7 @@ def train(
             tags={"salgl.run_dir": str(run_dir)},
             parent_run_id=parent_run_id,
         )
+        log_dataset(tracking_uri, run_id, data_dir)
         write_run_file(run_dir, {
             "run_name": run_name, "data_dir": data_dir, "config": to_flat(cfg),
             "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
@@ -566,6 +567,7 @@ def _record_checkpoint_artifacts(
     from jobs.training.checkpoints import export_weights, load_model_from_checkpoint
 
     model, _, vocabulary = load_model_from_checkpoint(best)
+    log_per_class_ap(logger, outcome.best_metrics, vocabulary)
     counts = model.head.counts
     occupancy = [outcome.best_metrics.get(f"ema_occupancy_{k}", 0.0) for k in range(cfg.model.head.num_scenes)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -579,6 +581,25 @@ def _record_checkpoint_artifacts(
         logger.log_artifacts(str(best), "best_checkpoint")
     if log_model:
         log_checkpoint_model(str(best), outcome.tracking_uri, outcome.mlflow_run_id)
+
+
+def log_per_class_ap(logger: MlflowLogger, metrics: Mapping[str, Any], vocabulary: Sequence[str]) -> None:
+    """The best checkpoint's AP per class (EMA and live model, percent; empty for a class without
+    positives) as ``metrics/per_class_ap.csv``: the classes a run gets wrong, which the mean hides.
+    A CSV, not ``log_table``, whose JSON appends to itself when a stopped trial's artifacts are
+    recorded again. Checkpoints written before per-class AP was kept log none."""
+    import csv
+    import io
+
+    columns = {key: metrics[key] for key in ("ema_ap", "ap") if isinstance(metrics.get(key), list)}
+    if not columns:
+        return
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["label", *columns])
+    for i, label in enumerate(vocabulary):
+        writer.writerow([label, *("" if values[i] is None else f"{values[i]:.4f}" for values in columns.values())])
+    logger.log_text(text.getvalue(), "metrics/per_class_ap.csv")
 
 
 def log_checkpoint_model(checkpoint: str, tracking_uri: str, run_id: str, *, artifact_name: str = "model") -> str:
