@@ -172,3 +172,38 @@ def test_the_space_reads_as_its_values_on_the_sweep_parent() -> None:
         "space.K": "choice[1, 2, 4]", "space.lambda": "loguniform[0.01, 10.0]", "space.T": "grid[0, 3]",
         "space.optim.lr": "uniform[0.0001, 0.001]", "space.ema.decay": "0.99",
     }
+
+
+def test_a_trial_asha_stopped_gets_its_scene_pictures_and_weights_from_its_run_folder(tmp_path) -> None:
+    """Tune ended the trial's process before ``train`` recorded anything: the sweep does it."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from jobs.sweep.tune import close_trial_runs
+    from jobs.tracking import start_run
+    from jobs.training.checkpoints import load_model_from_checkpoint
+    from jobs.training.driver import RUN_FILE, write_run_file
+    from tests._tiny_checkpoint import tiny_config, write_tiny_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_run(uri, "sweep-test", run_name="sweep", params={})
+    run_dir = tmp_path / "trials" / "trial-t1"
+    child = start_run(uri, "sweep-test", run_name="t1", params={"trial_id": "t1"}, parent_run_id=parent,
+                      tags={"salgl.run_dir": str(run_dir)})
+    checkpoint = write_tiny_checkpoint(run_dir / "checkpoint_000000", [f"c{i}" for i in range(4)])
+    write_run_file(run_dir, {"run_name": "trial-t1", "data_dir": "", "config": to_flat(tiny_config()),
+                             "tracking_uri": uri, "mlflow_run_id": child})
+    assert (run_dir / RUN_FILE).is_file()
+    close_trial_runs(uri, parent, [{"trial": "t1", "stopped_early": True, "epochs": 1, "error": None}])
+
+    client = MlflowClient(uri)
+    run = client.get_run(child)
+    assert run.info.status == "FINISHED" and run.data.tags["salgl.stopped_by"] == "asha"
+    scenes = {a.path.split("/")[-1] for a in client.list_artifacts(child, "scenes")}
+    assert {"scene_0_cooccurrence.png", "scene_occupancy.png", "top_labels_per_scene.json"} <= scenes
+    top = {a.path for a in client.list_artifacts(child)}
+    assert "best_weights" in top and "best_checkpoint" not in top
+    weights = torch.load(client.download_artifacts(child, "best_weights/weights.pt", str(tmp_path)), weights_only=True)
+    ema, _, _ = load_model_from_checkpoint(checkpoint)
+    assert weights.keys() == ema.state_dict().keys()
+    torch.testing.assert_close(weights["head.counts"], ema.state_dict()["head.counts"])  # the EMA's, not the live model's
