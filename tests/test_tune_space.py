@@ -179,6 +179,7 @@ def test_a_trial_asha_stopped_gets_its_scene_pictures_and_weights_from_its_run_f
     import torch
     from mlflow.tracking import MlflowClient
 
+    from jobs.storage import Folder
     from jobs.sweep.tune import close_trial_runs
     from jobs.tracking import start_run
     from jobs.training.checkpoints import load_model_from_checkpoint
@@ -191,7 +192,7 @@ def test_a_trial_asha_stopped_gets_its_scene_pictures_and_weights_from_its_run_f
     child = start_run(uri, "sweep-test", run_name="t1", params={"trial_id": "t1"}, parent_run_id=parent,
                       tags={"salgl.run_dir": str(run_dir)})
     checkpoint = write_tiny_checkpoint(run_dir / "checkpoint_000000", [f"c{i}" for i in range(4)])
-    write_run_file(run_dir, {"run_name": "trial-t1", "data_dir": "", "config": to_flat(tiny_config()),
+    write_run_file(Folder(str(run_dir)), {"run_name": "trial-t1", "data_dir": "", "config": to_flat(tiny_config()),
                              "tracking_uri": uri, "mlflow_run_id": child})
     assert (run_dir / RUN_FILE).is_file()
     close_trial_runs(uri, parent, [{"trial": "t1", "stopped_early": True, "epochs": 1, "error": None}])
