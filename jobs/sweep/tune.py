@@ -355,10 +355,9 @@ def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any
     Tune ends (ASHA stopping it early, or stopping it on its last report because it reached
     ``max_t``) has its process ended mid-way: its run is left RUNNING, or marked KILLED or FAILED
     by ``train`` depending on where the stop landed, and without its scene pictures. Here its
-    artifacts are recorded from the checkpoints in its run folder (the best kept one, as for a
-    completed run), an early stop is tagged
-    ``salgl.stopped_by=asha`` with ``salgl.stopped_at_epoch`` (the rung), and the run is FINISHED.
-    Trials Tune records with an error stay FAILED.
+    artifacts are recorded from its run folder's best checkpoint (as for a completed run), an
+    early stop is tagged ``salgl.stopped_by=asha`` with ``salgl.stopped_at_epoch`` (the rung), and
+    the run is FINISHED. Trials Tune records with an error stay FAILED.
     """
     from mlflow.tracking import MlflowClient
 
@@ -377,13 +376,17 @@ def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any
             client.set_tag(run_id, "salgl.stopped_by", "asha")
             client.set_tag(run_id, "salgl.stopped_at_epoch", str(row["epochs"]))
         if child.info.status != "FINISHED":
-            record_stopped_trial(child.data.tags.get("salgl.run_dir"))
+            try:
+                record_stopped_trial(child.data.tags.get("salgl.run_dir"))
+            except Exception as err:  # pictures missing must not leave the sweep's parent RUNNING
+                log.warning(f"trial {row['trial']}: its artifacts could not be recorded: {err}")
             end_run(tracking_uri, run_id, "FINISHED")
 
 
 def record_stopped_trial(run_dir: str | None) -> None:
-    """A trial Tune ended: its artifacts from its last checkpoint, as ``train`` records them for a
-    trial that completes (weights only; no MLflow model). Nothing where no run folder is left."""
+    """A trial Tune ended: its artifacts from its run folder's best checkpoint, as ``train``
+    records them for a trial that completes (weights only; no MLflow model). Nothing where no run
+    folder is left."""
     from jobs.storage import Folder
     from jobs.training.driver import recorded_outcome, record_final_artifacts
 
