@@ -44,7 +44,7 @@ def load_split(root: Path, split: str, num_labels: int) -> tuple[torch.Tensor, t
     return torch.tensor((images - mean) / std).permute(0, 3, 1, 2).float(), torch.tensor(targets)  # (N, 3, H, W)
 
 
-def test_map(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
+def eval_map(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
         scores = torch.sigmoid(model(images).logits).numpy()
@@ -73,7 +73,7 @@ def main() -> None:
     steps = len(x_train) // BATCH
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=args.epochs * steps, pct_start=cfg.optim.pct_start)
-    print(f"before training: mAP {test_map(model, x_test, y_test):.1f}")
+    print(f"before training: mAP {eval_map(model, x_test, y_test):.1f}")
     print("epoch  step  live mAP  EMA mAP warm-up  EMA mAP fixed  warm-up decay")
     step = 0
     for epoch in range(1, args.epochs + 1):
@@ -90,7 +90,7 @@ def main() -> None:
             step += 1
             for ema in emas.values():
                 ema.update(model, step=step)
-        maps = [test_map(m, x_test, y_test) for m in (model, emas[True].module, emas[False].module)]
+        maps = [eval_map(m, x_test, y_test) for m in (model, emas[True].module, emas[False].module)]
         print(f"{epoch:>5} {step:>5} {maps[0]:>9.1f} {maps[1]:>16.1f} {maps[2]:>14.1f} {emas[True].get_decay(step):>14.4f}")
 
 
