@@ -121,7 +121,7 @@ def test_every_trial_ends_finished_with_its_records_and_asha_stops_are_tagged(sw
         assert child.data.metrics["best_ema_mAP"] == pytest.approx(row["best_ema_mAP"])
         assert 1 <= child.data.metrics["best_epoch"] <= row["epochs"]
         assert len(child.data.tags["mlflow.source.git.commit"]) == 40
-        (dataset,) = child.inputs.dataset_inputs
+        (dataset,) = client.get_run(run_id).inputs.dataset_inputs
         assert dataset.dataset.name == "mosaic" and json.loads(dataset.dataset.profile)["splits"] == {"train": 128, "test": 32}
         scenes = {Path(a.path).name for a in client.list_artifacts(run_id, "scenes")}
         assert {"scene_0_cooccurrence.png", "scene_occupancy.png", "top_labels_per_scene.json"} <= scenes, (row, scenes)
