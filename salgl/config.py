@@ -194,6 +194,7 @@ class EmaConfig:
     enabled: bool = True
     decay: float = 0.9997
     counts: str = "ema"  # "ema": average the counts too (released default); "live": copy them
+    warmup: bool = True  # timm ModelEmaV3 warm-up: decay min(decay, 1 - (1 + step)^-2/3); the release has none
 
     def validate(self) -> None:
         _in_unit("decay", self.decay, closed_high=True)
@@ -276,9 +277,11 @@ class RunConfig:
     device: str = "auto"
     channels_last: bool = False  # images and backbone in channels-last memory order (off until measured on a GPU)
     compile: bool = False  # torch.compile the backbone (off until measured on a GPU)
+    preset: str = "paper"  # the preset the numbers started from: recorded (MLflow param `preset`), applies nothing
 
     def validate(self) -> None:
         _at_least("workers", self.workers, 1)
+        _choice("preset", self.preset, tuple(PRESETS))
         _choice("placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         _choice("device", self.device, DEVICES)
         _at_least("stop_after_epoch", self.stop_after_epoch, 0)
@@ -312,6 +315,16 @@ ALIASES: dict[str, str] = {
 RETIRED: dict[str, str] = {
     "optim.amp": "optim.precision=fp32|bf16|fp16 (optim.amp=true meant bf16 on GPUs only)",
 }
+
+
+def short_key(key: str) -> str:
+    """A dotted key's alias where it has one (``model.head.num_scenes`` -> ``K``), else the key."""
+    return next((alias for alias, full in ALIASES.items() if full == key), key)
+
+
+def short_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``K``, ``lambda``, ``T`` and ``preset`` of a flat config: the columns runs are compared by."""
+    return {**{alias: flat[key] for alias, key in ALIASES.items()}, "preset": flat["run.preset"]}
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
@@ -475,6 +488,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss.reduction": "released",
         "loss.balance_scale": 100.0,
         "ema.counts": "ema",
+        "ema.warmup": False,
     },
     # Seconds on CPU: a timm test backbone, seeded label vectors, small head.
     "tiny": {
@@ -501,7 +515,7 @@ def preset(name: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """A named preset with optional dotted-key overrides applied on top."""
     if name not in PRESETS:
         raise ConfigError("preset", f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    return with_overrides(Config(), {**PRESETS[name], **(overrides or {})})
+    return with_overrides(Config(), {**PRESETS[name], "run.preset": name, **(overrides or {})})
 
 
 def load(tree: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:

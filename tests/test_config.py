@@ -168,3 +168,14 @@ def test_a_trial_process_builds_its_trainer_without_the_training_stack(tmp_path)
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_runs_are_compared_by_k_lambda_t_and_preset() -> None:
+    from salgl.config import ALIASES, load, short_params
+
+    flat = to_flat(preset("tiny", {"lambda": 0.5}))
+    assert short_params(flat) == {"K": 3, "lambda": 0.5, "T": 2, "preset": "tiny"}
+    assert set(short_params(flat)) - {"preset"} == set(ALIASES)  # the CLI's aliases, one mapping
+    assert load({"preset": "official"}).run.preset == "official" and load().run.preset == "paper"
+    with pytest.raises(ConfigError, match="run.preset"):
+        preset("tiny", {"run.preset": "nope"})

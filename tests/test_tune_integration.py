@@ -84,12 +84,52 @@ def test_mlflow_holds_parent_and_named_children(sweep) -> None:
     for child in children:
         params = child.data.params
         assert child.info.run_name.startswith(f"K{params['K']}-lam1.0-T1-")
-        assert child.info.status in ("FINISHED", "KILLED")
+        assert child.info.status == "FINISHED"
         assert client.get_metric_history(child.info.run_id, "ema_mAP")
     stopped = [c for c in children if c.data.tags.get("asha.stopped_early") == "true"]
-    assert stopped and all(c.info.status == "KILLED" for c in stopped)
+    assert stopped and all(c.info.status == "FINISHED" for c in stopped)
     files = {Path(a.path).name for a in client.list_artifacts(sweep.parent_run_id, "sweep")}
     assert {"summary.csv", "summary.json", "best_map_vs_K.png", "scene_entropy_vs_K.png", "asha_stopped.json"} <= files
+
+
+@pytest.mark.timeout(900)
+def test_every_trial_ends_finished_with_its_records_and_asha_stops_are_tagged(sweep) -> None:
+    """Completed and ASHA-stopped trials alike: FINISHED, scene pictures, weights only, the params
+    and best-so-far metrics runs are compared by, and the dataset they trained on."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sweep.tracking_uri)
+    parent = client.get_run(sweep.parent_run_id)
+    assert {k: v for k, v in parent.data.params.items() if k.startswith("space.")} == {
+        "space.K": "grid[1, 2]", "space.optim.lr": "grid[0.003, 1e-09]", "space.lambda": "1.0", "space.T": "1",
+    }
+    assert parent.data.params["preset"] == "tiny" and parent.data.params["sweep.metric"] == "ema_mAP"
+    rows = {row["trial"]: row for row in sweep.summary}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}'")
+    for child in children:
+        run_id, row = child.info.run_id, rows[child.data.params["trial_id"]]
+        assert child.info.status == "FINISHED"
+        if row["stopped_early"]:
+            assert child.data.tags["salgl.stopped_by"] == "asha"
+            assert child.data.tags["salgl.stopped_at_epoch"] == str(row["epochs"])
+        else:
+            assert "salgl.stopped_by" not in child.data.tags and row["epochs"] == MAX_EPOCHS
+        assert {k: child.data.params[k] for k in ("K", "lambda", "T", "preset")} == {
+            "K": str(row["K"]), "lambda": "1.0", "T": "1", "preset": "tiny",
+        }
+        assert child.data.metrics["best_ema_mAP"] == pytest.approx(row["best_ema_mAP"])
+        assert 1 <= child.data.metrics["best_epoch"] <= row["epochs"]
+        assert len(child.data.tags["mlflow.source.git.commit"]) == 40
+        (dataset,) = client.get_run(run_id).inputs.dataset_inputs
+        assert dataset.dataset.name == "mosaic" and json.loads(dataset.dataset.profile)["splits"] == {"train": 128, "test": 32}
+        scenes = {Path(a.path).name for a in client.list_artifacts(run_id, "scenes")}
+        assert {"scene_0_cooccurrence.png", "scene_occupancy.png", "top_labels_per_scene.json"} <= scenes, (row, scenes)
+        top = {a.path for a in client.list_artifacts(run_id)}
+        assert "best_weights" in top and "best_checkpoint" not in top  # no optimiser state per trial
+        assert {Path(a.path).name for a in client.list_artifacts(run_id, "best_weights")} == {"weights.pt", "config.json"}
+        assert "metrics/per_class_ap.csv" in {a.path for a in client.list_artifacts(run_id, "metrics")}
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 @pytest.mark.timeout(900)

@@ -47,7 +47,7 @@ def test_a_trial_takes_its_sampled_values_and_leaves_retries_to_tune() -> None:
     assert cfg.run.max_failures == 0 and cfg.optim == base.optim
 
 
-def test_closing_trial_runs_marks_tune_stops_killed_and_keeps_real_failures(tmp_path) -> None:
+def test_closing_trial_runs_finishes_tune_stops_tagged_and_keeps_real_failures(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
     from jobs.tracking import end_run, start_run
@@ -70,8 +70,11 @@ def test_closing_trial_runs_marks_tune_stops_killed_and_keeps_real_failures(tmp_
     close_trial_runs(uri, parent, summary)
     client = MlflowClient(uri)
     status = {t: client.get_run(r).info.status for t, r in runs.items()}
-    assert status == {"t1": "KILLED", "t2": "FAILED", "t3": "KILLED", "t4": "FINISHED", "t5": "KILLED"}
-    assert client.get_run(runs["t1"]).data.tags["asha.stopped_early"] == "true"
+    assert status == {"t1": "FINISHED", "t2": "FAILED", "t3": "FINISHED", "t4": "FINISHED", "t5": "FINISHED"}
+    tags = {t: client.get_run(r).data.tags for t, r in runs.items()}
+    assert tags["t1"]["salgl.stopped_by"] == "asha" and tags["t1"]["salgl.stopped_at_epoch"] == "1"
+    assert tags["t1"]["asha.stopped_early"] == "true"
+    assert "salgl.stopped_by" not in tags["t5"] and "salgl.stopped_by" not in tags["t2"]
 
 
 def test_a_bad_search_space_is_refused_before_any_trial_runs() -> None:
@@ -138,3 +141,70 @@ def test_a_sweep_that_breaks_marks_its_mlflow_parent_failed(tmp_path, caplog) ->
         _fit(BrokenTuner(), tmp_path / "sweep", record)
     assert MlflowClient(uri).get_run(record["parent_run_id"]).info.status == "FAILED"
     assert f"salgl tune --resume {tmp_path / 'sweep'}" in caplog.text  # a warning: shown with -q too
+
+
+def test_every_ranking_metric_is_a_score_the_epoch_report_has() -> None:
+    import numpy as np
+
+    from jobs.sweep.search_space import RANKING_METRICS
+    from salgl.metrics import multilabel_metrics
+
+    scores = multilabel_metrics(np.random.default_rng(0).random((8, 3)), np.eye(8, 3))
+    assert {name.removeprefix("ema_") for name in RANKING_METRICS} <= set(scores)
+    assert {"mAP", "ema_mAP"} <= set(RANKING_METRICS) and "loss" not in RANKING_METRICS
+
+
+def test_an_unknown_ranking_metric_is_a_usage_error_before_ray_starts(tmp_path, capsys) -> None:
+    from jobs.cli import main
+
+    assert main(["tune", "tiny", "--metric", "ema_map", f"run.storage={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("salgl tune: error: unknown ranking metric 'ema_map'; choose one of mAP, ") and "ema_mAP" in err
+
+
+def test_the_space_reads_as_its_values_on_the_sweep_parent() -> None:
+    from jobs.sweep.search_space import describe_domain
+    from salgl.config import short_key
+
+    space = build_space({"K": "1,2,4", "T": "grid:0,3", "optim.lr": "uniform:1e-4:1e-3", "ema.decay": "0.99"})
+    shown = {f"space.{short_key(k)}": describe_domain(v) for k, v in space.items()}
+    assert shown == {
+        "space.K": "choice[1, 2, 4]", "space.lambda": "loguniform[0.01, 10.0]", "space.T": "grid[0, 3]",
+        "space.optim.lr": "uniform[0.0001, 0.001]", "space.ema.decay": "0.99",
+    }
+
+
+def test_a_trial_asha_stopped_gets_its_scene_pictures_and_weights_from_its_run_folder(tmp_path) -> None:
+    """Tune ended the trial's process before ``train`` recorded anything: the sweep does it."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from jobs.storage import Folder
+    from jobs.sweep.tune import close_trial_runs
+    from jobs.tracking import start_run
+    from jobs.training.checkpoints import load_model_from_checkpoint
+    from jobs.training.driver import RUN_FILE, write_run_file
+    from tests._tiny_checkpoint import tiny_config, write_tiny_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_run(uri, "sweep-test", run_name="sweep", params={})
+    run_dir = tmp_path / "trials" / "trial-t1"
+    child = start_run(uri, "sweep-test", run_name="t1", params={"trial_id": "t1"}, parent_run_id=parent,
+                      tags={"salgl.run_dir": str(run_dir)})
+    checkpoint = write_tiny_checkpoint(run_dir / "checkpoint_000000", [f"c{i}" for i in range(4)])
+    write_run_file(Folder(str(run_dir)), {"run_name": "trial-t1", "data_dir": "", "config": to_flat(tiny_config()),
+                             "tracking_uri": uri, "mlflow_run_id": child})
+    assert (run_dir / RUN_FILE).is_file()
+    close_trial_runs(uri, parent, [{"trial": "t1", "stopped_early": True, "epochs": 1, "error": None}])
+
+    client = MlflowClient(uri)
+    run = client.get_run(child)
+    assert run.info.status == "FINISHED" and run.data.tags["salgl.stopped_by"] == "asha"
+    scenes = {a.path.split("/")[-1] for a in client.list_artifacts(child, "scenes")}
+    assert {"scene_0_cooccurrence.png", "scene_occupancy.png", "top_labels_per_scene.json"} <= scenes
+    top = {a.path for a in client.list_artifacts(child)}
+    assert "best_weights" in top and "best_checkpoint" not in top
+    weights = torch.load(client.download_artifacts(child, "best_weights/weights.pt", str(tmp_path)), weights_only=True)
+    ema, _, _ = load_model_from_checkpoint(checkpoint)
+    assert weights.keys() == ema.state_dict().keys()
+    torch.testing.assert_close(weights["head.counts"], ema.state_dict()["head.counts"])  # the EMA's, not the live model's

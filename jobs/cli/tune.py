@@ -1,4 +1,4 @@
-"""``salgl tune [CONFIG.yaml] --samples N --max-epochs E [key=value | key=v1,v2 | key=log:lo:hi ...]``."""
+"""``salgl tune [CONFIG.yaml] --samples N --max-epochs E [--metric NAME] [key=value | key=v1,v2 | key=log:lo:hi ...]``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial that ASHA never stops (default: optim.epochs)")
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=int, default=2)
+    p.add_argument("--metric", default=None, metavar="NAME",
+                   help="what ASHA stops trials by and the best trial is chosen by (default ema_mAP; "
+                        "mAP, ema_CF1, ema_OF1, ... : any score of the epoch report)")
     p.add_argument("--register-as", default="salgl", help="MLflow registered model name for the best checkpoint")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep (its folder)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
@@ -36,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.cli.train import load_config_file, split_config_and_overrides
-    from jobs.sweep.search_space import default_space
+    from jobs.sweep.search_space import METRIC, default_space
     from jobs.sweep.tune import tune_sweep
     from salgl.config import load, parse_overrides
 
@@ -47,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
     outcome = tune_sweep(
         cfg, samples=args.samples, max_epochs=max_epochs, space_overrides=space, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, register_as=args.register_as, address=args.address, resume=args.resume,
+        metric=args.metric or METRIC,
     )
     return 130 if outcome.interrupted else 0  # 130: the shell's code for an interrupted command

@@ -24,12 +24,17 @@ class SweepProgress(Callback):
     """Trial started / each epoch / stopped by ASHA or finished / failed, with the sweep's clock.
 
     ``total`` is the number of trials the sweep has; ``base`` the sweep's flat config (a trial's
-    Tune config holds only its sampled values); ``write`` takes each line (``log.info`` by default).
+    Tune config holds only its sampled values); ``metric`` what the sweep ranks by; ``write`` takes
+    each line (``log.info`` by default).
     """
 
+    metric: str = METRIC  # a callback pickled by an older sweep (restored by --resume) has no attribute of its own
+
     def __init__(
-        self, total: int, max_epochs: int, base: Mapping[str, Any], write: Callable[[str], None] | None = None
+        self, total: int, max_epochs: int, base: Mapping[str, Any], write: Callable[[str], None] | None = None,
+        metric: str = METRIC,
     ) -> None:
+        self.metric = metric
         self.total = total
         self.max_epochs = max_epochs
         self.base = dict(base)
@@ -50,8 +55,9 @@ class SweepProgress(Callback):
         self._line(f"trial {trials.index(trial) + 1}/{self.total} {self._name(trial)} started")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        best = _sweep_best(trials, result.get(METRIC))
-        sweep_best = f"  (sweep best {best:.2f})" if best is not None else ""
+        best = _sweep_best(trials, result.get(self.metric), self.metric)
+        label = "" if self.metric == METRIC else f" {self.metric}"
+        sweep_best = f"  (sweep best{label} {best:.2f})" if best is not None else ""
         self.write(format_epoch_line(result, self.max_epochs, label=self._name(trial)) + sweep_best)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -62,8 +68,9 @@ class SweepProgress(Callback):
             what = f"stopped by ASHA after epoch {epochs}/{self.max_epochs}"
         else:
             what = f"finished {epochs} epochs"
-        value = last.get(METRIC)
-        metric = f", EMA mAP {value:.2f}" if isinstance(value, (int, float)) else ""
+        value = last.get(self.metric)
+        name = "EMA mAP" if self.metric == METRIC else self.metric
+        metric = f", {name} {value:.2f}" if isinstance(value, (int, float)) else ""
         self._line(f"trial {self._name(trial)} {what}{metric}  [{done}/{self.total} trials done]")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -74,11 +81,11 @@ class SweepProgress(Callback):
         self._line(f"trial {self._name(trial)} failed" + (f": see {where}" if where else ""))
 
 
-def _sweep_best(trials: list, value: Any) -> float | None:
+def _sweep_best(trials: list, value: Any, metric: str = METRIC) -> float | None:
     """The best metric so far over every trial (kept in Tune's trial state, so a resumed sweep
     counts the epochs before the interruption) and this result's, which Tune records after the
     callbacks have seen it."""
-    values = [t.metric_analysis[METRIC]["max"] for t in trials if METRIC in t.metric_analysis]
+    values = [t.metric_analysis[metric]["max"] for t in trials if metric in t.metric_analysis]
     if isinstance(value, (int, float)):
         values.append(value)
     return max(values) if values else None

@@ -96,6 +96,22 @@ def check_space(base: Config, space: Mapping[str, Any]) -> None:
                 raise ConfigError(key, f"in the search space: {str(err).split(': ', 1)[1]}{hint}") from None
 
 
+def describe_domain(domain: Any) -> str:
+    """A search-space entry as the sweep parent's MLflow param shows it: ``choice[1, 2, 4]``,
+    ``grid[0, 3]``, ``loguniform[0.01, 10.0]``, ``uniform[...]`` or the fixed value (``str()`` of a
+    Tune domain is its object address)."""
+    from ray.tune.search.sample import Categorical, Float, LogUniform
+
+    if isinstance(domain, dict) and "grid_search" in domain:
+        return f"grid{list(domain['grid_search'])}"
+    if isinstance(domain, Categorical):
+        return f"choice{list(domain.categories)}"
+    if isinstance(domain, Float):
+        kind = "loguniform" if isinstance(domain.get_sampler(), LogUniform) else "uniform"
+        return f"{kind}[{domain.lower}, {domain.upper}]"
+    return str(domain)
+
+
 def expected_trials(space: Mapping[str, Any], samples: int) -> int:
     """Trials a complete sweep has: ``samples`` times every combination of the grid values."""
     grids = [len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v]
@@ -105,7 +121,23 @@ def expected_trials(space: Mapping[str, Any], samples: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # A trial's values and name (shared by the sweep and its progress lines)
 
-METRIC = "ema_mAP"  # what ASHA and the best-trial choice rank by
+METRIC = "ema_mAP"  # what ASHA and the best-trial choice rank by, unless `salgl tune --metric` says otherwise
+
+# What a sweep may rank by: the epoch report's scores where higher is better (the live model's
+# and, prefixed ema_, the EMA model's; salgl.metrics.multilabel_metrics names them, in percent).
+RANKING_METRICS: tuple[str, ...] = tuple(
+    f"{model}{name}"
+    for model in ("", "ema_")
+    for name in ("mAP", "mAP_noninterp", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3",
+                 "OP_top3", "OR_top3", "OF1_top3")
+)
+
+
+def check_metric(metric: str) -> None:
+    """A ranking metric Tune would not find in any report fails every trial's ASHA check late and
+    vaguely; it is refused here, naming the choices."""
+    if metric not in RANKING_METRICS:
+        raise BadValue(f"unknown ranking metric {metric!r}; choose one of {', '.join(RANKING_METRICS)}")
 
 
 def trial_values(base: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:

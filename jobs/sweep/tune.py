@@ -20,12 +20,14 @@ from typing import Any, Mapping
 from salgl.errors import AlreadyExists, BadValue, NotFound
 from jobs.logs import run_log
 from jobs.resources import plan_resources
-from jobs.sweep.search_space import METRIC, build_space, check_space, expected_trials, trial_label, trial_values
+from jobs.sweep.search_space import (
+    METRIC, build_space, check_metric, check_space, describe_domain, expected_trials, trial_label, trial_values,
+)
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.storage import is_object_store
 from jobs.training.driver import init_ray, new_run_name, resolve_data, storage_root
 from salgl.atomic_file import write_text_atomic
-from salgl.config import Config, from_flat, to_flat, with_overrides
+from salgl.config import Config, from_flat, short_key, to_flat, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +75,12 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
         resume=resume,
         parent_run_id=sweep.parent_run_id,
         mlflow_run_name=trial_label(flat, trial_id),
-        extra_params={"K": flat["model.head.num_scenes"], "lambda": flat["loss.entropy_weight"], "T": flat["model.head.steps"], "trial_id": trial_id},
+        extra_params={"trial_id": trial_id},  # K, lambda, T and preset come with every run's params
         callbacks=[TuneReportCallback()],
         log_model=False,
         resource_share=sweep.resource_share,
         quiet=True,
+        weights_only=True,
     )
 
 
@@ -143,8 +146,11 @@ def tune_sweep(
     register_as: str = "salgl",
     address: str | None = None,
     resume: str | None = None,
+    metric: str = METRIC,
 ) -> SweepOutcome:
     """Run (or continue) a sweep; returns the summary and where everything went.
+
+    ``metric`` is what ASHA stops trials by and the best trial is chosen by (its best epoch).
 
     What the user gave is checked before Ray starts (``salgl.errors``: one line from `salgl tune`).
     """
@@ -158,6 +164,7 @@ def tune_sweep(
         init_ray(address)
         return _resume(sweep_dir, register_as)
     check_schedule(samples, max_epochs, grace_period, reduction_factor)
+    check_metric(metric)
     storage = storage_root(cfg)
     if is_object_store(storage):
         raise BadValue(f"run.storage={storage}: a sweep keeps its folder (Tune's state, its trials) on a filesystem "
@@ -180,21 +187,22 @@ def tune_sweep(
     concurrency = trial_concurrency(base, ray.cluster_resources())
     parent = start_run(tracking_uri, cfg.run.experiment, run_name=name, params={
         "sweep.samples": samples, "sweep.max_epochs": max_epochs, "sweep.grace_period": grace_period,
-        "sweep.reduction_factor": reduction_factor, "sweep.concurrency": concurrency,
-        **{f"space.{k}": str(v) for k, v in space.items()},
+        "sweep.reduction_factor": reduction_factor, "sweep.concurrency": concurrency, "sweep.metric": metric,
+        "preset": cfg.run.preset,
+        **{f"space.{short_key(k)}": describe_domain(v) for k, v in space.items()},
     }, tags={"salgl.sweep_dir": str(sweep_dir)})
     sweep_dir.mkdir(parents=True)
     record = {"name": name, "tracking_uri": tracking_uri, "parent_run_id": parent, "max_epochs": max_epochs,
               "samples": samples, "expected_trials": expected_trials(space, samples), "base": to_flat(base),
-              "resource_share": 1.0 / concurrency}
+              "resource_share": 1.0 / concurrency, "metric": metric}
     write_text_atomic(sweep_dir / SWEEP_FILE, json.dumps(record, indent=1))
-    headline = (f"sweep {name}: {record['expected_trials']} trials, ASHA on {METRIC} over {max_epochs} epochs, "
+    headline = (f"sweep {name}: {record['expected_trials']} trials, ASHA on {metric} over {max_epochs} epochs, "
                 f"{concurrency} at a time; MLflow parent {parent}")
     tuner = tune.Tuner(
         trial_trainable(sweep_context(record)),
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=samples,
+            metric=metric, mode="max", num_samples=samples,
             # Seeded by run.seed: the same sweep draws the same trials.
             search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.run.seed),
             scheduler=asha_scheduler(max_epochs, grace_period, reduction_factor),
@@ -202,14 +210,15 @@ def tune_sweep(
         run_config=tune.RunConfig(
             name="tune", storage_path=str(sweep_dir), verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),  # see trial_config
-            callbacks=[SweepProgress(record["expected_trials"], max_epochs, record["base"])],  # restored with the sweep by --resume
+            # restored with the sweep by --resume
+            callbacks=[SweepProgress(record["expected_trials"], max_epochs, record["base"], metric=metric)],
         ),
     )
     return _run(tuner, sweep_dir, record, register_as, headline)
 
 
 def asha_scheduler(max_epochs: int, grace_period: int, reduction_factor: int) -> Any:
-    """ASHA over epochs; it ranks trials by the ``TuneConfig``'s metric (``METRIC``)."""
+    """ASHA over epochs; it ranks trials by the ``TuneConfig``'s metric (``salgl tune --metric``)."""
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
@@ -276,7 +285,8 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
     tracking_uri, parent = record["tracking_uri"], record["parent_run_id"]
     # Tune creates trials lazily, so an early Ctrl-C leaves fewer trials than the sweep has.
     total = max(len(results), record.get("expected_trials", 0))
-    summary = summarize(results, record["max_epochs"], record["base"])
+    metric = sweep_metric(record)
+    summary = summarize(results, record["max_epochs"], record["base"], metric)
     if results.num_terminated + results.num_errors < total:
         # Interrupted (Ctrl-C): Tune saved its scheduler and searcher state; nothing is final yet.
         log.warning(f"sweep interrupted with {results.num_terminated} of {total} trials done; "
@@ -285,19 +295,26 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
     close_trial_runs(tracking_uri, parent, summary)
     logger = MlflowLogger(tracking_uri, parent)
     write_sweep_artifacts(summary, logger)
-    finished = [row for row in summary if row.get("best_ema_mAP") is not None]
-    best = max(finished, key=lambda r: r["best_ema_mAP"]) if finished else {}
+    rank = f"best_{metric}"
+    finished = [row for row in summary if row.get(rank) is not None]
+    best = max(finished, key=lambda r: r[rank]) if finished else {}
     registered = None
     if best.get("best_checkpoint"):
-        logger.log_metrics({"best_ema_mAP": best["best_ema_mAP"]}, step=0)
+        logger.log_metrics({key: best[key] for key in ("best_ema_mAP", rank)}, step=0)
         registered = register_checkpoint(best["best_checkpoint"], tracking_uri, parent, register_as)
     end_run(tracking_uri, parent, "FINISHED")
     log_sweep(summary, best, registered, tracking_uri, parent)
     return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, best, registered)
 
 
-def summarize(results: Any, max_epochs: int, base: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial: its values, best and last EMA mAP, epochs run, and whether ASHA stopped it."""
+def sweep_metric(record: Mapping[str, Any]) -> str:
+    """What the sweep ranks by (a sweep recorded before ``--metric`` existed ranked by EMA mAP)."""
+    return str(record.get("metric", METRIC))
+
+
+def summarize(results: Any, max_epochs: int, base: Mapping[str, Any], metric: str = METRIC) -> list[dict[str, Any]]:
+    """One row per trial: its values, best and last EMA mAP, its best ``metric`` (what the sweep
+    ranks by), epochs run, and whether ASHA stopped it; best first."""
     from jobs.training.checkpoints import best_checkpoint_in
 
     rows = []
@@ -308,10 +325,10 @@ def summarize(results: Any, max_epochs: int, base: Mapping[str, Any]) -> list[di
         flat = trial_values(base, config)
         history = result.metrics_dataframe
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        best_map = float(history[METRIC].max()) if history is not None and METRIC in history else None
+        best = {key: float(history[key].max()) if history is not None and key in history else None for key in ("ema_mAP", metric)}
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
         run_dir = Path(flat["run.storage"]) / f"trial-{result.metrics.get('trial_id', '')}"
-        best_ckpt = best_checkpoint_in(run_dir, METRIC) if run_dir.is_dir() else None
+        best_ckpt = best_checkpoint_in(run_dir, metric) if run_dir.is_dir() else None
         rows.append({
             "trial": trial_id,
             "K": int(flat["model.head.num_scenes"]),
@@ -321,23 +338,26 @@ def summarize(results: Any, max_epochs: int, base: Mapping[str, Any]) -> list[di
             "epochs": epochs,
             "stopped_early": bool(result.error is None and 0 < epochs < max_epochs),
             "error": str(result.error)[:200] if result.error else None,
-            "best_ema_mAP": best_map,
-            "last_ema_mAP": result.metrics.get(METRIC),
+            "best_ema_mAP": best["ema_mAP"],
+            f"best_{metric}": best[metric],
+            "last_ema_mAP": result.metrics.get("ema_mAP"),
             "scene_entropy": result.metrics.get("ema_scene_entropy"),
             "best_checkpoint": best_ckpt,
         })
-    return sorted(rows, key=lambda r: (r["best_ema_mAP"] is None, -(r["best_ema_mAP"] or 0)))
+    rank = f"best_{metric}"
+    return sorted(rows, key=lambda r: (r[rank] is None, -(r[rank] or 0)))
 
 
 def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any]]) -> None:
-    """Child runs of trials that Tune stopped stay RUNNING unless ended: mark and end them.
+    """Every trial Tune ended without an error ends FINISHED in MLflow, with its artifacts.
 
-    Tune's own record is what counts. A trial it ended without an error (ASHA stopping it early,
-    or stopping it on its last report because it reached ``max_t``) can have its stop reach the
-    trial's training as an exception other than Tune's ``SystemExit(0)``, depending on where it
-    lands (a Train run shutting down after its last epoch, for one); then
-    ``jobs.training.driver.train`` has marked the child FAILED, and it is set to KILLED here. Trials Tune
-    records with an error stay FAILED.
+    A trial that completes records its artifacts itself (``jobs.training.driver.train``). One that
+    Tune ends (ASHA stopping it early, or stopping it on its last report because it reached
+    ``max_t``) has its process ended mid-way: its run is left RUNNING, or marked KILLED or FAILED
+    by ``train`` depending on where the stop landed, and without its scene pictures. Here its
+    artifacts are recorded from its run folder's best checkpoint (as for a completed run), an
+    early stop is tagged ``salgl.stopped_by=asha`` with ``salgl.stopped_at_epoch`` (the rung), and
+    the run is FINISHED. Trials Tune records with an error stay FAILED.
     """
     from mlflow.tracking import MlflowClient
 
@@ -347,12 +367,34 @@ def close_trial_runs(tracking_uri: str, parent: str, summary: list[dict[str, Any
     by_trial = {row["trial"]: row for row in summary}
     for child in children:
         row = by_trial.get(child.data.params.get("trial_id", ""))
-        if row is not None:
-            client.set_tag(child.info.run_id, "asha.stopped_early", str(row["stopped_early"]).lower())
-            client.set_tag(child.info.run_id, "asha.epochs", str(row["epochs"]))
-        stopped_by_tune = row is not None and not row.get("error") and child.info.status == "FAILED"
-        if child.info.status == "RUNNING" or stopped_by_tune:
-            end_run(tracking_uri, child.info.run_id, "KILLED")
+        if row is None or row.get("error"):
+            continue
+        run_id = child.info.run_id
+        client.set_tag(run_id, "asha.stopped_early", str(row["stopped_early"]).lower())
+        client.set_tag(run_id, "asha.epochs", str(row["epochs"]))
+        if row["stopped_early"]:
+            client.set_tag(run_id, "salgl.stopped_by", "asha")
+            client.set_tag(run_id, "salgl.stopped_at_epoch", str(row["epochs"]))
+        if child.info.status != "FINISHED":
+            try:
+                record_stopped_trial(child.data.tags.get("salgl.run_dir"))
+            except Exception as err:  # pictures missing must not leave the sweep's parent RUNNING
+                log.warning(f"trial {row['trial']}: its artifacts could not be recorded: {err}")
+            end_run(tracking_uri, run_id, "FINISHED")
+
+
+def record_stopped_trial(run_dir: str | None) -> None:
+    """A trial Tune ended: its artifacts from its run folder's best checkpoint, as ``train``
+    records them for a trial that completes (weights only; no MLflow model). Nothing where no run
+    folder is left."""
+    from jobs.storage import Folder
+    from jobs.training.driver import recorded_outcome, record_final_artifacts
+
+    found = recorded_outcome(Folder(run_dir)) if run_dir else None
+    if found is None:
+        return
+    outcome, cfg = found
+    record_final_artifacts(outcome, cfg, log_model=False, weights_only=True)
 
 
 def write_sweep_artifacts(summary: list[dict[str, Any]], logger: MlflowLogger) -> None:

@@ -170,6 +170,27 @@ def load_model_from_checkpoint(folder: str | os.PathLike[str], *, which: str = "
     return model.eval(), cfg, vocabulary
 
 
+WEIGHTS_FILE = "weights.pt"
+
+
+def export_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """``out/weights.pt`` (the EMA model's state dict, the live one's without EMA, ``module.``
+    prefix dropped) and ``out/config.json``: what inference needs of a checkpoint, without the
+    optimiser and scheduler state."""
+    import shutil
+
+    import torch
+
+    from salgl.official import strip_module_prefix
+
+    state = read_checkpoint(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(strip_module_prefix(state.get("ema") or state["model"]), out / WEIGHTS_FILE)
+    shutil.copyfile(Path(checkpoint) / CONFIG_FILE, out / CONFIG_FILE)
+    return out
+
+
 def _metas(run_dir: str | os.PathLike[str] | Folder) -> list[tuple[Folder, dict[str, Any]]]:
     """Every folder directly under a run folder with a readable meta.json, with it."""
     found = []

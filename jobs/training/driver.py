@@ -21,9 +21,9 @@ from salgl.errors import AlreadyExists, Failed, Interrupted, NotFound
 from jobs.logs import LOG_FILE, configure_worker_logging, console_level, run_log
 from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, check_precision, plan_resources
 from jobs.training.progress import STATUS_FILE, ProgressBar
-from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
+from jobs.tracking import BestSoFar, MlflowLogger, end_run, log_dataset, resolve_tracking_uri, run_page, start_run
 from jobs.storage import Folder, local_copy, resolve_storage
-from salgl.config import Config, from_flat, to_flat, with_overrides
+from salgl.config import Config, from_flat, short_params, to_flat, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -275,15 +275,19 @@ def make_tracking_warmup(tracking_uri: str, run_id: str):
     return TrackingWarmup()
 
 
-def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int, *, quiet: bool = False, log_file: str | None = None):
+def make_epoch_reporter(
+    tracking_uri: str, run_id: str, epochs: int, *, quiet: bool = False, log_file: str | None = None, run_dir: str | None = None,
+):
     """A Ray Train UserCallback: one line per epoch (the console, unless ``quiet``, and ``log_file``)
-    and the metrics into MLflow (rank 0's report)."""
+    and the metrics into MLflow (rank 0's report), with ``best_ema_mAP`` and ``best_epoch`` so far
+    (a resumed run starts from its folder's best checkpoint, ``run_dir``)."""
     from ray.train import UserCallback
 
     level = logging.WARNING if quiet else console_level()  # chosen here: Train runs the callback in its controller
 
     class EpochReporter(UserCallback):
         logging_ready = False
+        best: BestSoFar | None = None
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             if not metrics:
@@ -293,8 +297,10 @@ def make_epoch_reporter(tracking_uri: str, run_id: str, epochs: int, *, quiet: b
                 self.logging_ready = True
             m = metrics[0]
             log.info(format_epoch_line(m, epochs))
+            if self.best is None:
+                self.best = BestSoFar.from_run_dir(run_dir)
             if run_id:
-                MlflowLogger(tracking_uri, run_id).log_metrics(m, step=int(m.get("epoch", 0)))
+                MlflowLogger(tracking_uri, run_id).log_metrics({**m, **self.best.update(m)}, step=int(m.get("epoch", 0)))
 
     return EpochReporter()
 
@@ -384,7 +390,10 @@ def build_trainer(
             ),
             callbacks=[
                 make_tracking_warmup(tracking_uri, mlflow_run_id),
-                make_epoch_reporter(tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=str(local_folder(run_dir) / LOG_FILE)),
+                make_epoch_reporter(
+                    tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=str(local_folder(run_dir) / LOG_FILE),
+                    run_dir=str(run_dir),
+                ),
                 *callbacks,
             ],
             # Train's INFO lines repeat every report's metrics dict per rank; ours is one line an epoch.
@@ -408,13 +417,15 @@ def train(
     extra_params: Mapping[str, Any] | None = None,
     resource_share: float = 1.0,
     quiet: bool = False,
+    weights_only: bool = False,
 ) -> TrainOutcome:
     """Train end to end (or continue ``resume``) and record the outcome in MLflow.
 
     ``parent_run_id`` / ``mlflow_run_name`` / ``extra_params`` nest the run under a sweep;
     ``resource_share`` is the fraction of the cluster this run may size itself from (several
     trials at once); ``quiet`` keeps the run's epoch and progress lines off the console (its salgl.log
-    still has them; a sweep prints its own, ``jobs.sweep.progress``).
+    still has them; a sweep prints its own, ``jobs.sweep.progress``); ``weights_only`` logs the best
+    checkpoint's weights to MLflow rather than the whole checkpoint (``record_final_artifacts``).
     """
     from jobs.training.checkpoints import DIVERGED_FILE, set_aside_damaged
     from pipeline.shards import verify_shards
@@ -451,10 +462,11 @@ def train(
             tracking_uri,
             cfg.run.experiment,
             run_name=mlflow_run_name or run_name,
-            params={**to_flat(cfg), **plan_params(plan), **(extra_params or {})},
+            params={**to_flat(cfg), **short_params(to_flat(cfg)), **plan_params(plan), **(extra_params or {})},
             tags={"salgl.run_dir": str(run_dir)},
             parent_run_id=parent_run_id,
         )
+        log_dataset(tracking_uri, run_id, data_dir)
         write_run_file(run_dir, {
             "run_name": run_name, "data_dir": data_dir, "config": to_flat(cfg),
             "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
@@ -492,9 +504,10 @@ def train(
         outcome = _outcome(result, cfg, run_name, run_dir, run_id, tracking_uri)
         if outcome.metrics.get("epoch") != (result.metrics or {}).get("epoch"):
             # The newest epoch's report was cut off (a stop right after its checkpoint): log it now.
-            MlflowLogger(tracking_uri, run_id).log_metrics(outcome.metrics, step=int(outcome.metrics.get("epoch", 0)))
+            best = BestSoFar.from_run_dir(str(run_dir)).update({})
+            MlflowLogger(tracking_uri, run_id).log_metrics({**outcome.metrics, **best}, step=int(outcome.metrics.get("epoch", 0)))
         finished = outcome.metrics.get("epoch") == cfg.optim.epochs
-        record_final_artifacts(outcome, cfg, log_model=log_model and finished)
+        record_final_artifacts(outcome, cfg, log_model=log_model and finished, weights_only=weights_only)
         end_run(tracking_uri, run_id, "FINISHED" if finished else "KILLED")
         if not quiet:
             log_summary(outcome, finished)
@@ -528,6 +541,14 @@ def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Folder, run_id: s
     """The run's newest and best checkpoints, read from its folder (their meta.json), as a resumed
     run starts from them: Ray's ``Result`` misses a report that a stop cut off after its checkpoint
     was written (a run stopped just after its last epoch would otherwise count as unfinished)."""
+    return outcome_in(run_dir, run_name, run_id, tracking_uri, fallback=dict(result.metrics or {}))
+
+
+def outcome_in(
+    run_dir: Folder, run_name: str, run_id: str, tracking_uri: str, *, fallback: Mapping[str, Any] | None = None,
+) -> TrainOutcome:
+    """A run's outcome from its folder alone: also what a sweep records for a trial whose process
+    Tune ended (an ASHA stop) before ``train`` could."""
     from jobs.training.checkpoints import best_checkpoint_in, newest_checkpoint, read_meta
 
     def metrics_of(folder: str | None) -> dict[str, Any]:
@@ -536,27 +557,43 @@ def _outcome(result: Any, cfg: Config, run_name: str, run_dir: Folder, run_id: s
     newest = newest_checkpoint(run_dir)
     last_path = newest[0] if newest else None
     best_path = best_checkpoint_in(run_dir, "ema_mAP")
-    last = metrics_of(last_path) or dict(result.metrics or {})
+    last = metrics_of(last_path) or dict(fallback or {})
     return TrainOutcome(run_name, str(run_dir), last, best_path, metrics_of(best_path), last_path, run_id, tracking_uri)
 
 
-def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool) -> None:
-    """Resolved config, metrics JSON, scene pictures, the best checkpoint and the MLflow model."""
+def recorded_outcome(run_dir: Folder) -> tuple[TrainOutcome, Config] | None:
+    """(outcome, config) of a run folder from its run record; None where it has none."""
+    if not run_dir.is_file(RUN_FILE):
+        return None
+    record = json.loads(run_dir.read_text(RUN_FILE))
+    outcome = outcome_in(run_dir, record["run_name"], record["mlflow_run_id"], record["tracking_uri"])
+    return outcome, from_flat(record["config"])
 
+
+def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool, weights_only: bool = False) -> None:
+    """Resolved config, metrics JSON, scene pictures, the best checkpoint and the MLflow model.
+
+    ``weights_only`` (sweep trials): the best checkpoint's model weights go to MLflow instead of
+    the whole checkpoint, whose optimiser state doubles its size and serves only a resume, which
+    reads the run folder anyway.
+    """
     logger = MlflowLogger(outcome.tracking_uri, outcome.mlflow_run_id)
     logger.log_text(json.dumps(to_flat(cfg), indent=1), "config/resolved_config.json")
     logger.log_text(json.dumps({"last": outcome.metrics, "best": outcome.best_metrics}, indent=1, default=str), "metrics/final_metrics.json")
     if not outcome.best_checkpoint:
         return
     with local_copy(outcome.best_checkpoint) as best:
-        _record_checkpoint_artifacts(outcome, cfg, logger, best, log_model=log_model)
+        _record_checkpoint_artifacts(outcome, cfg, logger, best, log_model=log_model, weights_only=weights_only)
 
 
-def _record_checkpoint_artifacts(outcome: TrainOutcome, cfg: Config, logger: MlflowLogger, best: Path, *, log_model: bool) -> None:
+def _record_checkpoint_artifacts(
+    outcome: TrainOutcome, cfg: Config, logger: MlflowLogger, best: Path, *, log_model: bool, weights_only: bool,
+) -> None:
     from jobs.artifacts import write_occupancy_chart, write_scene_heatmaps, write_scene_rankings
-    from jobs.training.checkpoints import load_model_from_checkpoint
+    from jobs.training.checkpoints import export_weights, load_model_from_checkpoint
 
     model, _, vocabulary = load_model_from_checkpoint(best)
+    log_per_class_ap(logger, outcome.best_metrics, vocabulary)
     counts = model.head.counts
     occupancy = [outcome.best_metrics.get(f"ema_occupancy_{k}", 0.0) for k in range(cfg.model.head.num_scenes)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -564,11 +601,33 @@ def _record_checkpoint_artifacts(outcome: TrainOutcome, cfg: Config, logger: Mlf
         write_scene_rankings(counts, vocabulary, Path(tmp) / "scenes")
         write_occupancy_chart(occupancy, Path(tmp) / "scenes" / "scene_occupancy.png")
         logger.log_artifacts(str(Path(tmp) / "scenes"), "scenes")
-    logger.log_artifacts(str(best), "best_checkpoint")
+        if weights_only:
+            logger.log_artifacts(str(export_weights(best, Path(tmp) / "weights")), "best_weights")
+    if not weights_only:
+        logger.log_artifacts(str(best), "best_checkpoint")
     if log_model:
         from jobs.inference.pyfunc import log_checkpoint_model
 
         log_checkpoint_model(str(best), outcome.tracking_uri, outcome.mlflow_run_id)
+
+
+def log_per_class_ap(logger: MlflowLogger, metrics: Mapping[str, Any], vocabulary: Sequence[str]) -> None:
+    """The best checkpoint's AP per class (EMA and live model, percent; empty for a class without
+    positives) as ``metrics/per_class_ap.csv``: the classes a run gets wrong, which the mean hides.
+    A CSV, not ``log_table``, whose JSON appends to itself when a stopped trial's artifacts are
+    recorded again. Checkpoints written before per-class AP was kept log none."""
+    import csv
+    import io
+
+    columns = {key: metrics[key] for key in ("ema_ap", "ap") if isinstance(metrics.get(key), list)}
+    if not columns:
+        return
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["label", *columns])
+    for i, label in enumerate(vocabulary):
+        writer.writerow([label, *("" if values[i] is None else f"{values[i]:.4f}" for values in columns.values())])
+    logger.log_text(text.getvalue(), "metrics/per_class_ap.csv")
 
 
 def log_summary(outcome: TrainOutcome, finished: bool) -> None:

@@ -217,7 +217,7 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update(self.unwrapped)
+            self.ema.update(self.unwrapped, step=self.state.step + 1)
         self.state = TrainingState(self.state.epoch, self.state.step + 1)
 
     # ------------------------------------------------------------------ evaluate
@@ -276,6 +276,12 @@ class Recipe:
                     metrics[f"{prefix}{key}"] = value
         metrics.setdefault("ema_mAP", metrics.get("mAP"))
         return metrics
+
+    @staticmethod
+    def per_class_ap(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
+        """Each model's per-class AP (``ap``, ``ema_ap``; None for a class without positives): kept
+        in the checkpoint's meta.json for the run's per-class table, not in the report (lists)."""
+        return {("" if name == "live" else f"{name}_") + "ap": list(values["ap"]) for name, values in evals.items() if "ap" in values}
 
     def write_checkpoint(self, folder: str, metrics: Mapping[str, Any]) -> None:
         write_checkpoint(
@@ -381,7 +387,7 @@ def train_loop_per_worker(spec_dict: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint_out = None
             if recipe.world.is_main:
-                recipe.write_checkpoint(folder, metrics)
+                recipe.write_checkpoint(folder, {**metrics, **recipe.per_class_ap(evals)})
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
             # Every rank reports (the same metrics); only rank 0 attaches the checkpoint.
             ray.train.report(dict(metrics), checkpoint=checkpoint_out)
