@@ -7,6 +7,7 @@ weights and counts differ from the live model's (decay 0.5), so tests can tell t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,11 +33,11 @@ def make_mosaic(out: Path) -> str:
     return str(out)
 
 
-def tiny_config(data_dir: str = "") -> Config:
+def tiny_config(data_dir: str = "", **overrides: Any) -> Config:
     # Frozen BatchNorm (the tiny preset trains it, having no pretrained statistics): an image's
     # scene then does not depend on the mode, so evaluate's train/eval probe must agree exactly.
     return preset("tiny", {"data.path": data_dir, "data.img_size": IMG_SIZE, "data.augment": "none", "ema.decay": 0.5,
-                           "model.backbone.batchnorm": "frozen"})
+                           "model.backbone.batchnorm": "frozen", **overrides})
 
 
 def tiny_trained_model(cfg: Config, num_labels: int, *, steps: int = 3, seed: int = 0) -> tuple[SALGL, ModelEma]:
@@ -58,9 +59,11 @@ def tiny_trained_model(cfg: Config, num_labels: int, *, steps: int = 3, seed: in
     return model.eval(), ema
 
 
-def write_tiny_checkpoint(folder: Path, vocabulary: list[str], data_dir: str = "", *, ema_map: float = 50.0) -> Path:
+def write_tiny_checkpoint(
+    folder: Path, vocabulary: list[str], data_dir: str = "", *, ema_map: float = 50.0, overrides: dict[str, Any] | None = None,
+) -> Path:
     """A checkpoint folder in the training format (``jobs.training.checkpoints.write_checkpoint``)."""
-    cfg = tiny_config(data_dir)
+    cfg = tiny_config(data_dir, **(overrides or {}))
     model, ema = tiny_trained_model(cfg, len(vocabulary))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
