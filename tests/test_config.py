@@ -162,7 +162,9 @@ def test_a_trial_process_builds_its_trainer_without_the_training_stack(tmp_path)
         "from salgl.config import preset\n"
         f"root = Path({str(tmp_path)!r})\n"
         "cfg = preset('tiny', {'data.path': str(root / 'data'), 'run.workers': 1})\n"
-        "jobs.training.driver.build_trainer(cfg, data_dir=str(root / 'data'), run_dir=root / 'run', run_name='run', storage=str(root),\n"
+        "from jobs.storage import Folder\n"
+        "jobs.training.driver.build_trainer(cfg, data_dir=str(root / 'data'), run_dir=Folder(str(root / 'run')), run_name='run',\n"
+        "              storage=str(root),\n"
         "              tracking_uri=f'sqlite:///{root}/mlflow.db', mlflow_run_id='0', plan=plan_resources(1, {'CPU': 2.0}))\n"
         "print([m for m in ('jobs.training.recipe', 'timm', 'salgl.model', 'transformers') if m in sys.modules])\n"
     )
