@@ -121,7 +121,7 @@ def test_served_answers_equal_salgl_predict(ray_local: None, checkpoint: str, im
     from jobs.inference.serve import APP_NAME, ServeOptions, start_serving, stop_serving
 
     loaded = load_for_inference(checkpoint)
-    want = list(predict_files(*loaded, images, progress=False, **PARAMS))
+    want = list(predict_files(loaded.model, loaded.cfg.data, loaded.vocabulary, images, progress=False, **PARAMS))
     # A long wait with a batch of 2: two concurrent images always fill one batch, and nothing waits 1 s but a lone image.
     options = ServeOptions(port=free_port(), route_prefix="/salgl", max_batch_size=2, batch_wait_timeout_s=1.0, **PARAMS)
     try:
