@@ -79,7 +79,7 @@ def test_runtime_env_uploads_the_project_without_data_and_pip_only_when_asked() 
     for pattern in (".venv", ".git", "/data/", "/runs/", "/mlruns/", "*.db"):
         assert pattern in env["excludes"]
     pins = sj.pinned_requirements(ROOT / "pyproject.toml")
-    assert "ray[default,data,train,tune]==2.60.0" in pins and "torch==2.14.1" in pins
+    assert "ray[default,data,serve,train,tune]==2.60.0" in pins and "torch==2.14.1" in pins
     assert sj.runtime_env(ROOT, {}, pins)["pip"]["packages"] == pins
 
 

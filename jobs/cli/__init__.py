@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "train": "jobs.cli.train",
     "evaluate": "jobs.cli.evaluate",
     "predict": "jobs.cli.predict",
+    "serve": "jobs.cli.serve",
     "inspect": "jobs.cli.inspect",
     "tune": "jobs.cli.tune",
     "submit": "jobs.cli.submit",

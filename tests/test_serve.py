@@ -1,0 +1,152 @@
+"""``salgl serve`` (``jobs.inference.serve``): HTTP POSTs of images answered with ``salgl predict``'s records.
+
+Unit tests (no Ray): the two request forms parse, and requests that cannot be read are refused
+with a message; ``salgl serve`` of a missing checkpoint is a usage error. Integration test (a local
+Ray instance): Serve on a free port answers a raw image and the JSON form as ``predict_files``
+does, and two concurrent requests are scored in one forward pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from jobs.inference.loading import load_for_inference
+from jobs.inference.predict import predict_files
+from jobs.inference.serve import BadRequest, parse_request
+from tests._servers import free_port
+from tests._tiny_checkpoint import write_tiny_checkpoint
+
+VOCABULARY = [f"label_{i}" for i in range(10)]
+PARAMS = {"threshold": 0.505, "top_k": 3}  # not the defaults; the tiny model scores 0.48-0.52, so it splits the labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit: request parsing and the CLI's usage errors
+
+
+def test_raw_body_is_one_image_with_query_options() -> None:
+    req = parse_request(b"\x89PNG...", {"threshold": "0.7", "other": "x"})
+    assert req.images == [b"\x89PNG..."] and req.single and req.threshold == 0.7 and req.top_k == 5
+
+
+def test_json_body_is_a_list_of_base64_images_with_options() -> None:
+    body = json.dumps({"images": [base64.b64encode(b"one").decode(), base64.encodebytes(b"two" * 40).decode()], "top_k": 2})
+    req = parse_request(body.encode(), {})
+    assert req.images == [b"one", b"two" * 40] and not req.single and req.threshold == 0.5 and req.top_k == 2
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"", "empty body"),
+    (b'{"images": [', "not valid JSON"),
+    (b'{"images": []}', "non-empty list"),
+    (b'{"images": "abc"}', "non-empty list"),
+    (b'{"images": [1]}', "images[0] must be a base64 string"),
+    (b'{"images": ["not base64!"]}', "images[0] is not valid base64"),
+    (b'{"images": ["AAAA"], "top_k": -1}', "top_k must be"),
+    (b'{"images": ["AAAA"], "top_k": 1.5}', "top_k must be"),
+    (b'{"images": ["AAAA"], "threshold": "high"}', "threshold must be a number"),
+    (b'{"images": ["AAAA"], "path": "/etc/passwd"}', "unknown key"),
+])
+def test_requests_that_cannot_be_read_are_refused_with_a_message(body: bytes, message: str) -> None:
+    with pytest.raises(BadRequest, match=re.escape(message)):
+        parse_request(body, {})
+
+
+def test_serve_of_a_missing_checkpoint_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("salgl serve: error: checkpoint") and err.count("\n") == 1, err
+
+
+def test_serve_refuses_bad_options_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", str(tmp_path / "nope"), "--max-batch-size", "0"]) == 2
+    assert capsys.readouterr().err.startswith("salgl serve: error: --replicas and --max-batch-size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Integration: a Serve deployment on a local Ray instance
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000001", VOCABULARY))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    """Two encoded PNGs of noise (one at the model's size, one predict must resize) and a non-image."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(64, 64), (90, 50)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"image_{i}.png")
+    return [(folder / f"image_{i}.png").read_bytes() for i in range(2)] + [b"not an image"]
+
+
+def post(url: str, body: bytes, content_type: str) -> Any:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def assert_same_record(got: dict, want: dict) -> None:
+    """Equal but for float noise of a different batch composition (scores to 1e-5)."""
+    assert got.keys() == want.keys()
+    if "error" in want:
+        assert got == want
+        return
+    assert got["labels"] == want["labels"] and got["scene"] == want["scene"]
+    assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]]
+    assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
+    assert [t["score"] for t in got["top_k"]] == pytest.approx([t["score"] for t in want["top_k"]], abs=1e-5)
+    assert got["scene_probability"] == pytest.approx(want["scene_probability"], abs=1e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_served_answers_equal_salgl_predict(ray_local: None, checkpoint: str, images: list[bytes]) -> None:
+    from ray import serve
+
+    from jobs.inference.serve import APP_NAME, ServeOptions, start_serving, stop_serving
+
+    loaded = load_for_inference(checkpoint)
+    want = list(predict_files(loaded.model, loaded.cfg.data, loaded.vocabulary, images, progress=False, **PARAMS))
+    # A long wait with a batch of 2: two concurrent images always fill one batch, and nothing waits 1 s but a lone image.
+    options = ServeOptions(port=free_port(), route_prefix="/salgl", max_batch_size=2, batch_wait_timeout_s=1.0, **PARAMS)
+    try:
+        url = start_serving(loaded, options)
+        assert url == f"http://127.0.0.1:{options.port}/salgl/"
+        assert_same_record(post(url, images[0], "image/png"), want[0])
+        assert_same_record(post(url, images[2], "application/octet-stream"), want[2])  # its error record, not a 500
+        both = post(url, json.dumps({"images": [base64.b64encode(i).decode() for i in images]}).encode(), "application/json")
+        assert len(both) == 3
+        for got, expected in zip(both, want):
+            assert_same_record(got, expected)
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post(url, b'{"images": [', "application/json")
+        assert bad.value.code == 400 and "not valid JSON" in json.loads(bad.value.read())["error"]
+
+        handle = serve.get_app_handle(APP_NAME)
+        before = len(handle.get_batch_sizes.remote().result())
+        answers: dict[int, Any] = {}
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, post(url, images[i], "image/png"))) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for i in range(2):
+            assert_same_record(answers[i], want[i])
+        assert handle.get_batch_sizes.remote().result()[before:] == [2]  # one forward pass for both requests
+    finally:
+        stop_serving(whole_instance=True)
