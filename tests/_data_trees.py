@@ -35,6 +35,16 @@ def photo_jpeg(i: int, size: int = 40) -> bytes:
     return buf.getvalue()
 
 
+def noise_pngs(folder: Path) -> list[Path]:
+    """Two PNG files of noise: one square at the tiny model's size (64 px), one that predict must resize."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(64, 64), (90, 50)]):
+        paths.append(folder / f"image_{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
 def truncated_jpeg() -> bytes:
     """A real JPEG cut in half: the header parses, the pixel data does not."""
     data = photo_jpeg(0, size=64)

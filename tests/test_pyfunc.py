@@ -10,7 +10,6 @@ it back; a pickled model of the older format is refused without the opt-in. Inte
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
@@ -24,7 +23,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from jobs.cli import main
 from jobs.inference.loading import ALLOW_PICKLED_ENV, load_for_inference, score_images
@@ -33,6 +31,7 @@ from jobs.inference.pyfunc import REQUIREMENTS, log_checkpoint_model, save_salgl
 from salgl.errors import UsageError
 from tests._servers import free_port, wait_until_answering
 from tests._tiny_checkpoint import write_tiny_checkpoint
+from tests._data_trees import noise_pngs
 
 VOCABULARY = [f"label_{i}" for i in range(10)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,14 +45,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two PNG files of noise: one square at the model's size, one that predict must resize."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (w, h) in enumerate([(64, 64), (90, 50)]):
-        paths.append(folder / f"image_{i}.png")
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
-    return paths
+    return noise_pngs(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from jobs.cli import main
 from jobs.inference.loading import load_for_inference
@@ -27,6 +25,7 @@ from jobs.inference.predict import predict_files
 from jobs.inference.serve import BadRequest, parse_request
 from tests._servers import free_port
 from tests._tiny_checkpoint import write_tiny_checkpoint
+from tests._data_trees import noise_pngs
 
 VOCABULARY = [f"label_{i}" for i in range(10)]
 PARAMS = {"threshold": 0.505, "top_k": 3}  # not the defaults; the tiny model scores 0.48-0.52, so it splits the labels
@@ -87,11 +86,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     """Two encoded PNGs of noise (one at the model's size, one predict must resize) and a non-image."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate([(64, 64), (90, 50)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"image_{i}.png")
-    return [(folder / f"image_{i}.png").read_bytes() for i in range(2)] + [b"not an image"]
+    return [path.read_bytes() for path in noise_pngs(tmp_path_factory.mktemp("images"))] + [b"not an image"]
 
 
 def post(url: str, body: bytes, content_type: str) -> Any:
