@@ -49,6 +49,10 @@ NOISE_ENV = {
     # Tune's experiment table and "View detailed results here" on stdout, which its new output
     # prints even at verbose=0 (the sweep logs its own lines: jobs.sweep.progress).
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Lines other Ray processes print, forwarded to the console (read as Ray is imported). As
+    # `salgl serve` stops, Serve's controller is killed while Ray still retries its own
+    # graceful_shutdown call, and the raylet says so.
+    "RAY_DEDUP_LOGS_SKIP_REGEX": r"Task ServeController\.graceful_shutdown failed",
 }
 
 

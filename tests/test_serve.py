@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import threading
 import urllib.error
@@ -72,6 +73,17 @@ def test_serve_of_a_missing_checkpoint_exits_2_with_one_line(tmp_path: Path, cap
 def test_serve_refuses_bad_options_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", str(tmp_path / "nope"), "--max-batch-size", "0"]) == 2
     assert capsys.readouterr().err.startswith("salgl serve: error: --replicas and --max-batch-size")
+
+
+@pytest.mark.parametrize("console, serve_level", [(logging.INFO, "WARNING"), (logging.DEBUG, "INFO")], ids=["default", "-v"])
+def test_serve_logs_its_info_lines_only_at_verbose(monkeypatch: pytest.MonkeyPatch, console: int, serve_level: str) -> None:
+    import jobs.inference.serve as serving
+
+    driver_logger = logging.getLogger("ray.serve")
+    monkeypatch.setattr(driver_logger, "level", driver_logger.level)  # restored after the test
+    monkeypatch.setattr(serving, "console_level", lambda: console)
+    assert serving.serve_logging_config().log_level == serve_level  # Serve's controller, proxy and replicas
+    assert logging.getLevelName(driver_logger.level) == serve_level  # "Started Serve", "Application ... is ready"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,11 +19,13 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 from dataclasses import dataclass
 from itertools import groupby
 from typing import TYPE_CHECKING, Any, Mapping
 
 from jobs.inference.predict import predict_chunk
+from jobs.logs import console_level
 from salgl.errors import BadValue
 
 if TYPE_CHECKING:
@@ -169,7 +171,8 @@ def start_serving(loaded: Loaded, options: ServeOptions) -> str:
     """Deploy on the connected Ray instance and return the URL to POST to (once replicas are up)."""
     from ray import serve
 
-    serve.start(http_options={"host": options.host, "port": options.port})
+    logging_config = serve_logging_config()
+    serve.start(http_options={"host": options.host, "port": options.port}, logging_config=logging_config)
     deployment = serve.deployment(SalglServer).options(
         num_replicas=options.replicas,
         # A replica must hold a whole batch's requests at once, or batches never fill.
@@ -178,8 +181,19 @@ def start_serving(loaded: Loaded, options: ServeOptions) -> str:
     )
     app = deployment.bind(loaded, threshold=options.threshold, top_k=options.top_k,
                           max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_timeout_s)
-    serve.run(app, name=APP_NAME, route_prefix=options.route_prefix, blocking=False)
+    serve.run(app, name=APP_NAME, route_prefix=options.route_prefix, blocking=False, logging_config=logging_config)
     return serve_url(options)
+
+
+def serve_logging_config() -> Any:
+    """Serve's INFO lines (its controller, proxy, replicas' access log, and the driver's "Started
+    Serve", "Application is ready") only at ``-v``, like the rest of Ray's: the command says where
+    it serves. Serve's driver logger has its own handler, set up as ``ray.serve`` is imported."""
+    from ray.serve.schema import LoggingConfig
+
+    level = logging.INFO if console_level() <= logging.DEBUG else logging.WARNING
+    logging.getLogger("ray.serve").setLevel(level)
+    return LoggingConfig(log_level=level)
 
 
 def serve_url(options: ServeOptions) -> str:
