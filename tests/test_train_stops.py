@@ -3,6 +3,7 @@
 
 - Ctrl-C (SIGINT to the process group, as a terminal sends it, once the first epoch line is out):
   exit 130, the MLflow run KILLED, the resume command printed, and that command finishes the run;
+- SIGTERM to the command alone: the same end as Ctrl-C;
 - a loss that stops being finite: exit 1, the MLflow run FAILED, the epoch, step and loss terms
   named, and no checkpoint of non-finite weights.
 """
@@ -58,6 +59,31 @@ def test_ctrl_c_marks_the_run_killed_and_prints_a_resume_command_that_works(mosa
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["epoch"] == 2
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(mosaic_dir: str, tmp_path: Path) -> None:
+    """SIGTERM to the command alone (`kill`, `timeout`, a scheduler): Ray's own handler
+    (sys.exit(15), then its failure handler's stack dump) must not replace the command's."""
+    import mlflow
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = _salgl("train", "tiny", f"data.path={mosaic_dir}", f"run.storage={tmp_path / 'runs'}",
+                  f"run.tracking_uri={tracking}", "run.name=terminated", "optim.epochs=3")
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 1/3" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    output = "".join(lines)
+    assert proc.wait() == 130, output
+    run_dir = tmp_path / "runs" / "terminated"
+    assert f"salgl train: error: interrupted; run terminated stopped. Continue it with: salgl train --resume {run_dir}" in output
+    assert "received at time" not in output  # no stack dump from Ray's failure handler
+    mlflow.set_tracking_uri(tracking)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "KILLED"
 
 
 def test_a_run_whose_loss_stops_being_finite_fails_naming_epoch_step_and_terms(mosaic_dir: str, tmp_path: Path) -> None:
