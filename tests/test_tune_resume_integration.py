@@ -1,4 +1,7 @@
-"""Integration: Ctrl-C a real `salgl tune` subprocess and finish the sweep with `--resume`.
+"""Integration: stop a real `salgl tune` subprocess with SIGTERM and finish the sweep with `--resume`.
+
+SIGTERM (what `kill`, `timeout` and schedulers send) goes to the handler Tune installs for Ctrl-C
+(jobs.sweep.tune.sigterm_stops_like_ctrl_c), so this covers the Ctrl-C path too.
 
 A module of its own so that no other Ray instance is up on the machine while it runs (pytest ends
 a module's fixtures, the other sweep module's `ray_local` instance included, before the next
@@ -25,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.timeout(1200)
 def test_interrupted_sweep_resumes(mosaic_dir, tmp_path) -> None:
-    """Ctrl-C a real `salgl tune` once a trial has finished; --resume completes the rest."""
+    """SIGTERM a real `salgl tune` once a trial has finished; --resume completes the rest."""
     overrides = {**sweep_overrides(mosaic_dir, tmp_path), "run.name": "sweep-b"}
     args = [f"{k}={v}" for k, v in {**overrides, **SPACE}.items()]
     cmd = [sys.executable, "-m", "jobs.cli", "tune", "tiny", *args, "--samples", "1", "--max-epochs", "2"]
@@ -38,9 +41,9 @@ def test_interrupted_sweep_resumes(mosaic_dir, tmp_path) -> None:
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "no trial finished in time"
         time.sleep(1)  # polling a child process's output files, not synchronising the test
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=300)[0]
-    assert "salgl tune --resume" in output, output[-3000:]
+    assert "sweep interrupted with" in output and "salgl tune --resume" in output, output[-3000:]  # Tune's graceful stop
     assert proc.returncode == 130, output[-3000:]
     assert "registered:" not in output, "an interrupted sweep must not pick a best trial yet"
 

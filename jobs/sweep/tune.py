@@ -9,13 +9,16 @@ wrapped with a token CPU request so the trial's Train workers and data tasks get
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from salgl.errors import AlreadyExists, BadValue, NotFound
 from jobs.logs import run_log
@@ -233,14 +236,38 @@ def _run(tuner: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: st
 
 def _fit(tuner: Any, sweep_dir: Path, record: Mapping[str, Any]) -> Any:
     """Tune's results. When the sweep itself breaks, its MLflow parent is marked FAILED instead of
-    staying RUNNING for good (Ctrl-C is not a break: Tune returns, and the parent stays open for
-    ``--resume``), and the message says how to continue from Tune's saved state."""
+    staying RUNNING for good (Ctrl-C or SIGTERM is not a break: Tune returns, and the parent stays
+    open for ``--resume``), and the message says how to continue from Tune's saved state."""
     try:
-        return tuner.fit()
+        with sigterm_stops_like_ctrl_c():
+            return tuner.fit()
     except BaseException:
         end_run(record["tracking_uri"], record["parent_run_id"], "FAILED")
         log.warning(f"sweep failed; `salgl tune --resume {sweep_dir}` continues it from its saved state")
         raise
+
+
+@contextlib.contextmanager
+def sigterm_stops_like_ctrl_c() -> Iterator[None]:
+    """While Tune runs, SIGTERM (``kill``, ``timeout``, a scheduler) goes to the SIGINT handler Tune
+    installs for Ctrl-C: Tune saves its state and returns, and the sweep ends interrupted with its
+    resume command, as after Ctrl-C. Tune itself takes SIGTERM as a hard stop; a second signal is one
+    here too (Tune's handler puts the previous SIGINT handler back once it has run)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+
+    def forward_to_sigint_handler(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, forward_to_sigint_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_schedule(samples: int, max_epochs: int, grace_period: int, reduction_factor: int) -> None:
