@@ -3,6 +3,8 @@ ready once a URL answers (polled with a deadline; a child that exits early fails
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -48,10 +50,13 @@ def start_server(cmd: Sequence[str], ready_url: str, *, timeout: float = 120, na
     return proc
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
+def stop_server(proc: subprocess.Popen, *, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL after 30 s; ``group``: to its whole process group (a server started
+    with ``start_new_session=True`` whose workers would outlive it, as ``mlflow models serve``'s uvicorn)."""
+    send = (lambda sig: os.killpg(proc.pid, sig)) if group else proc.send_signal
+    send(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        send(signal.SIGKILL)
         proc.wait()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -29,7 +28,7 @@ from jobs.inference.loading import ALLOW_PICKLED_ENV, load_for_inference, score_
 from jobs.inference.predict import predict_files
 from jobs.inference.pyfunc import REQUIREMENTS, log_checkpoint_model, save_salgl_model
 from salgl.errors import UsageError
-from tests._servers import free_port, wait_until_answering
+from tests._servers import free_port, stop_server, wait_until_answering
 from tests._tiny_checkpoint import write_tiny_checkpoint
 from tests._data_trees import noise_pngs
 
@@ -202,12 +201,7 @@ def test_served_model_answers_as_salgl_predict(logged_run: tuple[str, str], chec
         print((tmp_path / "serve.log").read_text()[-5000:])
         raise
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_server(server, group=True)  # the server and the uvicorn worker it started
         log.close()
 
     out = tmp_path / "predictions.jsonl"

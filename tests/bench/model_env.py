@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tests._data_trees import noise_pngs
-from tests._servers import free_port, wait_until_answering
+from tests._servers import free_port, stop_server, wait_until_answering
 from tests._tiny_checkpoint import write_tiny_checkpoint
 
 VOCABULARY = [f"label_{i}" for i in range(10)]
@@ -93,15 +92,6 @@ def environment_facts(env_root: Path) -> dict[str, Any]:
     return {"environment_gib": round(size / 2**30, 2), "salgl_packages_installed": installed}
 
 
-def stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
 def run_check(env_manager: str) -> dict[str, Any]:
     from jobs.inference.loading import load_for_inference
     from jobs.inference.predict import predict_files
@@ -120,7 +110,7 @@ def run_check(env_manager: str) -> dict[str, Any]:
         try:
             served = post_images(url, images)
         finally:
-            stop(server)
+            stop_server(server, group=True)  # the server and the uvicorn worker it started
         loaded = load_for_inference(str(checkpoint))
         wanted = [{k: v for k, v in r.items() if k != "path"}
                   for r in predict_files(loaded.model, loaded.cfg.data, loaded.vocabulary, images, progress=False, **PARAMS)]
