@@ -1,6 +1,7 @@
-"""While a sweep runs, SIGTERM reaches the SIGINT handler Tune installs for Ctrl-C (its graceful
-stop); without a callable SIGINT handler it stops the command as Ctrl-C does. No Ray: the handlers
-are plain functions. The real sweep stopped by SIGTERM is in tests/test_tune_resume_integration.py."""
+"""While a sweep runs, SIGTERM and SIGHUP reach the SIGINT handler Tune installs for Ctrl-C (its
+graceful stop); without a callable SIGINT handler they stop the command as Ctrl-C does. No Ray: the
+handlers are plain functions. The real sweep stopped by SIGTERM is in
+tests/test_tune_resume_integration.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import signal
 
 import pytest
 
-from jobs.sweep.tune import sigterm_stops_like_ctrl_c
+from jobs.sweep.tune import stops_like_ctrl_c
+
+STOPS = pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
 
 
 @pytest.fixture
@@ -18,18 +21,20 @@ def sigint_handler():
     signal.signal(signal.SIGINT, previous)
 
 
-def test_sigterm_goes_to_the_sigint_handler_while_tune_runs(sigint_handler: None) -> None:
+@STOPS
+def test_stop_signals_go_to_the_sigint_handler_while_tune_runs(sigint_handler: None, stop: signal.Signals) -> None:
     calls = []
     signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))  # as Tune's handler is
-    before = signal.getsignal(signal.SIGTERM)
-    with sigterm_stops_like_ctrl_c():
-        signal.raise_signal(signal.SIGTERM)
+    before = signal.getsignal(stop)
+    with stops_like_ctrl_c():
+        signal.raise_signal(stop)
     assert calls == [signal.SIGINT]
-    assert signal.getsignal(signal.SIGTERM) is before  # put back after the sweep
+    assert signal.getsignal(stop) is before  # put back after the sweep
 
 
-def test_sigterm_without_a_sigint_handler_stops_like_ctrl_c(sigint_handler: None) -> None:
+@STOPS
+def test_stop_signals_without_a_sigint_handler_stop_like_ctrl_c(sigint_handler: None, stop: signal.Signals) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        with sigterm_stops_like_ctrl_c():
-            signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match=stop.name):
+        with stops_like_ctrl_c():
+            signal.raise_signal(stop)

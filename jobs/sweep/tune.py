@@ -239,7 +239,7 @@ def _fit(tuner: Any, sweep_dir: Path, record: Mapping[str, Any]) -> Any:
     staying RUNNING for good (Ctrl-C or SIGTERM is not a break: Tune returns, and the parent stays
     open for ``--resume``), and the message says how to continue from Tune's saved state."""
     try:
-        with sigterm_stops_like_ctrl_c():
+        with stops_like_ctrl_c():
             return tuner.fit()
     except BaseException:
         end_run(record["tracking_uri"], record["parent_run_id"], "FAILED")
@@ -248,11 +248,12 @@ def _fit(tuner: Any, sweep_dir: Path, record: Mapping[str, Any]) -> Any:
 
 
 @contextlib.contextmanager
-def sigterm_stops_like_ctrl_c() -> Iterator[None]:
-    """While Tune runs, SIGTERM (``kill``, ``timeout``, a scheduler) goes to the SIGINT handler Tune
-    installs for Ctrl-C: Tune saves its state and returns, and the sweep ends interrupted with its
-    resume command, as after Ctrl-C. Tune itself takes SIGTERM as a hard stop; a second signal is one
-    here too (Tune's handler puts the previous SIGINT handler back once it has run)."""
+def stops_like_ctrl_c() -> Iterator[None]:
+    """While Tune runs, SIGTERM (``kill``, ``timeout``, a scheduler) and SIGHUP (a closed terminal)
+    go to the SIGINT handler Tune installs for Ctrl-C: Tune saves its state and returns, and the
+    sweep ends interrupted with its resume command, as after Ctrl-C. Tune itself takes SIGTERM as a
+    hard stop; a second signal is one here too (Tune's handler puts the previous SIGINT handler back
+    once it has run)."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
         yield
         return
@@ -263,11 +264,12 @@ def sigterm_stops_like_ctrl_c() -> Iterator[None]:
             raise KeyboardInterrupt(signal.Signals(signum).name)
         handler(signal.SIGINT, frame)
 
-    previous = signal.signal(signal.SIGTERM, forward_to_sigint_handler)
+    previous = {stop: signal.signal(stop, forward_to_sigint_handler) for stop in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 def check_schedule(samples: int, max_epochs: int, grace_period: int, reduction_factor: int) -> None:
