@@ -1,7 +1,7 @@
 """Integration: stop a real `salgl tune` subprocess with SIGTERM and finish the sweep with `--resume`.
 
 SIGTERM (what `kill`, `timeout` and schedulers send) goes to the handler Tune installs for Ctrl-C
-(jobs.sweep.tune.stops_like_ctrl_c), so this covers the Ctrl-C path too.
+(jobs.stop_signals.forward_to_sigint_handler), so this covers the Ctrl-C path too.
 
 A module of its own so that no other Ray instance is up on the machine while it runs (pytest ends
 a module's fixtures, the other sweep module's `ray_local` instance included, before the next

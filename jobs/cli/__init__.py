@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
-import signal
 import sys
-import threading
 import traceback
+
+from jobs.stop_signals import handling, stop_like_ctrl_c
 
 # subcommand name -> module that defines it (module.register(subparsers) adds the parser and sets
 # `func` on it, which receives the parsed namespace and returns an exit code).
@@ -72,12 +72,6 @@ def report(command: str, err: BaseException, debug: bool) -> None:
     print(f"salgl {command}: error: {message}", file=sys.stderr)
 
 
-def stop_like_ctrl_c(signum: int, frame: object) -> None:
-    """SIGTERM (what `timeout`, schedulers and `kill` send) and SIGHUP (a closed terminal) stop a
-    command the way Ctrl-C does, so its clean-up runs: temporary folders removed, runs marked."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command; the one place where failures become exit codes (salgl.errors)."""
     from salgl.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SalglError
@@ -88,7 +82,7 @@ def run_command(args: argparse.Namespace) -> int:
     except SalglError as err:
         report(args.command, err, debug)
         return err.exit_code
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGHUP (stop_like_ctrl_c)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGHUP (jobs.stop_signals)
         if debug:
             traceback.print_exception(err)
         print(f"salgl {args.command}: interrupted" + (f" ({err.args[0]})" if err.args else ""), file=sys.stderr)
@@ -117,11 +111,5 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.logs import configure_logging
 
     configure_logging(args.verbose - args.quiet)
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+    with handling(stop_like_ctrl_c):  # clean-up runs: temporary folders removed, runs marked
         return run_command(args)
-    previous = {stop: signal.signal(stop, stop_like_ctrl_c) for stop in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        return run_command(args)
-    finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)

@@ -9,16 +9,13 @@ wrapped with a token CPU request so the trial's Train workers and data tasks get
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import signal
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from salgl.errors import AlreadyExists, BadValue, NotFound
 from jobs.logs import run_log
@@ -28,6 +25,7 @@ from jobs.sweep.search_space import (
 )
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.storage import is_object_store
+from jobs.stop_signals import forward_to_sigint_handler, handling
 from jobs.training.driver import init_ray, new_run_name, resolve_data, storage_root
 from salgl.atomic_file import write_text_atomic
 from salgl.config import Config, from_flat, short_key, to_flat, with_overrides
@@ -239,37 +237,14 @@ def _fit(tuner: Any, sweep_dir: Path, record: Mapping[str, Any]) -> Any:
     staying RUNNING for good (Ctrl-C or SIGTERM is not a break: Tune returns, and the parent stays
     open for ``--resume``), and the message says how to continue from Tune's saved state."""
     try:
-        with stops_like_ctrl_c():
+        # Tune takes SIGINT as "save state and return", SIGTERM as a hard stop: both stop signals
+        # go to its SIGINT handler, so a sweep stopped by `kill` or a scheduler ends as after Ctrl-C.
+        with handling(forward_to_sigint_handler):
             return tuner.fit()
     except BaseException:
         end_run(record["tracking_uri"], record["parent_run_id"], "FAILED")
         log.warning(f"sweep failed; `salgl tune --resume {sweep_dir}` continues it from its saved state")
         raise
-
-
-@contextlib.contextmanager
-def stops_like_ctrl_c() -> Iterator[None]:
-    """While Tune runs, SIGTERM (``kill``, ``timeout``, a scheduler) and SIGHUP (a closed terminal)
-    go to the SIGINT handler Tune installs for Ctrl-C: Tune saves its state and returns, and the
-    sweep ends interrupted with its resume command, as after Ctrl-C. Tune itself takes SIGTERM as a
-    hard stop; a second signal is one here too (Tune's handler puts the previous SIGINT handler back
-    once it has run)."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
-        yield
-        return
-
-    def forward_to_sigint_handler(signum: int, frame: Any) -> None:
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):
-            raise KeyboardInterrupt(signal.Signals(signum).name)
-        handler(signal.SIGINT, frame)
-
-    previous = {stop: signal.signal(stop, forward_to_sigint_handler) for stop in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
 
 
 def check_schedule(samples: int, max_epochs: int, grace_period: int, reduction_factor: int) -> None:

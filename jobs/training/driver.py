@@ -10,14 +10,12 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from salgl.errors import AlreadyExists, Failed, Interrupted, NotFound
 from jobs.logs import LOG_FILE, configure_worker_logging, console_level, run_log
@@ -25,6 +23,7 @@ from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, check_precision, 
 from jobs.training.progress import STATUS_FILE, ProgressBar
 from jobs.tracking import BestSoFar, MlflowLogger, end_run, log_dataset, resolve_tracking_uri, run_page, start_run
 from jobs.storage import Folder, local_copy, resolve_storage
+from jobs.stop_signals import sigterm_handler_kept
 from salgl.config import Config, from_flat, short_params, to_flat, with_overrides
 
 log = logging.getLogger(__name__)
@@ -190,24 +189,6 @@ def init_ray(address: str | None = None) -> None:
         local_instance_env()
     with sigterm_handler_kept():
         ray.init(address=address, log_to_driver=True, configure_logging=False)
-
-
-@contextlib.contextmanager
-def sigterm_handler_kept() -> Iterator[None]:
-    """Keep the process's Python SIGTERM handler across ``ray.init``.
-
-    ``ray.init`` installs its own (``sys.exit(15)``), and Ray's core worker then puts absl's
-    failure handler on SIGTERM, which prints a stack dump and aborts the process (exit 134) after
-    our clean-up has run. The ``salgl`` command's handler (``jobs.cli.stop_like_ctrl_c``) stops a
-    command the way Ctrl-C does: setting a Python handler again also takes SIGTERM back from absl
-    (its handlers for crashes stay). Where no Python handler was set (library use), Ray's stays.
-    """
-    ours = signal.getsignal(signal.SIGTERM)
-    try:
-        yield
-    finally:
-        if callable(ours) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, ours)
 
 
 # Ray Train's controller polls each worker for its next report every this many seconds (Ray's
