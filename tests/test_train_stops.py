@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -29,22 +30,30 @@ def _salgl(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
+def _stopped_after_first_epoch(mosaic_dir: str, tmp_path: Path, name: str, *, epochs: int,
+                               stop: Callable[[subprocess.Popen], None]) -> tuple[int, list[str]]:
+    """A tiny `salgl train` run named ``name`` (runs and MLflow store under ``tmp_path``), stopped by
+    ``stop`` once its first epoch line is out (a checkpoint exists by then): (exit code, output lines)."""
+    proc = _salgl("train", "tiny", f"data.path={mosaic_dir}", f"run.storage={tmp_path / 'runs'}",
+                  f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"run.name={name}", f"optim.epochs={epochs}")
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if f"epoch 1/{epochs}" in line:
+            stop(proc)
+            break
+    lines += proc.stdout.readlines()
+    return proc.wait(), lines
+
+
 def test_ctrl_c_marks_the_run_killed_and_prints_a_resume_command_that_works(mosaic_dir: str, tmp_path: Path) -> None:
     import mlflow
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["train", "tiny", f"data.path={mosaic_dir}", f"run.storage={tmp_path / 'runs'}",
-            f"run.tracking_uri={tracking}", "run.name=stopped", "optim.epochs=2"]
-    proc = _salgl(*args)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "epoch 1/2" in line:  # a checkpoint exists once its epoch line is out
-            os.killpg(proc.pid, signal.SIGINT)
-            break
-    lines += proc.stdout.readlines()
-    assert proc.wait() == 130, "".join(lines)
+    returncode, lines = _stopped_after_first_epoch(mosaic_dir, tmp_path, "stopped", epochs=2,
+                                                   stop=lambda proc: os.killpg(proc.pid, signal.SIGINT))
     output = "".join(lines)
+    assert returncode == 130, output
     run_dir = tmp_path / "runs" / "stopped"
     assert f"salgl train: error: interrupted; run stopped stopped. Continue it with: salgl train --resume {run_dir}" in output
     assert not any(line.startswith("Traceback") for line in lines)  # the driver's own; actors' lines carry a prefix
@@ -67,17 +76,10 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(mosaic_dir: str, tmp_path: Path) -> 
     import mlflow
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = _salgl("train", "tiny", f"data.path={mosaic_dir}", f"run.storage={tmp_path / 'runs'}",
-                  f"run.tracking_uri={tracking}", "run.name=terminated", "optim.epochs=3")
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "epoch 1/3" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    lines += proc.stdout.readlines()
+    returncode, lines = _stopped_after_first_epoch(mosaic_dir, tmp_path, "terminated", epochs=3,
+                                                   stop=lambda proc: proc.send_signal(signal.SIGTERM))
     output = "".join(lines)
-    assert proc.wait() == 130, output
+    assert returncode == 130, output
     run_dir = tmp_path / "runs" / "terminated"
     assert f"salgl train: error: interrupted; run terminated stopped. Continue it with: salgl train --resume {run_dir}" in output
     assert "received at time" not in output  # no stack dump from Ray's failure handler
