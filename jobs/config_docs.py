@@ -111,7 +111,7 @@ def render() -> str:
         "key. Set it on the command line as `key=value` (`salgl train my.yaml model.head.steps=2",
         "optim.lr=3e-4`) or nested in a YAML file (`model: {head: {steps: 2}}`); a YAML file may",
         "name a `preset` (below) that fills in values first. Invalid values fail before anything",
-        "starts, naming the key. The defaults are the `paper` preset.",
+        "starts, naming the key. The defaults are the `salgl` preset.",
         "",
         "Sections: " + ", ".join(f"[`{name}`](#{name.replace('.', '')})" for name, _ in sections()) + ".",
         "",

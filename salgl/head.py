@@ -121,8 +121,8 @@ class SALGLHead(nn.Module):
         if pending is not None and self.cfg.count_before_use:
             self.apply_count_update(pending)
             pending = None
-        # Isolated scenes: the classification loss does not steer pi through P^I.
-        graph = self.label_graph(scene_probs.detach() if self.cfg.isolate_scenes else scene_probs)  # (B, n, n)
+        # Eq. 12 with pi's gradient: the classification loss trains the scene classifier through P^I.
+        graph = self.label_graph(scene_probs if self.cfg.graph_trains_scenes else scene_probs.detach())  # (B, n, n)
 
         if self.propagation is not None:
             h = self.propagation(features, graph)  # (B, n, d)
@@ -142,7 +142,7 @@ class SALGLHead(nn.Module):
 
         The sync is waited for where the counts are next read: a distributed sync's collective runs
         behind the attention and, counting after use, behind the propagation and classifier too.
-        Isolated scenes read detached tokens, so the scene losses do not reshape the label features.
+        Isolated scenes read detached tokens, so no loss reaching pi reshapes the label features.
         """
         scene_probs = self.scenes(tokens.detach() if self.cfg.isolate_scenes else tokens)  # (B, K)
         counting = self.training and targets is not None

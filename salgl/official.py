@@ -125,6 +125,7 @@ def head_config_from_released(state: Tensors, flags: ReleasedFlags) -> HeadConfi
         classifier_bias="classifier.bias" in state,
         scene_targets="none",
         isolate_scenes=False,
+        graph_trains_scenes=True,
     )
 
 

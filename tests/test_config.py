@@ -178,6 +178,6 @@ def test_runs_are_compared_by_k_lambda_t_and_preset() -> None:
     flat = to_flat(preset("tiny", {"lambda": 0.5}))
     assert short_params(flat) == {"K": 3, "lambda": 0.5, "T": 2, "preset": "tiny"}
     assert set(short_params(flat)) - {"preset"} == set(ALIASES)  # the CLI's aliases, one mapping
-    assert load({"preset": "official"}).run.preset == "official" and load().run.preset == "paper"
+    assert load({"preset": "official"}).run.preset == "official" and load().run.preset == "salgl"
     with pytest.raises(ConfigError, match="run.preset"):
         preset("tiny", {"run.preset": "nope"})

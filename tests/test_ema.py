@@ -49,4 +49,5 @@ def test_warmup_moves_the_ema_onto_the_model_at_first() -> None:
 
 def test_official_preset_keeps_the_released_fixed_decay() -> None:
     assert preset("official").ema.warmup is False
-    assert preset("paper").ema.warmup is True and preset("tiny").ema.warmup is True
+    assert preset("salgl").ema.warmup is True and preset("tiny").ema.warmup is True
+    assert preset("paper").ema.warmup is False  # the paper as written: a plain EMA

@@ -178,7 +178,7 @@ def _mlflow_config(run_id: str | None, model: SALGL) -> Config:
 
     params = MlflowClient().get_run(run_id).data.params if run_id else {}
     if "model.head.num_scenes" in params:
-        return config_from_flat(params)
+        return config_from_flat(params, params.get("schema_version"))
     warnings.warn("the MLflow model's run has no salgl params: image size and normalisation are the defaults", stacklevel=2)
     base = {"model.backbone.name": model.backbone.name, "model.backbone.weights": "none"}
     return from_flat({**base, **to_flat(model.head.cfg, "model.head.")})

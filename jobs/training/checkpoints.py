@@ -65,7 +65,10 @@ def write_checkpoint(
         "grad_scaler": dict(grad_scaler) if grad_scaler else None,  # optim.precision=fp16's loss scale
     }
     torch.save(blob, folder / STATE_FILE)
-    (folder / CONFIG_FILE).write_text(json.dumps({"config": dict(config), "vocabulary": vocabulary}, indent=1))
+    from salgl.config import SCHEMA_VERSION
+
+    record = {"config": dict(config), "vocabulary": vocabulary, "schema_version": SCHEMA_VERSION}
+    (folder / CONFIG_FILE).write_text(json.dumps(record, indent=1))
     files = {name: file_record(folder / name) for name in (STATE_FILE, CONFIG_FILE)}
     meta = {"epoch": state.epoch, "step": state.step, "metrics": _plain(metrics), "files": files}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -135,10 +138,11 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise CorruptFile(f"{path} cannot be read as a checkpoint: {str(err)[:200]}") from None
 
 
-def read_checkpoint_config(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
-    """The flat config and vocabulary a checkpoint was trained with."""
+def read_checkpoint_config(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str], int | None]:
+    """The flat config and vocabulary a checkpoint was trained with, and the config schema version
+    that wrote it (None: written before versions were recorded)."""
     data = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    return data["config"], data["vocabulary"]
+    return data["config"], data["vocabulary"], data.get("schema_version")
 
 
 def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -154,19 +158,24 @@ def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
 def load_model_from_checkpoint(folder: str | os.PathLike[str], *, which: str = "ema") -> tuple[Any, Any, list[str]]:
     """(model in eval mode, Config, vocabulary) from a checkpoint folder; ``which`` is ``ema``
     (the default, falling back to live weights when the run had no EMA) or ``live``."""
-    from salgl.config import from_flat
+    from salgl.config import from_stored, version_gap
     from salgl.model import build_model
     from salgl.official import strip_module_prefix
 
     if which not in ("ema", "live"):
         raise BadValue(f"which must be 'ema' or 'live', got {which!r}")
     state = read_checkpoint(folder)
-    flat, vocabulary = read_checkpoint_config(folder)
-    cfg = from_flat(flat)
+    flat, vocabulary, version = read_checkpoint_config(folder)
+    cfg = from_stored(flat, version)
     weights = state["ema"] if which == "ema" and state.get("ema") else state["model"]
     weights = strip_module_prefix(weights)
     model = build_model(cfg.model, num_labels=len(vocabulary), label_dim=weights["head.label_embeddings"].shape[1])
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # missing or mis-sized tensors
+        raise CorruptFile(
+            f"{folder}: its state.pt does not fit the model its config.json describes{version_gap(flat, version)}: {str(err)[:300]}"
+        ) from None
     return model.eval(), cfg, vocabulary
 
 

@@ -24,7 +24,7 @@ from jobs.training.progress import STATUS_FILE, ProgressBar
 from jobs.tracking import BestSoFar, MlflowLogger, end_run, log_dataset, resolve_tracking_uri, run_page, start_run
 from jobs.storage import Folder, local_copy, resolve_storage
 from jobs.stop_signals import sigterm_handler_kept
-from salgl.config import Config, from_flat, short_params, to_flat, with_overrides
+from salgl.config import SCHEMA_VERSION, Config, from_stored, short_params, to_flat, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ def train(
     if resume:
         run_dir = find_run(resume, storage)
         record = json.loads(run_dir.read_text(RUN_FILE))
-        base = from_flat(record["config"])
+        base = from_stored(record["config"], record.get("schema_version"))  # as the version that wrote it
         # A resumed run goes to the end of its schedule unless told to stop again.
         cfg = with_overrides(base, {"run.stop_after_epoch": 0, **(overrides or {})})
         run_name, data_dir = record["run_name"], record["data_dir"]
@@ -464,14 +464,17 @@ def train(
             tracking_uri,
             cfg.run.experiment,
             run_name=mlflow_run_name or run_name,
-            params={**to_flat(cfg), **short_params(to_flat(cfg)), **plan_params(plan), **(extra_params or {})},
+            params={
+                **to_flat(cfg), **short_params(to_flat(cfg)), **plan_params(plan), "schema_version": SCHEMA_VERSION,
+                **(extra_params or {}),
+            },
             tags={"salgl.run_dir": str(run_dir)},
             parent_run_id=parent_run_id,
         )
         log_dataset(tracking_uri, run_id, data_dir)
         write_run_file(run_dir, {
             "run_name": run_name, "data_dir": data_dir, "config": to_flat(cfg),
-            "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
+            "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "schema_version": SCHEMA_VERSION,
         })
     local_dir = local_folder(run_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -569,7 +572,7 @@ def recorded_outcome(run_dir: Folder) -> tuple[TrainOutcome, Config] | None:
         return None
     record = json.loads(run_dir.read_text(RUN_FILE))
     outcome = outcome_in(run_dir, record["run_name"], record["mlflow_run_id"], record["tracking_uri"])
-    return outcome, from_flat(record["config"])
+    return outcome, from_stored(record["config"], record.get("schema_version"))
 
 
 def record_final_artifacts(outcome: TrainOutcome, cfg: Config, *, log_model: bool, weights_only: bool = False) -> None:

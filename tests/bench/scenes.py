@@ -11,7 +11,9 @@ designs. Settings (K = the data's number of scenes):
 
 - ``K<k>``: k scenes (``K4`` is the true K of the default data, ``K1`` one global graph);
 - ``T0``: the true K with no propagation (T = 0), the paper's "+SA" row;
-- ``lambda0``: the true K with lambda = 0 (no scene loss at all), the paper's entropy ablation.
+- ``lambda<v>``: the true K with lambda = v; ``lambda0`` (no scene loss, the scene classifier
+  trained by the classification loss alone through P^I) is the paper's entropy ablation, and
+  ``--settings lambda0 lambda0.1 lambda1 lambda10`` is the lambda curve.
 
 Before the runs, a label-only analysis of the data (seconds): the scene NMI of the label mixture's
 posterior on the test labels (what a scene classifier that predicted it perfectly would reach),
@@ -49,9 +51,12 @@ def setting_overrides(name: str, true_k: int) -> dict[str, Any]:
         return {"K": int(name[1:])}
     if name == "T0":
         return {"K": true_k, "T": 0}
-    if name == "lambda0":
-        return {"K": true_k, "lambda": 0.0}
-    raise SystemExit(f"unknown setting {name!r}: K<k>, T0 or lambda0")
+    if name.startswith("lambda"):
+        try:
+            return {"K": true_k, "lambda": float(name[len("lambda"):])}
+        except ValueError:
+            pass
+    raise SystemExit(f"unknown setting {name!r}: K<k>, T0 or lambda<value> (lambda0, lambda0.1, ...)")
 
 
 def run_one(data_dir: str, root: Path, setting: str, seed: int, true_k: int, extra: dict[str, str]) -> dict[str, Any]:
