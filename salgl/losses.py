@@ -73,8 +73,10 @@ def balance_entropy(scene_probs: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def scene_target_loss(scene_probs: Tensor, scene_targets: Tensor, eps: float = 1e-7) -> Tensor:
-    """L_q = mean over the batch of the cross-entropy -sum_k q_k log pi_k (``salgl.scenes``)."""
-    return -(scene_targets * torch.log(scene_probs + eps)).sum(-1).mean()
+    """L_q = the cross-entropy -sum_k q_k log pi_k (``salgl.scenes``), averaged over the images
+    that have a target: a row of zeros (an image without labels) takes no part."""
+    with_target = scene_targets.sum(-1)  # (B,): 1 with a target, 0 without
+    return -(scene_targets * torch.log(scene_probs + eps)).sum() / with_target.sum().clamp(min=1.0)
 
 
 def salgl_loss(

@@ -98,15 +98,15 @@ def label_only_analysis(data_dir: str, num_scenes: int) -> dict[str, float]:
     fit = fit_label_mixture(train, num_scenes)
     mixture = LabelMixture(num_scenes, train.shape[1])
     mixture.load_fit(fit.prior, fit.theta)
-    found = mixture(torch.from_numpy(test)).argmax(-1).numpy()
+    found = mixture.posterior(torch.from_numpy(test)).argmax(-1).numpy()
     pairwise, scene_mixture = np.zeros_like(test), np.zeros_like(test)
     for i in range(train.shape[1]):
         rest = np.arange(train.shape[1]) != i
         model = LogisticRegression(max_iter=1000).fit(train[:, rest], train[:, i])
         pairwise[:, i] = model.predict_proba(test[:, rest])[:, 1]
         # q(k | the other labels): label i left out through the ignore mask; then P(y_i | k) averaged over it.
-        q = mixture(torch.from_numpy(test), torch.from_numpy(np.broadcast_to(~rest, test.shape).copy()))
-        scene_mixture[:, i] = q.double().numpy() @ fit.theta[:, i]
+        q = mixture.posterior(torch.from_numpy(test), torch.from_numpy(np.broadcast_to(~rest, test.shape).copy()))
+        scene_mixture[:, i] = q.numpy() @ fit.theta[:, i]
 
     def mean_ap(scores: np.ndarray) -> float:
         return 100 * float(np.mean([average_precision_score(test[:, i], scores[:, i]) for i in range(test.shape[1])]))
