@@ -211,9 +211,21 @@ def shard_paths(root: str | os.PathLike[str], split: str) -> list[str]:
 
 def read_label_matrix(root: str | os.PathLike[str], split: str) -> np.ndarray:
     """The multi-hot labels of ``split``, (N, n) bool in row order; only the ``labels`` column is read."""
+    return read_label_matrices(root, split, columns=("labels",))[0]
+
+
+def read_label_matrices(
+    root: str | os.PathLike[str], split: str, columns: tuple[str, ...] = ("labels", "ignore")
+) -> tuple[np.ndarray, ...]:
+    """Each of ``columns`` (lists of label indices) of ``split`` as an (N, n) bool matrix in row
+    order: by default the labels and the ignore mask."""
     num_labels = len(read_manifest(root)["vocabulary"])
-    rows = pq.ParquetDataset(shard_paths(root, split)).read(columns=["labels"]).column("labels")
-    lengths = pc.list_value_length(rows).to_numpy(zero_copy_only=False)
+    table = pq.ParquetDataset(shard_paths(root, split)).read(columns=list(columns))
+    return tuple(_multi_hot(table.column(name), num_labels) for name in columns)
+
+
+def _multi_hot(rows: Any, num_labels: int) -> np.ndarray:
+    lengths = pc.fill_null(pc.list_value_length(rows), 0).to_numpy(zero_copy_only=False)
     matrix = np.zeros((len(rows), num_labels), dtype=bool)
     matrix[np.repeat(np.arange(len(rows)), lengths), pc.list_flatten(rows).to_numpy(zero_copy_only=False)] = True
     return matrix

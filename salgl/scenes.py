@@ -48,9 +48,23 @@ class MixtureFit(NamedTuple):
         rho = self.prior[self.prior > 0]
         return float(np.exp(-(rho * np.log(rho)).sum()))
 
-    def supported_scenes(self, min_share: float) -> int:
-        """Components that hold at least ``min_share`` of the images."""
-        return int((self.prior >= min_share).sum())
+    @property
+    def bic(self) -> float:
+        """Bayesian information criterion of the fit: -2 log L + (K n + K - 1) log N (lower is better)."""
+        num_scenes, num_labels = self.theta.shape
+        free = num_scenes * num_labels + num_scenes - 1
+        return float(-2.0 * self.log_likelihood * self.images + free * np.log(self.images))
+
+
+# Kass and Raftery's "very strong" evidence: a BIC this much lower is what a larger K must earn.
+BIC_MARGIN = 10.0
+
+
+def supported_scenes(bics: dict[int, float]) -> int:
+    """The number of scenes the labels support: the smallest K whose BIC is within ``BIC_MARGIN``
+    of the best (extra components of a larger K split scenes to fit noise rather than empty out)."""
+    best = min(bics.values())
+    return min(k for k, value in bics.items() if value <= best + BIC_MARGIN)
 
 
 def _posterior_logits(y: np.ndarray, observed: np.ndarray, prior: np.ndarray, theta: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from jobs.training.progress import STATUS_FILE, ProgressBar
 from jobs.tracking import BestSoFar, MlflowLogger, end_run, log_dataset, resolve_tracking_uri, run_page, start_run
 from jobs.storage import Folder, local_copy, resolve_storage
 from jobs.stop_signals import sigterm_handler_kept
+from jobs.training.scene_mixture import run_mixture
 from salgl.config import SCHEMA_VERSION, Config, from_stored, short_params, to_flat, with_overrides
 
 log = logging.getLogger(__name__)
@@ -74,19 +75,6 @@ def dataset_facts(data_dir: str) -> tuple[list[str], int]:
 
     manifest = read_manifest(data_dir)
     return list(manifest["vocabulary"]), int(manifest["splits"]["train"]["rows"])
-
-
-def scene_mixture(data_dir: str, cfg: Config) -> dict[str, Any] | None:
-    """The label mixture whose posterior the scene classifier trains towards (salgl/scenes.py),
-    fitted once here on the training labels, so every worker starts from the same one."""
-    head = cfg.model.head
-    if head.scene_targets != "labels" or head.num_scenes < 2:
-        return None
-    from pipeline.shards import read_label_matrix
-    from salgl.scenes import fit_label_mixture
-
-    fit = fit_label_mixture(read_label_matrix(data_dir, "train"), head.num_scenes, seed=cfg.run.seed)
-    return {"prior": fit.prior.tolist(), "theta": fit.theta.tolist()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +323,10 @@ def build_trainer(
     plan: ResourcePlan,
     callbacks: Sequence[Any] = (),
     quiet: bool = False,
+    scene_mixture: Mapping[str, Any] | None = None,
 ):
+    """Ray Train's trainer for a run; ``scene_mixture`` is the run's label mixture
+    (``jobs.training.scene_mixture.run_mixture``), which new workers load."""
     import ray.train
 
     from jobs.training.interrupt import InterruptibleTorchTrainer
@@ -353,7 +344,7 @@ def build_trainer(
         threads=plan.torch_threads,
         run_dir=str(run_dir),
         local_dir=str(local_folder(run_dir)),
-        scene_mixture=scene_mixture(data_dir, cfg),
+        scene_mixture={"prior": scene_mixture["prior"], "theta": scene_mixture["theta"]} if scene_mixture else None,
         log_level=logging.WARNING if quiet else console_level(),
         progress_bar=wants_progress_bar(quiet),
     )
@@ -484,9 +475,11 @@ def train(
         if resume:
             for line in set_aside_damaged(run_dir):
                 log.warning(line)
+        mixture = run_mixture(run_dir, data_dir, cfg, MlflowLogger(tracking_uri, run_id))  # once per run
         trainer = build_trainer(
             cfg, data_dir=data_dir, run_dir=run_dir, run_name=run_name, storage=storage,
             tracking_uri=tracking_uri, mlflow_run_id=run_id, plan=plan, callbacks=callbacks, quiet=quiet,
+            scene_mixture=mixture,
         )
         log.info(f"{start_line(run_name, cfg, plan)}; data {data_dir}, checkpoints in {run_dir}")
         if plan.note:
