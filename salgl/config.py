@@ -616,7 +616,14 @@ def preset(name: str, overrides: Mapping[str, Any] | None = None) -> Config:
 
 
 def load(tree: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """A config from a nested mapping (YAML) that may name a ``preset``, plus overrides."""
-    flat = flatten_mapping(tree or {})
-    name = str(flat.pop("preset", "salgl"))
-    return preset(name, {**flat, **(overrides or {})})
+    """A config from a nested mapping (YAML) that may name a ``preset`` (default ``salgl``), plus
+    overrides. A ``preset`` among the overrides layers its keys over the file's preset, under the
+    file's own keys (``tiny.yaml preset=paper``: the paper's equations at the tiny sizes), and is
+    the one recorded."""
+    flat, rest = flatten_mapping(tree or {}), dict(overrides or {})
+    names = [str(flat.pop("preset", "salgl"))] + ([str(rest.pop("preset"))] if "preset" in rest else [])
+    for name in names:
+        if name not in PRESETS:
+            raise ConfigError("preset", f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    layered = {key: value for name in names for key, value in PRESETS[name].items()}
+    return with_overrides(Config(), {**layered, "run.preset": names[-1], **flat, **rest})

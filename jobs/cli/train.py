@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(override_items)
     cfg = load(load_config_file(config_file), overrides)  # with --resume: where to look (run.storage)
     if args.resume:
+        if "preset" in overrides:
+            from salgl.config import ConfigError
+
+            raise ConfigError("preset", "a resumed run keeps the preset it started with; give single keys to change")
         train(cfg, resume=args.resume, address=args.address, overrides=overrides)
     else:
         train(cfg, address=args.address)
