@@ -1,4 +1,4 @@
-"""Scene targets from the labels (salgl/scenes.py), train/eval scene agreement, scene metrics."""
+"""Scene targets from the labels (salgl/scenes.py), scene metrics (the stability probes: test_scene_stability.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from jobs.scene_metrics import scene_metrics
-from salgl.config import LossConfig, preset
+from salgl.config import LossConfig
 from salgl.losses import salgl_loss, scene_target_loss
-from salgl.model import build_model
-from salgl.scenes import LabelMixture, fit_label_mixture, train_eval_scenes
+from salgl.scenes import LabelMixture, fit_label_mixture
 
 
 def _planted(num_images: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,50 +78,6 @@ def test_scene_target_loss_and_lambda_zero() -> None:
     without = salgl_loss(logits, pi, y, LossConfig())
     assert (with_q.total - without.total).item() == pytest.approx(2.0 * with_q.scene_target.item(), rel=1e-5)
     assert without.scene_target.item() == 0.0
-
-
-def _tiny_model(batchnorm: str) -> torch.nn.Module:
-    cfg = preset("tiny", {"model.backbone.batchnorm": batchnorm, "model.head.num_scenes": 4}).model
-    torch.manual_seed(0)
-    model = build_model(cfg, num_labels=5, label_dim=16)
-    with torch.no_grad():  # stored statistics far from any batch's, as after pretraining elsewhere
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-2, 2)
-                module.running_var.uniform_(0.2, 4)
-        model.head.scenes.prototypes.weight.mul_(50)  # sharp scenes, so a shift in features shows
-    return model
-
-
-def test_frozen_batchnorm_gives_an_image_one_scene_whatever_its_batch_and_mode() -> None:
-    model = _tiny_model("frozen")
-    images = torch.randn(12, 3, 32, 32)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    in_train, in_eval = train_eval_scenes(model, images)
-    assert torch.equal(in_train, in_eval)
-    model.train()
-    alone = torch.cat([model(images[i : i + 1]).scene_probs.argmax(-1) for i in range(len(images))])
-    assert torch.equal(alone, model(images).scene_probs.argmax(-1))  # the rest of the batch does not matter
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no statistic moved
-
-
-def test_batch_statistics_show_up_as_train_eval_disagreement() -> None:
-    """The alarm can fire: with BatchNorm on batch statistics the two modes give other scenes."""
-    model = _tiny_model("train")
-    images = torch.randn(32, 3, 32, 32) * 3 + 1
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    in_train, in_eval = train_eval_scenes(model, images)
-    assert (in_train != in_eval).float().mean() > 0.2
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # statistics untouched
-    assert model.training  # mode restored
-
-
-def test_backbone_train_mode_keeps_frozen_batchnorm_in_eval() -> None:
-    for batchnorm, expected in (("frozen", False), ("train", True)):
-        model = _tiny_model(batchnorm).train()
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        assert norms and all(m.training == expected for m in norms)
-        assert model.head.training
 
 
 def test_scene_metrics_are_invariant_to_scene_names() -> None:

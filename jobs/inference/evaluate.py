@@ -25,18 +25,20 @@ import torch
 
 from jobs.inference.loading import Loaded, score_images
 from jobs.resources import ResourcePlan, plan_resources
-from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
+from jobs.scene_metrics import PROBE_IMAGES, Pair, augmented_probe, probe_pairs, scene_metrics
 from pipeline.transforms import normalize_tensor
 from salgl.atomic_file import write_text_atomic
 from salgl.config import Config
 from salgl.errors import BadValue
 from salgl.metrics import multilabel_metrics
 from salgl.model import SALGL
-from salgl.scenes import train_eval_scenes
 
 THRESHOLD_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 TOPK = 3
-SCENE_EXTRAS = (("NMI vs true scenes", "scene_nmi"), ("ARI", "scene_ari"), ("train/eval agreement", "scene_agreement"))
+SCENE_EXTRAS = (
+    ("NMI vs true scenes", "scene_nmi"), ("ARI", "scene_ari"), ("train/eval agreement", "scene_agreement"),
+    ("batch stability", "scene_stability_batch"), ("augmentation stability", "scene_stability_augment"),
+)
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,20 @@ def score_split(loaded: Loaded, data_dir: str, *, split: str = "test", batch_siz
     return collect(scoring_dataset(loaded.model, data_dir, loaded.cfg, split=split, batch_size=batch_size, plan=plan))
 
 
-def probe_scenes(model: SALGL, data_dir: str, cfg: Config, *, split: str, images: int = PROBE_IMAGES) -> tuple[np.ndarray, np.ndarray]:
-    """Train- and eval-mode argmax scenes of the split's first ``images`` images (the agreement probe)."""
-    from pipeline.ingest import eval_dataset
+def probe_scenes(model: SALGL, data_dir: str, cfg: Config, *, split: str, images: int = PROBE_IMAGES) -> dict[str, Pair]:
+    """The scene-stability probes' pairs of argmax scenes (``jobs.scene_metrics.probe_pairs``):
+    train against eval mode and inside the batch against alone on the split's first ``images``
+    images as tested (resized), and two training augmentations of the training split's first
+    images where the data has one (the checkpoint's ``data`` config and seed)."""
+    from pipeline.ingest import TRAIN_SPLIT, eval_dataset, num_labels
+    from pipeline.shards import read_manifest
 
     batch = eval_dataset(data_dir, cfg.data, num_workers=1, split=split).limit(images).take_batch(images, batch_format="numpy")
     pixels = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (b, 3, S, S) uint8
-    in_train, in_eval = train_eval_scenes(model, normalize_tensor(pixels, cfg.data.normalize))
-    return in_train.numpy(), in_eval.numpy()
+    views = None
+    if TRAIN_SPLIT in read_manifest(data_dir)["splits"]:
+        views = augmented_probe(data_dir, cfg.data, num_labels=num_labels(data_dir), seed=cfg.run.seed, split=TRAIN_SPLIT)
+    return probe_pairs(model, normalize_tensor(pixels, cfg.data.normalize), views, normalize=cfg.data.normalize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,13 +165,14 @@ def probe_scenes(model: SALGL, data_dir: str, cfg: Config, *, split: str, images
 
 
 def summarize(
-    scored: Scored, vocabulary: Sequence[str], num_scenes: int, *, probe: tuple[np.ndarray, np.ndarray] | None = None
+    scored: Scored, vocabulary: Sequence[str], num_scenes: int, *, probe: Mapping[str, Pair] | None = None
 ) -> dict[str, Any]:
     """The paper's metrics (percent), per-class AP by label name, and the scene metrics
-    (``jobs.scene_metrics``: entropy, occupancy, NMI / ARI against true scenes, probe agreement)."""
+    (``jobs.scene_metrics``: entropy, occupancy, NMI / ARI against true scenes, and the stability
+    probes' shares from ``probe``, what ``probe_scenes`` returns)."""
     metrics = multilabel_metrics(scored.scores, scored.targets, scored.ignore, topk=TOPK)
     ap = metrics.pop("ap")
-    scenes = scene_metrics(scored.scene_probs.argmax(axis=1), num_scenes, truth=scored.true_scenes, probe=probe)
+    scenes = scene_metrics(scored.scene_probs.argmax(axis=1), num_scenes, truth=scored.true_scenes, **(probe or {}))
     occupancy = scenes.pop("occupancy")
     metrics.update(scenes)
     return {

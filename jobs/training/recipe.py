@@ -29,7 +29,7 @@ from jobs.training.checkpoints import DIVERGED_FILE, TrainingState, read_checkpo
 from jobs.training.distributed import check_counts_consistent, count_sync_for, gather_objects, world
 from jobs.training.progress import STATUS_FILE, StepProgress
 from jobs.training.progress import log as progress_log
-from jobs.scene_metrics import PROBE_IMAGES, scene_metrics
+from jobs.scene_metrics import PROBE_IMAGES, PROBES, augmented_probe, probe_pairs, scene_metrics
 from jobs.training.worker_spec import WorkerSpec
 from pipeline.seeding import derive_seed
 from salgl.config import Config, from_flat
@@ -37,7 +37,6 @@ from salgl.ema import ModelEma
 from salgl.losses import salgl_loss
 from salgl.metrics import multilabel_metrics
 from salgl.model import SALGL, build_model, load_label_embeddings
-from salgl.scenes import train_eval_scenes
 
 
 # The epoch's loss terms by name, in the order of salgl.losses.LossTerms.
@@ -97,8 +96,11 @@ class Recipe:
         self.state = TrainingState(epoch=0, step=0)
         if restored is not None:
             self._restore(restored)
-        # The first training images this worker sees, kept for train/eval scene agreement.
+        # The first training images this worker sees, kept for the scene-stability probes
+        # (jobs.scene_metrics), with their ids, to augment them twice more for scene_stability_augment.
         self.probe: torch.Tensor | None = None
+        self.probe_ids: list[str] = []
+        self.probe_views: tuple[torch.Tensor, torch.Tensor] | None = None  # uint8, on the host
         self.non_finite: dict[str, float] | None = None  # this rank's first non-finite loss: epoch, step, terms
 
     @property
@@ -136,6 +138,7 @@ class Recipe:
             last_micro = (micro + 1) % accum == 0
             if self.probe is None:
                 self.probe = batch["image"][:PROBE_IMAGES].to(self.device).clone()
+                self.probe_ids = list(batch["id"][:PROBE_IMAGES])
             terms = self._forward_backward(batch, sync_grads=last_micro)
             values = [t.item() for t in terms]
             totals += values
@@ -226,16 +229,20 @@ class Recipe:
         """Score the test split with the live and the EMA model; gather every rank's rows.
 
         Scene metrics too: NMI / ARI against the data's true ``scene`` column where it has one, and
-        each model's train- against eval-mode scenes on this worker's probe batch.
+        each model's scene-stability probes (``jobs.scene_metrics.PROBES``) on this worker's probe batch.
         """
         models = {"live": self.unwrapped}
         if self.ema is not None:
             models["ema"] = self.ema.module
         parts: dict[str, list[np.ndarray]] = {f"{k}_{v}": [] for k in models for v in ("scores", "scenes")}
+        if self.probe_views is None and self.probe_ids:  # made on first use (not in the training loop), then kept
+            seed = derive_seed(self.cfg.run.seed, "probe", self.world.rank)
+            self.probe_views = augmented_probe(self.cfg.data.path, self.cfg.data, num_labels=self.num_labels, seed=seed, ids=self.probe_ids)
         for name, model in models.items():
-            probe = train_eval_scenes(model, self.probe) if self.probe is not None else None
-            parts[f"{name}_probe_train"] = [probe[0].cpu().numpy()] if probe else []
-            parts[f"{name}_probe_eval"] = [probe[1].cpu().numpy()] if probe else []
+            pairs = probe_pairs(model, self.probe, self.probe_views, normalize=self.cfg.data.normalize) if self.probe is not None else {}
+            for probe in PROBES:  # every rank gathers every key, empty where it has no such probe
+                first, second = pairs.get(probe, (np.zeros(0), np.zeros(0)))
+                parts[f"{name}_{probe}_a"], parts[f"{name}_{probe}_b"] = [first], [second]
             model.eval()
         targets, ignores, truths = [], [], []
         for batch in batches:
@@ -259,8 +266,8 @@ class Recipe:
         results = {}
         for name in models:
             metrics = multilabel_metrics(merged[f"{name}_scores"], merged["target"], merged["ignore"])
-            probe = (merged[f"{name}_probe_train"], merged[f"{name}_probe_eval"])
-            metrics.update(scene_metrics(merged[f"{name}_scenes"], num_scenes, truth=truth, probe=probe))
+            pairs = {probe: (merged[f"{name}_{probe}_a"], merged[f"{name}_{probe}_b"]) for probe in PROBES}
+            metrics.update(scene_metrics(merged[f"{name}_scenes"], num_scenes, truth=truth, **pairs))
             results[name] = metrics
         return results
 
