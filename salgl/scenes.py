@@ -180,31 +180,3 @@ class LabelMixture(nn.Module):
     @staticmethod
     def _observed(y: Tensor, ignore: Tensor | None) -> Tensor:
         return torch.ones_like(y) if ignore is None else (~ignore.bool()).to(y.dtype)
-
-
-@torch.no_grad()
-def train_eval_scenes(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """The argmax scene of each image (B,) with ``model`` in train mode, then in eval mode.
-
-    Where they differ, what training learned to call a scene is not what testing sees: BatchNorm
-    normalising with batch statistics, dropout, anything else that depends on the mode or on the
-    rest of the batch. BatchNorm statistics are left as they were (momentum 0 for the train-mode
-    pass) and so is the model's mode; without targets the head counts nothing.
-    """
-    was_training = model.training
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
-    try:
-        for m in norms:
-            m.momentum = 0.0  # running = 1 * running + 0 * batch
-        model.train()
-        in_train = model(images).scene_probs.argmax(-1)  # (B,)
-        model.eval()
-        in_eval = model(images).scene_probs.argmax(-1)  # (B,)
-    finally:
-        for m, (momentum, tracked) in zip(norms, saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-        model.train(was_training)
-    return in_train, in_eval
