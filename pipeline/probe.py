@@ -3,7 +3,9 @@
 The ingest ships augmented pixels only (``pipeline.ingest``: the encoded bytes stay in the data
 tasks), so a worker that wants a second augmentation of the images it probes reads their rows
 again from the shards, by id, and runs ``transforms.transform_batch`` twice, as the ingest does,
-with two seeds of its own. Plain functions over parquet rows: no Ray, no torch.
+with two seeds of its own. Not the probe's pixels augmented again: those are already augmented
+once (and resized), so a second pass would stack two augmentations and compare neither with what
+training sees. Plain functions over parquet rows: no Ray, no torch.
 """
 
 from __future__ import annotations

@@ -230,6 +230,7 @@ def test_training_epochs_report_the_probes_live_and_ema(mosaic_dir: str) -> None
     rows = first_rows(mosaic_dir, "train", 16)
     train = transform_batch(rows, cfg=cfg.data, num_labels=10, train=True, seed=0)
     recipe.probe, recipe.probe_ids = torch.from_numpy(train["image"]), [str(i) for i in train["id"]]
+    recipe.probe_views = None  # as setup leaves it: made by the first evaluate
     test = transform_batch(first_rows(mosaic_dir, "test", 8), cfg=cfg.data, num_labels=10, train=False, seed=None)
     batch = {k: torch.from_numpy(v) if k in ("image", "target", "ignore") else v for k, v in test.items()}
     metrics = recipe.epoch_metrics(1, {}, recipe.evaluate(iter([batch])))
