@@ -262,7 +262,8 @@ def test_predict_fails_when_nothing_is_readable(checkpoint: str, tmp_path: Path)
 # ---------------------------------------------------------------------------------------------
 # evaluate (Ray Data)
 
-METRIC_KEYS = {"mAP", "mAP_noninterp", "classes_without_positives", "scene_entropy", "scene_nmi", "scene_ari", "scene_agreement"} | {
+SCENE_PROBES = {"scene_agreement", "scene_stability_batch", "scene_stability_augment"}
+METRIC_KEYS = {"mAP", "mAP_noninterp", "classes_without_positives", "scene_entropy", "scene_nmi", "scene_ari", *SCENE_PROBES} | {
     f"{k}{s}" for k in ("CP", "CR", "CF1", "OP", "OR", "OF1") for s in ("", "_top3")
 }
 
@@ -287,7 +288,7 @@ def test_evaluate_matches_a_single_process_computation(
     model, cfg, _ = load_for_inference(checkpoint)
     scores, scene_probs, targets, ignore = direct_scores(model, cfg, data_dir)
     expected = multilabel_metrics(scores, targets, ignore)
-    for key in METRIC_KEYS - {"scene_entropy", "scene_nmi", "scene_ari", "scene_agreement"}:
+    for key in METRIC_KEYS - {"scene_entropy", "scene_nmi", "scene_ari", *SCENE_PROBES}:
         assert result["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
     assert list(result["per_class_ap"].values()) == pytest.approx(expected["ap"], abs=1e-6)
     scenes = scene_probs.argmax(1)
@@ -297,6 +298,8 @@ def test_evaluate_matches_a_single_process_computation(
     truth = pq.read_table(shard_paths(data_dir, "test"), columns=["scene"]).column("scene").to_numpy()
     assert result["metrics"]["scene_nmi"] == pytest.approx(normalized_mutual_info_score(truth, scenes))
     assert result["metrics"]["scene_agreement"] == 1.0  # frozen BatchNorm: the modes agree
+    assert result["metrics"]["scene_stability_batch"] == 1.0  # ... and no image depends on its batch
+    assert result["metrics"]["scene_stability_augment"] == 1.0  # data.augment=none, no dropout: the same views
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("salgl-eval-test").experiment_id])
