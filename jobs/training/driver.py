@@ -231,11 +231,9 @@ def format_epoch_line(m: Mapping[str, Any], epochs: int, *, label: str = "") -> 
         value = m.get(key)
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
-    # Scene recovery (NMI) only where the data has true scenes; train/eval agreement where probed.
-    extras = "".join(
-        f"  {name} {f(key, '.2f')}" for name, key in (("scene NMI", "ema_scene_nmi"), ("agreement", "ema_scene_agreement"))
-        if key in m
-    )
+    # Scene recovery (NMI) only where the data has true scenes; the stability probes where probed.
+    shown = (("scene NMI", "ema_scene_nmi"), ("agreement", "ema_scene_agreement"), ("stability", "ema_scene_stability_augment"))
+    extras = "".join(f"  {name} {f(key, '.2f')}" for name, key in shown if key in m)
     return (
         f"{label + '  ' if label else ''}epoch {m.get('epoch')}/{epochs}  loss {f('loss', '.4f')}  mAP {f('mAP')}  "
         f"EMA mAP {f('ema_mAP')}  scene entropy {f('ema_scene_entropy', '.3f')}{extras}  "
