@@ -244,12 +244,23 @@ def continue_here(fixture: Path, storage: Path, data_dir: str, tracking_uri: str
 def test_a_legacy_run_resumes_to_its_last_epoch_as_its_version_ran(
     version: int, ray_local, mosaic_dir: str, tracking_store: str, tmp_path: Path
 ) -> None:
+    from mlflow.tracking import MlflowClient
+
     from jobs.training.driver import train
+    from pipeline.ray_compat import RAY_SNAPSHOT_FILE
 
     run_dir = continue_here(RUNS[version], tmp_path / "runs", mosaic_dir, tracking_store)
     out = train(Config(), resume=str(run_dir), log_model=False, quiet=True)
     assert out.metrics["epoch"] == EPOCHS
     last = Path(newest_checkpoint(str(run_dir))[0])
     assert read_checkpoint(last)["epoch"] == EPOCHS and read_checkpoint(last)["step"] == 2 * EPOCHS
+    # It continued from the fixture's checkpoint: epoch 2 alone was trained and logged, and Ray
+    # Train took over the fixture's record of its checkpoints.
+    history = MlflowClient(tracking_store).get_metric_history(out.mlflow_run_id, "ema_mAP")
+    assert [m.step for m in history] == [EPOCHS]
+    snapshot = json.loads((run_dir / RAY_SNAPSHOT_FILE).read_text())
+    kept = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}  # in Ray's order: by score
+    assert kept == {checkpoint_of(RUNS[version]).name, last.name}
+    # The worker trained with the old behaviour: the config it wrote into its checkpoint.
     flat, _, stored = read_checkpoint_config(last)
     assert stored == SCHEMA_VERSION and only(flat, version) == OLD_BEHAVIOUR[version]
