@@ -23,6 +23,27 @@ Generation (everything from one seed, so output is byte-identical run to run):
   of the 10 classes uniformly; then a random item of that class from the split's file;
 - each item is scaled to ``min_scale..max_scale`` of the canvas and placed at random, avoiding
   heavy overlap, and alpha-blended in white using its own intensity as alpha (the texture stays).
+
+``design="context"``: scene context is needed, and what it says differs by scene. In the default
+design ("classes") a scene only favours some classes and items are drawn independently given the
+scene, so every bit of context the scene gives is already in the pairwise co-occurrences (one
+global graph holds it), and every item is plainly visible. The context design changes both:
+- one item per image is degraded: down-sampled to ``degrade_px`` x ``degrade_px`` (box filter),
+  its brightness and contrast set to fixed values (they would otherwise tell the classes apart)
+  and scaled back up, so that the pixels say "one of the ``ambiguous`` pair" (default Pullover and
+  Coat, the most confusable Fashion-MNIST pair) but hardly which;
+- the scenes are K = 2^b combinations of b binary slots: slot j shows one of its own two context
+  classes (clear items), the bits of scene k choosing which. The degraded item's class is the pair's
+  first or second class by the parity of the bits (with probability ``in_scene``; the other class
+  otherwise). So each context class goes with the first class in half of its scenes and with the
+  second in the other half: no single co-occurring label, and no sum of them (a pairwise graph or a
+  logistic regression on the other labels), tells the pair apart, while the scene, read from the
+  combination of clear items, does, through its own co-occurrence. With b = 1 (K = 2) each context
+  class decides the pair alone, a control that pairwise context resolves;
+- the remaining classes are fillers, drawn uniformly to bring the image to ``min_items..max_items``
+  items (it always holds its b slot items and the degraded one), in random drawing order.
+Both pair classes occur only as degraded items. The ``degraded`` column records, per image, a
+bitmask over label indices: bit i is set when every item of label i in the image is degraded.
 """
 
 from __future__ import annotations
@@ -32,15 +53,16 @@ import gzip
 import io
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from pipeline.prepare import Example, PrepareResult, write_dataset
-from pipeline.shards import file_sha256
+from pipeline.shards import EXTRA_COLUMN_TYPES, file_sha256
 from salgl.errors import BadValue, CorruptFile
 
 FASHION_MNIST_CLASSES = (
@@ -53,8 +75,13 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 SCENE_CUES = ("none", "tint")
+DESIGNS = ("classes", "context")
+DEGRADED_MEAN, DEGRADED_STD = 120.0, 60.0  # fixed brightness and contrast of a degraded item (0..255)
 NEUTRAL_BACKGROUND = np.array([88, 88, 88], np.int64)  # muted grey, as dark as the tints
 FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion)"
+# The context design's column (bitmask over label indices). The converter that writes a column
+# registers its type, as the shard schema asks of every extra column.
+EXTRA_COLUMN_TYPES.setdefault("degraded", pa.int32())
 
 
 @dataclass(frozen=True)
@@ -74,6 +101,9 @@ class MosaicConfig:
     seed: int = 0
     image_format: str = "png"  # "png" (lossless) or "jpeg"
     scene_cue: str = "none"  # "none": one neutral background; "tint": the scene's tint gives it away
+    design: str = "classes"  # "classes": scenes favour classes; "context": see the module docstring
+    degrade_px: int = 2  # context design: side the degraded item is down-sampled to (1: a flat patch)
+    ambiguous: tuple[int, int] = (2, 4)  # context design: the degraded pair (Pullover, Coat)
 
     def __post_init__(self) -> None:
         if not 1 <= self.classes_per_scene <= len(FASHION_MNIST_CLASSES):
@@ -90,6 +120,20 @@ class MosaicConfig:
             raise BadValue("image_format is 'png' or 'jpeg'")
         if self.scene_cue not in SCENE_CUES:
             raise BadValue(f"scene_cue is one of {', '.join(SCENE_CUES)}")
+        if self.design not in DESIGNS:
+            raise BadValue(f"design is one of {', '.join(DESIGNS)}")
+        if self.design == "context":
+            self._check_context()
+
+    def _check_context(self) -> None:
+        slots = self.scenes.bit_length() - 1
+        if self.scenes < 2 or self.scenes != 1 << slots or 2 * slots + 2 > len(FASHION_MNIST_CLASSES):
+            raise BadValue("the context design needs scenes = 2, 4, 8 or 16 (2^slots, two classes per slot)")
+        a, b = self.ambiguous
+        if a == b or not (0 <= a < len(FASHION_MNIST_CLASSES) and 0 <= b < len(FASHION_MNIST_CLASSES)):
+            raise BadValue("ambiguous is two different class indices in 0..9")
+        if not 1 <= self.degrade_px <= 28:
+            raise BadValue("degrade_px must be in 1..28")
 
 
 class FashionMNISTNotFound(FileNotFoundError):
@@ -100,16 +144,23 @@ class FashionMNISTNotFound(FileNotFoundError):
 class SceneDesign:
     """The latent structure: per scene its classes, their weights and its background tint."""
 
-    classes: np.ndarray  # (K, m) class indices
+    classes: np.ndarray  # (K, m) class indices (context design: the scene's slot classes)
     weights: np.ndarray  # (K, m) probabilities, rows sum to 1
     tints: np.ndarray  # (K, 3) uint8 RGB
+    resolves_to: np.ndarray | None = None  # context design, (K,): the degraded item's class per scene
+    fillers: tuple[int, ...] = ()  # context design: the classes that carry no scene
 
     def describe(self) -> list[dict[str, Any]]:
-        return [
+        scenes = [
             {"classes": [FASHION_MNIST_CLASSES[c] for c in cls],
              "weights": [round(float(w), 4) for w in wts], "tint": [int(v) for v in tint]}
             for cls, wts, tint in zip(self.classes, self.weights, self.tints)
         ]
+        if self.resolves_to is not None:
+            for scene, cls in zip(scenes, self.resolves_to):
+                scene["degraded_class"] = FASHION_MNIST_CLASSES[cls]
+                scene["fillers"] = [FASHION_MNIST_CLASSES[c] for c in self.fillers]
+        return scenes
 
 
 # ------------------------------------------------------------------------------- Fashion-MNIST
@@ -167,6 +218,8 @@ def load_fashion_mnist(files: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray
 
 
 def scene_design(config: MosaicConfig) -> SceneDesign:
+    if config.design == "context":
+        return context_design(config)
     n_classes, k, m = len(FASHION_MNIST_CLASSES), config.scenes, config.classes_per_scene
     rng = np.random.default_rng([config.seed, 0])
     perm = rng.permutation(n_classes)
@@ -178,6 +231,32 @@ def scene_design(config: MosaicConfig) -> SceneDesign:
     offset = rng.random()
     tints = [colorsys.hsv_to_rgb((offset + s / k) % 1.0, 0.35, 0.42) for s in range(k)]
     return SceneDesign(classes=classes, weights=weights, tints=np.round(np.array(tints) * 255).astype(np.uint8))
+
+
+def context_design(config: MosaicConfig) -> SceneDesign:
+    """Scene k = the bits of k over log2 K slots; slot j shows context class 2j + bit_j (of a seeded
+    order of the non-ambiguous classes); the degraded class is the ambiguous pair's by bit parity."""
+    rng = np.random.default_rng([config.seed, 3])
+    k, slots = config.scenes, config.scenes.bit_length() - 1
+    others = [int(c) for c in rng.permutation(len(FASHION_MNIST_CLASSES)) if c not in config.ambiguous]
+    context, fillers = others[: 2 * slots], tuple(others[2 * slots :])
+    bits = (np.arange(k)[:, None] >> np.arange(slots)) & 1  # (K, slots)
+    classes = np.array(context).reshape(slots, 2)[np.arange(slots), bits]  # (K, slots)
+    pair = np.array(config.ambiguous)[rng.permutation(2)]  # which class odd parity means is seeded too
+    offset = rng.random()
+    tints = [colorsys.hsv_to_rgb((offset + s / k) % 1.0, 0.35, 0.42) for s in range(k)]
+    return SceneDesign(
+        classes=classes, weights=np.full((k, slots), 1.0 / slots),
+        tints=np.round(np.array(tints) * 255).astype(np.uint8), resolves_to=pair[bits.sum(1) % 2], fillers=fillers,
+    )
+
+
+def degrade(item: np.ndarray, px: int) -> np.ndarray:
+    """A 28x28 item down-sampled to ``px`` x ``px`` with fixed brightness and contrast, (px, px) uint8."""
+    small = np.asarray(Image.fromarray(item).resize((px, px), Image.Resampling.BOX), np.float32)
+    spread = small.std()
+    flat = (small - small.mean()) * (DEGRADED_STD / spread) if spread > 0 else np.zeros_like(small)
+    return np.clip(flat + DEGRADED_MEAN + 0.5, 0, 255).astype(np.uint8)
 
 
 def _place(rng: np.random.Generator, side: int, canvas: int, boxes: list[tuple[int, int, int]]) -> tuple[int, int]:
@@ -217,6 +296,12 @@ class Mosaic:
     classes: list[int]  # sorted, unique
     scene: int
     items: list[int]  # indices into the split's Fashion-MNIST file, in drawing order
+    degraded: list[int] = field(default_factory=list)  # classes whose every item is degraded
+
+    @property
+    def degraded_mask(self) -> int:
+        """The ``degraded`` column: bit i set for label index i in ``degraded``."""
+        return sum(1 << c for c in self.degraded)
 
 
 def compose(
@@ -230,21 +315,41 @@ def compose(
     canvas = np.empty((k, k, 3), np.float32)  # (H, W, 3)
     canvas[:] = background
     classes: set[int] = set()
-    items, boxes = [], []
-    for _ in range(int(rng.integers(config.min_items, config.max_items + 1))):
-        cls = _draw_class(rng, design, scene, classes, config.in_scene)
+    items, boxes, degraded, clear = [], [], set(), set()
+    plan = _context_classes(rng, design, scene, config) if config.design == "context" else None
+    count = len(plan) if plan is not None else int(rng.integers(config.min_items, config.max_items + 1))
+    for n in range(count):
+        cls, blur = plan[n] if plan is not None else (_draw_class(rng, design, scene, classes, config.in_scene), False)
         item = int(pools[cls][rng.integers(len(pools[cls]))])
         side = int(round(k * (config.min_scale + (config.max_scale - config.min_scale) * rng.random())))
         y, x = _place(rng, side, k, boxes)
-        resized = Image.fromarray(images[item]).resize((side, side), Image.Resampling.BILINEAR)
+        source = degrade(images[item], config.degrade_px) if blur else images[item]
+        resized = Image.fromarray(source).resize((side, side), Image.Resampling.BILINEAR)
         alpha = np.asarray(resized, np.float32)[..., None] * (1.0 / 255.0)  # (s, s, 1)
         region = canvas[y : y + side, x : x + side]  # (s, s, 3) view
         region += alpha * (255.0 - region)  # = region * (1 - alpha) + 255 * alpha
         classes.add(cls)
+        (degraded if blur else clear).add(cls)
         items.append(item)
         boxes.append((y, x, side))
     pixels = (canvas + 0.5).astype(np.uint8)  # values are within [0, 255]: rounding, no clipping
-    return Mosaic(pixels=pixels, classes=sorted(classes), scene=scene, items=items)
+    return Mosaic(pixels=pixels, classes=sorted(classes), scene=scene, items=items, degraded=sorted(degraded - clear))
+
+
+def _context_classes(
+    rng: np.random.Generator, design: SceneDesign, scene: int, config: MosaicConfig
+) -> list[tuple[int, bool]]:
+    """The context design's items as (class, degraded), in a random drawing order: the scene's slot
+    classes, the degraded item (the scene's class with probability ``in_scene``) and fillers."""
+    assert design.resolves_to is not None
+    odd = int(design.resolves_to[scene])
+    if rng.random() >= config.in_scene:
+        odd = config.ambiguous[1] if odd == config.ambiguous[0] else config.ambiguous[0]
+    plan = [(int(c), False) for c in design.classes[scene]] + [(odd, True)]
+    wanted = int(rng.integers(config.min_items, config.max_items + 1))
+    if design.fillers:
+        plan += [(int(design.fillers[i]), False) for i in rng.integers(len(design.fillers), size=max(0, wanted - len(plan)))]
+    return [plan[i] for i in rng.permutation(len(plan))]
 
 
 def encode(pixels: np.ndarray, image_format: str) -> bytes:
@@ -274,10 +379,29 @@ def _examples(files: tuple[Path, Path], design: SceneDesign, config: MosaicConfi
     for n, mosaic in enumerate(iter_mosaics(images, labels, design, config, split)):
         yield Example(
             id=f"{split}-{n:06d}", image=encode(mosaic.pixels, config.image_format),
-            labels=[FASHION_MNIST_CLASSES[c] for c in mosaic.classes], extra={"scene": mosaic.scene},
+            labels=[FASHION_MNIST_CLASSES[c] for c in mosaic.classes], extra=_extra(mosaic, config),
         )
 
 
+def _extra(mosaic: Mosaic, config: MosaicConfig) -> dict[str, int]:
+    extra = {"scene": mosaic.scene}
+    if config.design == "context":
+        extra["degraded"] = mosaic.degraded_mask
+    return extra
+
+
+def extra_columns(config: MosaicConfig) -> list[str]:
+    """The mosaic's columns beyond the base ones: ``scene``, and ``degraded`` in the context design."""
+    return ["scene", "degraded"] if config.design == "context" else ["scene"]
+
+
+DESIGN_TEXT = {
+    "classes": "",
+    "context": " In this context design one item per image, of {pair}, is degraded (down-sampled to "
+               "{degrade_px}x{degrade_px} px, fixed brightness and contrast) so that only the other items can "
+               "tell which it is, and which they imply depends on the scene; the `degraded` column is a "
+               "bitmask over label indices of the labels whose items are all degraded.",
+}
 CUE_TEXT = {
     "none": "on one neutral background; which of {scenes} latent scenes an image belongs to shows only "
             "in which items co-occur",
@@ -295,6 +419,13 @@ DESCRIPTION = (
 )
 
 
+def _description(config: MosaicConfig) -> str:
+    cue = CUE_TEXT[config.scene_cue].format(scenes=config.scenes)
+    pair = " or ".join(FASHION_MNIST_CLASSES[c] for c in config.ambiguous)
+    design = DESIGN_TEXT[config.design].format(pair=pair, degrade_px=config.degrade_px)
+    return DESCRIPTION.format(cue=cue, **asdict(config)) + design
+
+
 def convert_mosaic(
     out: str | os.PathLike[str],
     config: MosaicConfig = MosaicConfig(),
@@ -302,7 +433,8 @@ def convert_mosaic(
     fashion_mnist: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> PrepareResult:
-    """Generate the mosaic dataset into ``out`` (splits ``train`` and ``test``, extra ``scene``).
+    """Generate the mosaic dataset into ``out`` (splits ``train`` and ``test``, extra ``scene``, and
+    ``degraded`` in the context design).
 
     ``fashion_mnist`` is the folder of the four idx files (default: the Debian package's).
     ``options`` are :func:`~pipeline.prepare.write_dataset`'s keyword arguments.
@@ -315,10 +447,10 @@ def convert_mosaic(
         {split: _examples(files[split], design, config, split) for split in ("train", "test")},
         totals={"train": config.train, "test": config.test},
         vocabulary=FASHION_MNIST_CLASSES,
-        extra_columns=["scene"],
+        extra_columns=extra_columns(config),
         inputs=[p for pair in files.values() for p in pair],
         source={"converter": "mosaic", "parameters": {
             **asdict(config), "scene_design": design.describe(), "fashion_mnist_sha256": checksums}},
-        description=DESCRIPTION.format(cue=CUE_TEXT[config.scene_cue].format(scenes=config.scenes), **asdict(config)),
+        description=_description(config),
         **options,
     )

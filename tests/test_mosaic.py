@@ -17,6 +17,8 @@ from pipeline.mosaic import (
     FashionMNISTNotFound,
     MosaicConfig,
     convert_mosaic,
+    degrade,
+    extra_columns,
     fashion_mnist_files,
     iter_mosaics,
     load_fashion_mnist,
@@ -145,3 +147,74 @@ def test_config_is_checked() -> None:
         MosaicConfig(min_items=3, max_items=2)
     with pytest.raises(ValueError):
         MosaicConfig(image_format="gif")
+
+
+# ------------------------------------------------------------------------------- context design
+
+CONTEXT = MosaicConfig(train=40, test=16, canvas=48, design="context")
+
+
+def test_defaults_keep_the_classes_design_and_no_degraded_column() -> None:
+    config = MosaicConfig()
+    assert (config.design, config.degrade_px, config.ambiguous) == ("classes", 2, (2, 4))
+    assert scene_design(config).resolves_to is None and extra_columns(config) == ["scene"]
+
+
+def test_context_design_resolves_by_scene_not_by_any_one_context_class() -> None:
+    design = scene_design(MosaicConfig(design="context"))
+    pair = set(MosaicConfig().ambiguous)
+    assert set(design.resolves_to.tolist()) == pair  # (K,)
+    context = set(design.classes.ravel().tolist())
+    assert len(context) == 4 and not context & pair and not set(design.fillers) & (context | pair)
+    assert len({tuple(c) for c in design.classes.tolist()}) == 4  # each scene its own combination
+    for cls in context:  # each context class goes with each pair class in as many scenes
+        with_it = design.resolves_to[(design.classes == cls).any(1)]
+        assert sorted(with_it.tolist()) == sorted(pair)
+
+
+def test_context_labels_follow_the_scene_and_the_item_is_degraded(fake_dir: Path) -> None:
+    images, labels = load_fashion_mnist(fashion_mnist_files(fake_dir)["train"])
+    config = MosaicConfig(train=600, canvas=32, design="context", in_scene=0.9)
+    design = scene_design(config)
+    follows, by_context = 0, {}
+    for mosaic in iter_mosaics(images, labels, design, config, "train"):
+        assert len(mosaic.degraded) == 1 and mosaic.degraded[0] in config.ambiguous
+        assert set(design.classes[mosaic.scene]) <= set(mosaic.classes)
+        assert config.min_items <= len(mosaic.items) <= max(config.max_items, 3)
+        odd = mosaic.degraded[0]
+        follows += odd == design.resolves_to[mosaic.scene]
+        for cls in design.classes[mosaic.scene]:  # P(pair class | one context class) stays near 1/2
+            by_context.setdefault(int(cls), []).append(odd == config.ambiguous[0])
+        assert mosaic.degraded_mask == 1 << odd
+    assert abs(follows / config.train - 0.9) < 0.05
+    assert all(abs(np.mean(v) - 0.5) < 0.12 for v in by_context.values())
+
+
+def test_degrade_keeps_only_a_few_pixels_at_fixed_brightness() -> None:
+    rng = np.random.default_rng(0)
+    item = rng.integers(0, 256, size=(28, 28)).astype(np.uint8)
+    small = degrade(item, 2)
+    assert small.shape == (2, 2) and abs(small.mean() - 120) < 1.5 and abs(small.std() - 60) < 1.5
+    assert (degrade(item * 0 + 200, 3) == 120).all()  # no contrast: a flat patch of fixed brightness
+
+
+def test_context_column_and_seed(fake_dir: Path, tmp_path: Path) -> None:
+    a = convert_mosaic(tmp_path / "a", CONTEXT, fashion_mnist=fake_dir, progress=False).manifest
+    b = convert_mosaic(tmp_path / "b", CONTEXT, fashion_mnist=fake_dir, progress=False).manifest
+    assert a == b and a["extra_columns"] == ["scene", "degraded"] and "`degraded` column" in a["description"]
+    assert all("degraded_class" in scene for scene in a["source"]["parameters"]["scene_design"])
+    train = table(tmp_path / "a", "train")
+    assert train.schema.field("degraded").type == pa.int32()
+    for mask, found in zip(train.column("degraded").to_pylist(), train.column("labels").to_pylist()):
+        assert bin(mask).count("1") == 1 and mask.bit_length() - 1 in found
+    c = convert_mosaic(tmp_path / "c", MosaicConfig(**{**CONTEXT.__dict__, "seed": 1}), fashion_mnist=fake_dir,
+                       progress=False).manifest
+    assert c["splits"]["train"]["shards"][0]["sha256"] != a["splits"]["train"]["shards"][0]["sha256"]
+
+
+def test_context_config_is_checked() -> None:
+    for bad in (dict(scenes=3), dict(scenes=32), dict(ambiguous=(2, 2)), dict(degrade_px=0)):
+        with pytest.raises(ValueError):
+            MosaicConfig(design="context", **bad)
+    with pytest.raises(ValueError):
+        MosaicConfig(design="fancy")

@@ -72,6 +72,15 @@ def _add_sources(sources: Any) -> None:
     mosaic.add_argument("--scene-cue", choices=("none", "tint"), default="none",
                         help="none (default): the scene shows only in which items co-occur; "
                              "tint: each scene also tints the background, a colour cue that gives it away")
+    mosaic.add_argument("--design", choices=("classes", "context"), default="classes",
+                        help="classes (default): a scene favours some classes; context: one item per image is "
+                             "degraded and only the scene (2^slots of them: --scenes 2, 4, 8 or 16) read from the "
+                             "other items tells which of the --ambiguous pair it is (column `degraded`)")
+    mosaic.add_argument("--degrade-px", type=int, default=2, metavar="PX",
+                        help="context design: side the degraded item is down-sampled to (default 2; 1: a flat patch)")
+    mosaic.add_argument("--ambiguous", nargs=2, default=("Pullover", "Coat"), metavar=("CLASS", "CLASS"),
+                        help="context design: the confusable pair the degraded item belongs to (Fashion-MNIST class "
+                             "names; default Pullover Coat)")
     for parser in (voc, coco, nus, gen, mosaic):
         _common(parser)
 
@@ -106,9 +115,19 @@ def _convert(args: argparse.Namespace, options: dict[str, Any]) -> Any:
         scenes=args.scenes, classes_per_scene=args.classes_per_scene, min_items=args.items[0],
         max_items=args.items[1], canvas=args.canvas, min_scale=args.scale[0], max_scale=args.scale[1],
         in_scene=args.in_scene, train=args.train, test=args.test, seed=args.seed, image_format=args.format,
-        scene_cue=args.scene_cue,
+        scene_cue=args.scene_cue, design=args.design, degrade_px=args.degrade_px,
+        ambiguous=tuple(_class_index(name) for name in args.ambiguous),
     )
     return convert_mosaic(args.out, config, fashion_mnist=args.fashion_mnist, **options)
+
+
+def _class_index(name: str) -> int:
+    from pipeline.mosaic import FASHION_MNIST_CLASSES
+    from salgl.errors import BadValue
+
+    if name not in FASHION_MNIST_CLASSES:
+        raise BadValue(f"--ambiguous: unknown class {name!r}; one of {', '.join(FASHION_MNIST_CLASSES)}")
+    return FASHION_MNIST_CLASSES.index(name)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -82,7 +82,13 @@ def _fmt(value: Any) -> str:
 
 
 def label_only_analysis(data_dir: str, num_scenes: int) -> dict[str, float]:
-    """Scene NMI reachable from the labels, and context-only mAP: none / pairwise / scene mixture."""
+    """Scene NMI reachable from the labels, and context-only mAP: none / pairwise / scene mixture.
+
+    On data with a ``degraded`` column (the mosaic's context design) it adds the same comparison
+    from the *visible* context: a label predicted from the labels of the image's clear items only
+    (a degraded item's own class, and any other degraded one, is what the pixels do not tell), with
+    mAP on degraded items (images where the label is present only degraded, or absent) and on clear
+    items apart."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -111,11 +117,63 @@ def label_only_analysis(data_dir: str, num_scenes: int) -> dict[str, float]:
     def mean_ap(scores: np.ndarray) -> float:
         return 100 * float(np.mean([average_precision_score(test[:, i], scores[:, i]) for i in range(test.shape[1])]))
 
-    return {
+    out = {
         "label_posterior_scene_nmi": float(normalized_mutual_info_score(truth, found)),
         "context_map_none": mean_ap(np.tile(train.mean(0), (len(test), 1))),
         "context_map_pairwise": mean_ap(pairwise),
         "context_map_scene_mixture": mean_ap(scene_mixture),
+    }
+    if "degraded" in pq.read_schema(shard_paths(data_dir, "test")[0]).names:
+        masks = [_degraded_matrix(data_dir, split, train.shape[1]) for split in ("train", "test")]
+        out.update(visible_context_analysis(train, test, *masks, fit.theta, mixture))
+    return out
+
+
+def _degraded_matrix(data_dir: str, split: str, num_labels: int) -> Any:
+    """(N, n) bool from the ``degraded`` bitmask column, rows in read_label_matrix's order."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.shards import shard_paths
+
+    bits = pq.read_table(shard_paths(data_dir, split), columns=["degraded"]).column("degraded").to_numpy()
+    return ((bits[:, None] >> np.arange(num_labels)) & 1).astype(bool)
+
+
+def visible_context_analysis(train: Any, test: Any, train_degraded: Any, test_degraded: Any, theta: Any,
+                             mixture: Any) -> dict[str, float]:
+    """Context mAP from the clear items' labels only, pairwise vs scene mixture, on degraded and clear items."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+
+    n = train.shape[1]
+    clear_test = test.astype(bool) & ~test_degraded
+    # A label that can be degraded and shows no clear item may be absent or present degraded: unknown.
+    unknown = train_degraded.any(0) & ~clear_test  # (N, n)
+    pairwise, scene_mixture = np.zeros_like(test), np.zeros_like(test)
+    for i in range(n):
+        rest = np.arange(n) != i
+        visible_train = (train.astype(bool) & ~train_degraded)[:, rest].astype(float)
+        pairwise[:, i] = LogisticRegression(max_iter=1000).fit(visible_train, train[:, i]).predict_proba(
+            clear_test[:, rest].astype(float))[:, 1]
+        q = mixture(torch.from_numpy(test), torch.from_numpy(unknown | ~rest))  # q(k | the visible labels)
+        scene_mixture[:, i] = q.double().numpy() @ theta[:, i]
+
+    def mean_ap(scores: np.ndarray, skip: np.ndarray) -> float:
+        aps = [average_precision_score(test[~skip[:, i], i], scores[~skip[:, i], i])
+               for i in range(n) if test[~skip[:, i], i].any()]
+        return 100 * float(np.mean(aps)) if aps else float("nan")
+
+    present = test.astype(bool)
+    clear_items, degraded_items = present & ~test_degraded, present & test_degraded
+    return {
+        "degraded_items": int(degraded_items.sum()),
+        "visible_context_map_pairwise_degraded": mean_ap(pairwise, clear_items),
+        "visible_context_map_scene_mixture_degraded": mean_ap(scene_mixture, clear_items),
+        "visible_context_map_pairwise_clear": mean_ap(pairwise, degraded_items),
+        "visible_context_map_scene_mixture_clear": mean_ap(scene_mixture, degraded_items),
     }
 
 
@@ -157,6 +215,10 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the mosaic's scene design and images")
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--design", choices=("classes", "context"), default="classes",
+                        help="mosaic design: classes (default) or context (a degraded item only scene context "
+                             "resolves; --scenes 2, 4, 8 or 16)")
+    parser.add_argument("--degrade-px", type=int, default=2, help="context design: degraded item side before upscaling")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     parser.add_argument("--analysis-only", action="store_true", help="the label-only analysis, no training runs")
     parser.add_argument("--out", default="bench_out/scenes.json")
@@ -170,7 +232,7 @@ def main() -> None:
 
     mosaic = MosaicConfig(scenes=args.scenes, classes_per_scene=args.classes_per_scene, in_scene=args.in_scene,
                           min_items=args.items[0], max_items=args.items[1], train=args.train_images,
-                          test=args.test_images, seed=args.data_seed)
+                          test=args.test_images, seed=args.data_seed, design=args.design, degrade_px=args.degrade_px)
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,6 +242,12 @@ def main() -> None:
         print("label-only: scene NMI of the label posterior {label_posterior_scene_nmi:.3f}; a label from the others, "
               "test mAP: no context {context_map_none:.1f}, pairwise {context_map_pairwise:.1f}, "
               "scene mixture {context_map_scene_mixture:.1f}".format(**analysis), flush=True)
+        if "degraded_items" in analysis:
+            print("label-only, from the clear items' labels ({degraded_items} degraded test items), test mAP on degraded "
+                  "items: pairwise {visible_context_map_pairwise_degraded:.1f}, scene mixture "
+                  "{visible_context_map_scene_mixture_degraded:.1f}; on clear items: pairwise "
+                  "{visible_context_map_pairwise_clear:.1f}, scene mixture {visible_context_map_scene_mixture_clear:.1f}"
+                  .format(**analysis), flush=True)
         if args.analysis_only:
             return
         local_instance_env()  # as `salgl train` starts its local Ray
