@@ -62,7 +62,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.prepare import Example, PrepareResult, write_dataset
-from pipeline.shards import EXTRA_COLUMN_TYPES, file_sha256
+from pipeline.shards import file_sha256
 from salgl.errors import BadValue, CorruptFile
 
 FASHION_MNIST_CLASSES = (
@@ -79,9 +79,6 @@ DESIGNS = ("classes", "context")
 DEGRADED_MEAN, DEGRADED_STD = 120.0, 60.0  # fixed brightness and contrast of a degraded item (0..255)
 NEUTRAL_BACKGROUND = np.array([88, 88, 88], np.int64)  # muted grey, as dark as the tints
 FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion)"
-# The context design's column (bitmask over label indices). The converter that writes a column
-# registers its type, as the shard schema asks of every extra column.
-EXTRA_COLUMN_TYPES.setdefault("degraded", pa.int32())
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ A dataset is a folder::
 Row columns: ``image`` (binary, the encoded bytes as stored on disk), ``labels`` (list<int32>,
 sorted label indices), ``id`` (string, unique per split), ``ignore`` (list<int32>, label indices
 excluded from that image's AP; always present, empty when none) and any extra columns the manifest
-lists in ``extra_columns`` (the mosaic's ``scene``, int32).
+lists in ``extra_columns`` (the mosaic's ``scene``, int32, and, in its context design,
+``degraded``, an int32 bitmask over label indices).
 
 Writing is deterministic: rows keep their input order, the parquet writer settings are fixed here
 and nothing time-dependent goes into a file, so the same input gives byte-identical shards and
@@ -56,7 +57,7 @@ BASE_SCHEMA = pa.schema(
     ]
 )
 # Types of the optional columns a converter may add; the manifest names the ones present.
-EXTRA_COLUMN_TYPES: dict[str, pa.DataType] = {"scene": pa.int32()}
+EXTRA_COLUMN_TYPES: dict[str, pa.DataType] = {"scene": pa.int32(), "degraded": pa.int32()}
 
 
 def dataset_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
