@@ -47,7 +47,10 @@ from typing import Any
 
 import yaml
 
-METRICS = ("ema_mAP", "mAP", "ema_scene_entropy", "ema_scene_nmi", "scene_nmi", "ema_scene_ari", "ema_scene_agreement")
+METRICS = (
+    "ema_mAP", "mAP", "ema_pair_mAP", "ema_scene_entropy", "ema_scene_nmi", "scene_nmi", "ema_scene_ari",
+    "ema_scene_agreement", "ema_scene_stability_augment",
+)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "default.yaml"
 
 
@@ -64,7 +67,11 @@ def setting_overrides(name: str, true_k: int) -> dict[str, Any]:
     raise SystemExit(f"unknown setting {name!r}: K<k>, T0 or lambda<value> (lambda0, lambda0.1, ...)")
 
 
-def run_one(data_dir: str, root: Path, setting: str, seed: int, true_k: int, extra: dict[str, str]) -> dict[str, Any]:
+def run_one(
+    data_dir: str, root: Path, setting: str, seed: int, true_k: int, extra: dict[str, str], focus: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """One training run; ``focus`` (label indices, the context design's degraded pair) adds
+    ``ema_pair_mAP``, the EMA model's mean AP over those labels alone."""
     from jobs.training.driver import train
     from salgl.config import load
 
@@ -77,6 +84,9 @@ def run_one(data_dir: str, root: Path, setting: str, seed: int, true_k: int, ext
     start = time.perf_counter()
     outcome = train(load(tree, overrides), log_model=False, quiet=True)
     row = {key: outcome.metrics.get(key) for key in METRICS}
+    per_class = outcome.metrics.get("ema_ap") or []
+    if focus and per_class and all(per_class[i] is not None for i in focus):
+        row["ema_pair_mAP"] = statistics.fmean(per_class[i] for i in focus)
     row.update(setting=setting, seed=seed, seconds=round(time.perf_counter() - start, 1))
     print(f"  {setting:<8} seed {seed}: " + "  ".join(f"{k} {_fmt(row[k])}" for k in METRICS) + f"  ({row['seconds']:.0f} s)", flush=True)
     return row
@@ -198,7 +208,8 @@ def summarize(rows: list[dict[str, Any]], settings: list[str]) -> dict[str, dict
 
 def print_table(summary: dict[str, dict[str, Any]]) -> None:
     names = {"ema_mAP": "EMA mAP", "mAP": "mAP", "ema_scene_entropy": "EMA entropy", "ema_scene_nmi": "EMA NMI",
-             "scene_nmi": "NMI", "ema_scene_ari": "EMA ARI", "ema_scene_agreement": "EMA agreement"}
+             "scene_nmi": "NMI", "ema_scene_ari": "EMA ARI", "ema_scene_agreement": "EMA agreement",
+             "ema_pair_mAP": "EMA pair mAP", "ema_scene_stability_augment": "EMA stability"}
     print(f"{'setting':<9}" + "".join(f"{names[k]:>18}" for k in METRICS))
     for setting, metrics in summary.items():
         cells = []
@@ -260,7 +271,8 @@ def main() -> None:
         try:
             for seed in range(args.seeds):
                 for setting in args.settings:
-                    rows.append(run_one(str(root / "mosaic"), root, setting, seed, args.scenes, extra))
+                    focus = tuple(mosaic.ambiguous) if args.design == "context" else ()
+                    rows.append(run_one(str(root / "mosaic"), root, setting, seed, args.scenes, extra, focus))
         finally:
             ray.shutdown()
     summary = summarize(rows, args.settings)
