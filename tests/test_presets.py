@@ -103,5 +103,5 @@ def test_ema_warmup_switch() -> None:
         with torch.no_grad():
             model.weight.add_(1.0)
         ema.update(model, step=1)
-        followed = float((ema.module.weight - (model.weight - 1.0)).mean())  # share of the step the EMA took
+        followed = float((ema.module.weight - (model.weight - 1.0)).mean().detach())  # share of the step the EMA took
         assert (followed > 0.5) == warm, name  # warm-up: early decay is small, so the EMA follows the model

@@ -89,6 +89,7 @@ def test_the_run_writes_its_log_into_its_folder(uninterrupted) -> None:
     assert sum("run straight: 2 workers on cpu, precision fp32; data " in line for line in lines) == 1
     assert [line.split(": ", 1)[1].split("  ")[0] for line in lines if "EMA mAP" in line] == [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
     assert any(line.endswith("finished: run straight") for line in lines)
+    assert sum(": scene mixture: 3 scenes fitted to 256 training label sets" in line for line in lines) == 1
 
 
 @pytest.mark.timeout(600)
@@ -133,6 +134,12 @@ def test_mlflow_server_holds_params_metrics_and_artifacts(uninterrupted) -> None
                                             "resources.gpus_per_worker")} == {
         "run.device": "auto", "optim.precision": "fp32", "resources.device": "cpu", "resources.workers": "2",
         "resources.gpus_per_worker": "0"}
+    assert run.data.params["schema_version"] == "3" and len(run.data.params["scene_mixture.prior"].split()) == 3
+    # The label mixture's fit (jobs.training.scene_mixture): once, at the start, with every restart.
+    assert {"scene_mixture.log_likelihood", "scene_mixture.effective_scenes", "scene_mixture.supported_scenes"} <= set(run.data.metrics)
+    restarts = client.get_metric_history(run.info.run_id, "scene_mixture.restart_log_likelihood")
+    assert sorted(m.step for m in restarts) == list(range(8))
+    assert max(m.value for m in restarts) == run.data.metrics["scene_mixture.log_likelihood"]
     history = client.get_metric_history(run.info.run_id, "ema_mAP")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -171,6 +178,8 @@ def test_stopped_run_resumes_to_the_uninterrupted_state(uninterrupted, mosaic_di
     assert first.metrics["epoch"] == 1
     resumed = train(cfg, resume="pausing", log_model=False)
     assert resumed.metrics["epoch"] == EPOCHS and resumed.mlflow_run_id == first.mlflow_run_id
+    log_lines = (Path(resumed.run_dir) / "salgl.log").read_text().splitlines()
+    assert sum("scene mixture: kept from the run folder" in line for line in log_lines) == 1  # not fitted again
     a, b = read_checkpoint(resumed.last_checkpoint), read_checkpoint(uninterrupted.last_checkpoint)
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
