@@ -173,7 +173,8 @@ class LossConfig:
     gamma_neg: float = 2.0
     clip: float = 0.0
     eps: float = 1e-8
-    reduction: str = "mean"  # "mean" over labels and images; "released": -sum / (B n) * 1000
+    # "mean" over labels and images (paper); "released": -sum / (B n) * 1000, the scale lambda is relative to
+    reduction: str = "released"
     focal_grad: bool = False  # False: focal weights carry no gradient (released)
     entropy_weight: float = 1.0  # lambda
     balance_scale: float = 1.0  # released multiplies L2 by 100
@@ -328,7 +329,8 @@ RETIRED: dict[str, str] = {
 #   1: before scenes were learned from the labels (no key below but the run.* ones)
 #   2: scenes from the labels (scene_targets, isolate_scenes detaching pi too, frozen BatchNorm),
 #      EMA warm-up, run.preset; written without a version
-#   3: graph_trains_scenes, mixture_restarts; the default preset is named `salgl`, `paper` is the
+#   3: graph_trains_scenes, mixture_restarts; the default preset is named `salgl` (ASL at the
+#      released scale), `paper` is the
 #      paper as written; the version is written down
 SCHEMA_VERSION = 3
 
@@ -555,6 +557,7 @@ SALGL_DEPARTURES: dict[str, tuple[Any, str]] = {
     "model.head.scene_targets": ("none", "the entropy loss alone finds balanced scenes unrelated to co-occurrence"),
     "model.head.isolate_scenes": (False, "scene losses reshaped the label features"),
     "ema.warmup": (False, "without warm-up the EMA stays at the untrained model for short runs"),
+    "loss.reduction": ("mean", "lambda against the released ASL scale: lambda 0.1 - 10 spans the trade-off"),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {

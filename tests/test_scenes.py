@@ -74,8 +74,8 @@ def test_scene_target_loss_and_lambda_zero() -> None:
     logits, y = torch.randn(2, 3), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     terms = salgl_loss(logits, pi, y, LossConfig(entropy_weight=0.0), scene_targets=q)
     assert terms.total.item() == pytest.approx(terms.classification.item())  # lambda weighs every scene term
-    with_q = salgl_loss(logits, pi, y, LossConfig(scene_target_weight=2.0), scene_targets=q)
-    without = salgl_loss(logits, pi, y, LossConfig())
+    with_q = salgl_loss(logits, pi, y, LossConfig(scene_target_weight=2.0, reduction="mean"), scene_targets=q)
+    without = salgl_loss(logits, pi, y, LossConfig(reduction="mean"))
     assert (with_q.total - without.total).item() == pytest.approx(2.0 * with_q.scene_target.item(), rel=1e-5)
     assert without.scene_target.item() == 0.0
 
