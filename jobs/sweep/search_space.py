@@ -16,6 +16,7 @@ def default_space() -> dict[str, Any]:
 
     return {
         "model.head.num_scenes": tune.choice([1, 2, 3, 4, 6, 8]),
+        # Where lambda moves the salgl preset's scenes (ASL at the released scale): docs/benchmarks.md#scenes.
         "loss.entropy_weight": tune.loguniform(0.01, 10.0),
         "model.head.steps": tune.choice([0, 1, 2, 3, 4, 5]),
     }
