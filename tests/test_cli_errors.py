@@ -17,6 +17,8 @@ def _usage_errors(tmp: Path) -> dict[str, list[str]]:
     return {
         "train-config": ["train", f"{nope}.yaml"],
         "train-dataset": ["train", "tiny", f"data.path={nope}", storage],
+        "train-preset": ["train", "tiny", "preset=papr", storage],
+        "train-resume-preset": ["train", "--resume", nope, "preset=paper", storage],
         "tune-config": ["tune", f"{nope}.yaml", "--samples", "1"],
         "tune-dataset": ["tune", "tiny", f"data.path={nope}", storage, "--samples", "1"],
         "tune-resume": ["tune", "--resume", nope],
