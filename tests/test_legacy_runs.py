@@ -154,21 +154,28 @@ def test_version_2_model_files_read_as_version_2() -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_mlflow_params_of_a_legacy_run_read_as_its_version(version: int, tracking_store: str, monkeypatch) -> None:
+def test_mlflow_params_of_a_legacy_run_read_as_its_version(version: int, tracking_store: str) -> None:
     """A pickled MLflow model's config comes from its run's params: strings, and no schema_version
     before version 3."""
+    import mlflow
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     from jobs.inference.loading import _mlflow_config
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_store)
     client = MlflowClient(tracking_store)
     run_id = client.create_run(client.create_experiment(f"legacy-v{version}")).info.run_id
     record = json.loads((RUNS[version] / RUN_FILE).read_text())
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in record["config"].items()])
     model, _, _ = load_model_from_checkpoint(checkpoint_of(RUNS[version]))
-    assert only(to_flat(_mlflow_config(run_id, model)), version) == OLD_BEHAVIOUR[version]
+    # _mlflow_config reads the tracking URI its caller set (load_pickled_mlflow_model does); an
+    # earlier test may have left another in mlflow's global, so set it here and put it back after.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_store)
+    try:
+        assert only(to_flat(_mlflow_config(run_id, model)), version) == OLD_BEHAVIOUR[version]
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 # ---------------------------------------------------------------------------------------------
