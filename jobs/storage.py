@@ -45,13 +45,26 @@ def resolve_storage(location: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _filesystem(root: str) -> "pyarrow.fs.FileSystem":
+def _filesystem(root: str) -> tuple["pyarrow.fs.FileSystem", str]:
+    """pyarrow's filesystem for a store's root URI (``scheme://bucket``) and the path it gives the
+    root: the bucket, or for abfs the container (``abfs://container@account.dfs.core.windows.net``
+    is ``container``). Opened once per root: an S3 client asks the store for the bucket's region."""
     import pyarrow.fs
 
     try:
-        return pyarrow.fs.FileSystem.from_uri(root)[0]
+        fs, path = pyarrow.fs.FileSystem.from_uri(root)
     except (OSError, ValueError) as err:
         raise BadValue(f"cannot open {root}: {err}") from None
+    return fs, path.rstrip("/")
+
+
+def object_key(location: str) -> tuple["pyarrow.fs.FileSystem", str]:
+    """An object-store URI's filesystem and its path there, as ``pyarrow.fs.FileSystem.from_uri``
+    (and so Ray Train) resolves it: the root's path, then the URI's path."""
+    scheme, rest = location.split("://", 1)
+    bucket, _, path = rest.partition("/")
+    fs, root = _filesystem(f"{scheme}://{bucket}")
+    return fs, f"{root}/{path}" if path else root
 
 
 @dataclass(frozen=True)
@@ -89,9 +102,7 @@ class Folder:
             import pyarrow.fs
 
             return pyarrow.fs.LocalFileSystem(), self.location
-        scheme, rest = self.location.split("://", 1)
-        bucket = rest.split("/", 1)[0]
-        return _filesystem(f"{scheme}://{bucket}"), rest
+        return object_key(self.location)
 
     def _key(self, name: str) -> tuple["pyarrow.fs.FileSystem", str]:
         fs, path = self._fs()
