@@ -1,6 +1,8 @@
-"""``jobs.stop_signals``: SIGTERM and SIGHUP stop a command as Ctrl-C does. No Ray: the handlers are
-plain functions, raised in this process. The processes stopped for real are in
-tests/test_serve_process.py, tests/test_train_stops.py and tests/test_tune_resume_integration.py."""
+"""``jobs.stop_signals``: SIGTERM and SIGHUP stop a command as Ctrl-C does, an ignored signal stays
+ignored, and a training run's ``fit()`` aborts its controller on any of them. No Ray: the handlers
+are plain functions, raised in this process (the trainer's with a stand-in controller). The
+processes stopped for real are in tests/test_serve_process.py, tests/test_train_stops.py and
+tests/test_tune_resume_integration.py."""
 
 from __future__ import annotations
 
@@ -76,3 +78,85 @@ def test_without_a_python_handler_the_library_keeps_its_own() -> None:
     with sigterm_handler_kept():
         signal.signal(signal.SIGTERM, replaced)
     assert signal.getsignal(signal.SIGTERM) is replaced
+
+
+def test_an_ignored_signal_stays_ignored() -> None:
+    """`nohup salgl train`: SIGHUP ignored from the start, so the command outlives its terminal."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with handling(stop_like_ctrl_c):
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGHUP)  # nothing happens
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+
+def test_an_ignored_sighup_is_kept_in_a_process_started_with_it_ignored() -> None:
+    """As `nohup` starts a command: the `salgl` entry point's handlers installed, a SIGHUP sent."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal\n"
+            "from jobs.stop_signals import handling, stop_like_ctrl_c\n"
+            "with handling(stop_like_ctrl_c):\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "print('survived')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert (done.returncode, done.stdout) == (0, "survived\n"), done.stderr
+
+
+class _Controller:
+    """What the trainer's handler calls: ``controller.abort.remote()``, counted."""
+
+    def __init__(self) -> None:
+        self.aborts = 0
+        self.abort = self
+
+    def remote(self) -> None:
+        self.aborts += 1
+
+
+def _fitting(monkeypatch: pytest.MonkeyPatch) -> _Controller:
+    """An ``InterruptibleTorchTrainer`` as ``fit()`` leaves it once Ray Train's controller runs: its
+    handlers registered (no Ray started; ``ray.get`` returns at once). Returns the controller."""
+    import ray
+
+    from jobs.training.interrupt import InterruptibleTorchTrainer
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    controller = _Controller()
+    object.__new__(InterruptibleTorchTrainer)._register_sigint_handler(controller)
+    return controller
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"])
+def test_a_stop_during_fit_aborts_the_controller_then_raises_what_ctrl_c_raises(
+    stop: signal.Signals, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    controller = _fitting(monkeypatch)
+    with pytest.raises(KeyboardInterrupt, match=stop.name):
+        signal.raise_signal(stop)
+    assert controller.aborts == 1
+    with pytest.raises(KeyboardInterrupt):  # a second stop ends at once, no second abort
+        signal.raise_signal(signal.SIGTERM)
+    assert controller.aborts == 1
+
+
+def test_during_fit_an_ignored_sighup_stays_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    controller = _fitting(monkeypatch)
+    signal.raise_signal(signal.SIGHUP)
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and controller.aborts == 0
+
+
+def test_fit_leaves_the_handlers_as_it_found_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.train.torch import TorchTrainer
+
+    from jobs.training.interrupt import InterruptibleTorchTrainer
+
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(TorchTrainer, "fit", lambda self: self._register_sigint_handler(_Controller()) or "result")
+    assert object.__new__(InterruptibleTorchTrainer).fit() == "result"
+    assert {s: signal.getsignal(s) for s in before} == before

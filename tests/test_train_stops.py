@@ -3,7 +3,7 @@
 
 - Ctrl-C (SIGINT to the process group, as a terminal sends it, once the first epoch line is out):
   exit 130, the MLflow run KILLED, the resume command printed, and that command finishes the run;
-- SIGTERM to the command alone: the same end as Ctrl-C;
+- SIGTERM to the command alone: the same end as Ctrl-C, through the same abort of Train's controller;
 - a loss that stops being finite: exit 1, the MLflow run FAILED, the epoch, step and loss terms
   named, and no checkpoint of non-finite weights.
 """
@@ -83,6 +83,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(mosaic_dir: str, tmp_path: Path) -> 
     run_dir = tmp_path / "runs" / "terminated"
     assert f"salgl train: error: interrupted; run terminated stopped. Continue it with: salgl train --resume {run_dir}" in output
     assert "received at time" not in output  # no stack dump from Ray's failure handler
+    assert "SIGTERM: stopping the run's workers" in output  # the controller's abort, as for Ctrl-C
     mlflow.set_tracking_uri(tracking)
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "KILLED"
