@@ -186,19 +186,16 @@ def log_dataset(tracking_uri: str, run_id: str, data_dir: str) -> None:
 
 def manifest_dataset(data_dir: str) -> Any:
     """An ``mlflow.data`` dataset describing a prepared dataset folder by its ``manifest.json``."""
-    import hashlib
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    from pipeline.shards import read_manifest
+    from pipeline.shards import read_manifest, shards_digest
 
     manifest = read_manifest(data_dir)
-    splits = manifest["splits"]
-    shas = [shard["sha256"] for name in sorted(splits) for shard in splits[name]["shards"]]
     profile = {
-        "splits": {name: int(split["rows"]) for name, split in splits.items()},
+        "splits": {name: int(split["rows"]) for name, split in manifest["splits"].items()},
         "labels": len(manifest["vocabulary"]),
         "converter": manifest.get("source", {}).get("converter"),
     }
@@ -214,7 +211,7 @@ def manifest_dataset(data_dir: str) -> Any:
     with warnings.catch_warnings():  # a local path matches MLflow's local artifact source twice: same class
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(data_dir).resolve()))
-    return ManifestDataset(source, name=Path(data_dir).name, digest=hashlib.sha256("".join(shas).encode()).hexdigest()[:16])
+    return ManifestDataset(source, name=Path(data_dir).name, digest=shards_digest(manifest)[:16])
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

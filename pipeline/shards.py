@@ -201,6 +201,14 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def shards_digest(manifest: Mapping[str, Any]) -> str:
+    """One sha256 over every shard's sha256 (splits by name, shards in row order): a dataset's
+    identity, the same for a moved or copied folder and another for other bytes."""
+    splits = manifest["splits"]
+    shas = [shard["sha256"] for name in sorted(splits) for shard in splits[name]["shards"]]
+    return hashlib.sha256("".join(shas).encode()).hexdigest()
+
+
 def shard_paths(root: str | os.PathLike[str], split: str) -> list[str]:
     """Absolute paths of the shards of ``split``, in row order."""
     manifest = read_manifest(root)

@@ -212,6 +212,35 @@ def test_a_resume_sets_a_damaged_checkpoint_aside_and_redoes_its_epoch(uninterru
 
 
 @pytest.mark.timeout(600)
+def test_a_run_copied_elsewhere_resumes_on_its_moved_data_under_a_new_mlflow_run(ray_local, mosaic_dir, mlflow_server, tmp_path) -> None:
+    """As a user resumes on another machine: the run folder copied, its dataset at another path (the
+    old one gone), a tracking store that never held its MLflow run."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from jobs.training.driver import RUN_FILE, train
+    from jobs.training.resume import RESUMED_FROM_TAG
+
+    data = Path(shutil.copytree(mosaic_dir, tmp_path / "data"))
+    first = train(_config(str(data), tmp_path / "runs", mlflow_server, **{"run.name": "travels", "run.stop_after_epoch": 1}),
+                  log_model=False, quiet=True)
+    run_dir = Path(shutil.copytree(first.run_dir, tmp_path / "elsewhere" / "travels"))
+    moved = data.rename(tmp_path / "moved")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    resumed = train(preset("tiny"), resume=str(run_dir), overrides={"data.path": str(moved), "run.tracking_uri": tracking},
+                    log_model=False, quiet=True)
+    assert resumed.metrics["epoch"] == EPOCHS and resumed.mlflow_run_id != first.mlflow_run_id
+    run = MlflowClient(tracking).get_run(resumed.mlflow_run_id)
+    assert run.data.tags[RESUMED_FROM_TAG] == first.mlflow_run_id and run.info.status == "FINISHED"
+    assert run.data.params["data.path"] == str(moved) and run.data.metrics["epoch"] == EPOCHS
+    log_text = (run_dir / "salgl.log").read_text()
+    assert f"MLflow run {first.mlflow_run_id} is not in {tracking}: continuing under a new MLflow run {run.info.run_id}" in log_text
+    record = json.loads((run_dir / RUN_FILE).read_text())  # the next resume needs neither override
+    assert (record["data_dir"], record["tracking_uri"], record["mlflow_run_id"]) == (str(moved), tracking, run.info.run_id)
+
+
+@pytest.mark.timeout(600)
 def test_reusing_a_run_name_is_refused(uninterrupted) -> None:
     from jobs.training.driver import train
 

@@ -419,23 +419,39 @@ def train(
     checkpoint's weights to MLflow rather than the whole checkpoint (``record_final_artifacts``).
     """
     from jobs.training.checkpoints import DIVERGED_FILE, set_aside_damaged
-    from pipeline.shards import verify_shards
+    from jobs.training.resume import RESUMED_FROM_TAG, held_run, moved_record, resumed_data_dir, resumed_tracking_uri
+    from pipeline.shards import read_manifest, shards_digest, verify_shards
 
     storage = storage_root(cfg)
+    notes: list[str] = []  # said once the run's log is open
     if resume:
         run_dir = find_run(resume, storage)
         record = json.loads(run_dir.read_text(RUN_FILE))
         base = from_stored(record["config"], record.get("schema_version"))  # as the version that wrote it
         # A resumed run goes to the end of its schedule unless told to stop again.
         cfg = with_overrides(base, {"run.stop_after_epoch": 0, **(overrides or {})})
-        run_name, data_dir = record["run_name"], record["data_dir"]
+        run_name = record["run_name"]
+        data_dir = resumed_data_dir(record, base, cfg)  # or a moved copy of it (jobs.training.resume)
+        cfg = with_overrides(cfg, {"data.path": data_dir})
         verify_shards(data_dir)  # pipeline.shards: the data may have changed since the run began
         init_ray(address)
         plan = run_plan(cfg, resource_share)
         run_dir.delete(DIVERGED_FILE)  # continuing from the last good checkpoint
-        tracking_uri, run_id = record["tracking_uri"], record["mlflow_run_id"]
+        tracking_uri, run_id = resumed_tracking_uri(record, base, cfg), record["mlflow_run_id"]
         storage = run_dir.location.rsplit("/", 1)[0]
-        MlflowLogger(tracking_uri, run_id).log_params(plan_params(plan))  # the hardware may differ now
+        if held_run(tracking_uri, run_id):
+            # The hardware may differ now, and the data folder (a moved copy).
+            MlflowLogger(tracking_uri, run_id).log_params({**plan_params(plan), "data.path": data_dir})
+        else:  # the run folder was copied, or the tracking server moved
+            run_id = open_mlflow_run(
+                cfg, plan, run_dir, tracking_uri, data_dir, run_name=mlflow_run_name or run_name,
+                parent_run_id=parent_run_id, extra_params=extra_params, tags={RESUMED_FROM_TAG: record["mlflow_run_id"]},
+            )
+            notes.append(f"MLflow run {record['mlflow_run_id']} is not in {tracking_uri}: continuing under a new "
+                         f"MLflow run {run_id} (tag {RESUMED_FROM_TAG})")
+        moved = moved_record(record, data_dir=data_dir, tracking_uri=tracking_uri, mlflow_run_id=run_id)
+        if moved != record:
+            write_run_file(run_dir, moved)
     else:
         run_name = cfg.run.name or new_run_name()
         run_dir = Folder(storage) / run_name
@@ -449,27 +465,21 @@ def train(
         cfg = with_overrides(cfg, {"run.name": run_name, "data.path": data_dir})
         init_ray(address)
         plan = run_plan(cfg, resource_share)  # a device the cluster lacks fails before the run exists
-        run_id = start_run(
-            tracking_uri,
-            cfg.run.experiment,
-            run_name=mlflow_run_name or run_name,
-            params={
-                **to_flat(cfg), **short_params(to_flat(cfg)), **plan_params(plan), "schema_version": SCHEMA_VERSION,
-                **(extra_params or {}),
-            },
-            tags={"salgl.run_dir": str(run_dir)},
-            parent_run_id=parent_run_id,
+        run_id = open_mlflow_run(
+            cfg, plan, run_dir, tracking_uri, data_dir, run_name=mlflow_run_name or run_name,
+            parent_run_id=parent_run_id, extra_params=extra_params,
         )
-        log_dataset(tracking_uri, run_id, data_dir)
         write_run_file(run_dir, {
-            "run_name": run_name, "data_dir": data_dir, "config": to_flat(cfg),
-            "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "schema_version": SCHEMA_VERSION,
+            "run_name": run_name, "data_dir": data_dir, "data_digest": shards_digest(read_manifest(data_dir)),
+            "config": to_flat(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "schema_version": SCHEMA_VERSION,
         })
     local_dir = local_folder(run_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     # salgl.log (the controller and workers append theirs), copied to an object-store run folder at the end
     with contextlib.ExitStack() as on_exit, run_log(local_dir):
         on_exit.callback(upload_log, run_dir, local_dir)
+        for line in notes:
+            log.warning(line)
         if resume:
             for line in set_aside_damaged(run_dir):
                 log.warning(line)
@@ -508,6 +518,27 @@ def train(
         if not quiet:
             log_summary(outcome, finished)
         return outcome
+
+
+def open_mlflow_run(
+    cfg: Config, plan: ResourcePlan, run_dir: Folder, tracking_uri: str, data_dir: str, *, run_name: str,
+    parent_run_id: str | None = None, extra_params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None,
+) -> str:
+    """A new MLflow run for the run folder ``run_dir``: the resolved config and what the run got as
+    params, its dataset as input; returns its id."""
+    run_id = start_run(
+        tracking_uri,
+        cfg.run.experiment,
+        run_name=run_name,
+        params={
+            **to_flat(cfg), **short_params(to_flat(cfg)), **plan_params(plan), "schema_version": SCHEMA_VERSION,
+            **(extra_params or {}),
+        },
+        tags={"salgl.run_dir": str(run_dir), **(tags or {})},
+        parent_run_id=parent_run_id,
+    )
+    log_dataset(tracking_uri, run_id, data_dir)
+    return run_id
 
 
 def wants_progress_bar(quiet: bool) -> bool:
