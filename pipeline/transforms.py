@@ -51,14 +51,21 @@ CONSUMED = ("image", "labels", "ignore")
 # Single images (PIL in, PIL out)
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
     """Encoded bytes -> RGB PIL image (greyscale, palette and RGBA sources are converted).
+
+    ``max_pixels``: refuse an image with more pixels before decoding it (``DecompressionBombError``,
+    as PIL's own limit, ``Image.MAX_IMAGE_PIXELS``, does at twice its size), so a small file that
+    declares a huge canvas costs nothing.
 
     16- and 32-bit greyscale (``I;16*``, ``I``: 16-bit PNG, TIFF) is scaled to 8 bits by its
     bit depth first (``I`` holding values up to 65535 counts as 16-bit); PIL's own conversion
     clips it, so nearly every pixel would become white.
     """
     img = Image.open(io.BytesIO(data))
+    if max_pixels is not None and img.width * img.height > max_pixels:
+        raise Image.DecompressionBombError(
+            f"{img.width} x {img.height} = {img.width * img.height:,} pixels is over the limit of {max_pixels:,}")
     if img.mode.startswith("I;16") or img.mode == "I":
         pixels = np.asarray(img, dtype=np.float64)
         bits = 16 if img.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else 32

@@ -145,7 +145,7 @@ def test_served_answers_equal_salgl_predict(ray_local: None, checkpoint: str, im
         assert bad.value.code == 400 and "not valid JSON" in json.loads(bad.value.read())["error"]
 
         handle = serve.get_app_handle(APP_NAME)
-        before = len(handle.get_batch_sizes.remote().result())
+        before = handle.status.remote().result()["batch_sizes"]
         answers: dict[int, Any] = {}
         threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, post(url, images[i], "image/png"))) for i in range(2)]
         for t in threads:
@@ -154,6 +154,7 @@ def test_served_answers_equal_salgl_predict(ray_local: None, checkpoint: str, im
             t.join(timeout=120)
         for i in range(2):
             assert_same_record(answers[i], want[i])
-        assert handle.get_batch_sizes.remote().result()[before:] == [2]  # one forward pass for both requests
+        after = handle.status.remote().result()["batch_sizes"]
+        assert {size: n - before.get(size, 0) for size, n in after.items() if n != before.get(size, 0)} == {2: 1}  # one pass for both
     finally:
         stop_serving(whole_instance=True)

@@ -12,13 +12,18 @@ from jobs.cli.checkpoint_args import add_checkpoint_arguments, load_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from jobs.inference.options import DEFAULTS
+
     p = subparsers.add_parser("predict", help="labels, top-k scores and the scene of image files (one JSON line each)")
     add_checkpoint_arguments(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="JSON lines output ('-' for stdout)")
-    p.add_argument("--threshold", type=float, default=0.5, help="score at which a label is predicted (default 0.5)")
-    p.add_argument("--top-k", type=int, default=5, help="best labels listed with their scores (default 5)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    p.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
+                   help=f"score at which a label is predicted (default {DEFAULTS.threshold})")
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
+                   help=f"best labels listed with their scores (default {DEFAULTS.top_k})")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                   help=f"images per model call (default {DEFAULTS.batch_size})")
     p.add_argument("--device", default="auto", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from jobs.inference.loading import score_images
+from jobs.inference.options import DEFAULTS
 from pipeline.transforms import decode_image, resize, to_normalized
 from salgl.config import DataConfig
 from salgl.model import SALGL
@@ -42,9 +43,10 @@ def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return found
 
 
-def load_image(source: Source, cfg: DataConfig) -> Image.Image:
-    """The file (or encoded image) as an S x S RGB image; raises one of ``READ_ERRORS`` when it cannot be read."""
-    img = decode_image(source if isinstance(source, bytes) else source.read_bytes())
+def load_image(source: Source, cfg: DataConfig, *, max_pixels: int | None = None) -> Image.Image:
+    """The file (or encoded image) as an S x S RGB image; raises one of ``READ_ERRORS`` when it cannot
+    be read, or has more than ``max_pixels`` pixels."""
+    img = decode_image(source if isinstance(source, bytes) else source.read_bytes(), max_pixels=max_pixels)
     img.load()  # PIL decodes lazily: force it here, where a truncated file can be caught
     return resize(img, cfg.img_size)
 
@@ -84,14 +86,16 @@ def _origin(source: Source) -> dict[str, str]:
 
 
 def predict_chunk(
-    model: SALGL, cfg: DataConfig, vocabulary: Sequence[str], paths: Sequence[Source], *, threshold: float, top_k: int
+    model: SALGL, cfg: DataConfig, vocabulary: Sequence[str], paths: Sequence[Source], *, threshold: float, top_k: int,
+    max_pixels: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Records for ``paths`` (files or encoded images) in their order: the readable ones scored in one batch."""
+    """Records for ``paths`` (files or encoded images) in their order: the readable ones scored in one batch
+    (an image over ``max_pixels`` gets an error record, undecoded)."""
     images: dict[int, Image.Image] = {}
     records: list[dict[str, Any] | None] = [None] * len(paths)
     for i, path in enumerate(paths):
         try:
-            images[i] = load_image(path, cfg)
+            images[i] = load_image(path, cfg, max_pixels=max_pixels)
         except READ_ERRORS as err:
             records[i] = error_record(path, err)
     if images:
@@ -108,9 +112,9 @@ def predict_files(
     vocabulary: Sequence[str],
     paths: Sequence[Source],
     *,
-    batch_size: int = 32,
-    threshold: float = 0.5,
-    top_k: int = 5,
+    batch_size: int = DEFAULTS.batch_size,
+    threshold: float = DEFAULTS.threshold,
+    top_k: int = DEFAULTS.top_k,
     progress: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Records for every path (or encoded image), in order, ``batch_size`` images per model call, with a progress bar."""

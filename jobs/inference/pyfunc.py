@@ -19,8 +19,6 @@ in order (no ``path`` for bytes; ``error`` for an image that cannot be decoded).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import importlib
 import io
 import os
@@ -33,6 +31,7 @@ import mlflow
 import pandas as pd
 
 from jobs.inference.model_files import read_model_files, write_model_files
+from jobs.inference.options import DEFAULTS, decode_base64
 from jobs.inference.predict import Source, predict_files
 from salgl.config import Config
 from salgl.errors import BadValue
@@ -40,7 +39,7 @@ from salgl.model import SALGL
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 IMAGE_COLUMN = "image"
-PARAMS: dict[str, Any] = {"threshold": 0.5, "top_k": 5, "batch_size": 32}  # salgl predict's defaults
+PARAMS: dict[str, Any] = {"threshold": DEFAULTS.threshold, "top_k": DEFAULTS.top_k, "batch_size": DEFAULTS.batch_size}
 SHIPPED_PACKAGES = ("salgl", "pipeline", "jobs")
 # Third-party distributions the shipped code and MLflow's loader import to load and predict.
 REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "tqdm", "pandas")
@@ -80,8 +79,8 @@ def image_source(value: Any) -> Source:
     if os.path.isfile(text):
         return Path(text)
     try:
-        return base64.b64decode("".join(text.split()), validate=True)  # encodebytes wraps lines: join them
-    except (binascii.Error, ValueError):
+        return decode_base64(text)
+    except ValueError:
         return Path(text)  # predict reports it as a file that cannot be read
 
 
