@@ -11,7 +11,8 @@ bytes) per split and hands them to :func:`write_dataset`. This module then, in i
   at the first one when ``strict``,
 - counts rows a converter skips on purpose (COCO images without annotations, NUS-WIDE images
   without labels) as ``dropped``, so nothing disappears without a count,
-- streams accepted rows into shards inside a staging folder that is moved into place at the end.
+- streams accepted rows into shards inside a staging folder that is moved into place at the end
+  (in an object store, where nothing renames, into the destination prefix with the manifest last).
 
 Memory is bounded by the thread pool's window of images plus one row group per split writer; the
 only state that grows with the dataset is the set of seen ids (needed to detect duplicates).
@@ -41,6 +42,9 @@ from pipeline.shards import (
     ShardWriter,
     check_destination,
     dataset_schema,
+    is_remote,
+    join,
+    open_text_output,
     staged_output,
     write_manifest,
 )
@@ -96,9 +100,10 @@ class SplitStats:
 
 @dataclass
 class PrepareResult:
-    """What :func:`write_dataset` produced: the final folder, its manifest and per-split counts."""
+    """What :func:`write_dataset` produced: the final folder (or object-store URI), its manifest
+    and per-split counts."""
 
-    out: Path
+    out: Path | str
     manifest: dict[str, Any]
     stats: dict[str, SplitStats]
 
@@ -115,7 +120,7 @@ class PrepareResult:
                 line += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(stats.dropped.items())) + ")"
             lines.append(line)
         if any(s.rejects for s in self.stats.values()):
-            lines.append(f"  rejected rows and reasons: {self.out / REJECTS_NAME}")
+            lines.append(f"  rejected rows and reasons: {join(self.out, REJECTS_NAME)}")
         return "\n".join(lines)
 
 
@@ -272,7 +277,7 @@ def _load_pair(example: Example, max_side: int | None = None) -> tuple[Example, 
 
 
 def _write_split(
-    staging: Path, split: str, examples: Iterable[Example], *, index: Mapping[str, int], schema: Any,
+    staging: Path | str, split: str, examples: Iterable[Example], *, index: Mapping[str, int], schema: Any,
     rejects: Any, strict: bool, shard_rows: int, workers: int, total: int | None, progress: bool,
     max_side: int | None = None,
 ) -> tuple[list[dict[str, Any]], _SplitWriter]:
@@ -319,13 +324,13 @@ def write_dataset(
         raise BadValue("vocabulary has repeated names")
     if max_side is not None and max_side < 8:
         raise BadValue(f"max side must be at least 8 pixels, got {max_side}")
-    out = Path(out)
+    out = str(out).rstrip("/") if is_remote(out) else Path(out)
     check_destination(out, overwrite, inputs)  # fail before any work
     workers = workers or min(8, os.cpu_count() or 1)
     index = {name: i for i, name in enumerate(vocabulary)}
     shards, targets = {}, {}
     with staged_output(out, overwrite=overwrite, inputs=inputs) as staging:
-        with open(staging / REJECTS_NAME, "w", encoding="utf-8") as rejects:
+        with open_text_output(staging, REJECTS_NAME) as rejects:
             for split, examples in splits.items():
                 shards[split], targets[split] = _write_split(
                     staging, split, examples, index=index, schema=dataset_schema(extra_columns),

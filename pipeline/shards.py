@@ -1,6 +1,7 @@
 """The on-disk dataset format: parquet shards plus a JSON manifest (SPEC section 4).
 
-A dataset is a folder::
+A dataset is a folder, or a prefix of an object store (``s3://bucket/data/NAME``, ``gs://``,
+``abfs://``: the same layout, written and read through pyarrow's filesystems)::
 
     DIR/manifest.json
     DIR/rejects.jsonl                      # bad input rows, one JSON object a line (may be empty)
@@ -16,7 +17,8 @@ Writing is deterministic: rows keep their input order, the parquet writer settin
 and nothing time-dependent goes into a file, so the same input gives byte-identical shards and
 checksums (for a given pyarrow version, which parquet stamps into every file).
 
-This module is plain pyarrow: no Ray, so converters and tests run anywhere.
+This module is plain pyarrow: no Ray, so converters and tests run anywhere. Object-store URIs
+resolve as ``jobs.storage`` resolves a run folder's (credentials from the store's usual environment).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -31,14 +34,15 @@ import shutil
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from salgl.errors import AlreadyExists, BadValue, CorruptFile, NotFound
+from salgl.errors import AlreadyExists, BadValue, CorruptFile, NotFound, SalglError, UsageError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -68,6 +72,130 @@ def dataset_schema(extra_columns: Sequence[str] = ()) -> pa.Schema:
     return schema
 
 
+# ---------------------------------------------------------------------------------------------
+# Where a dataset lives: a local folder or an object-store prefix
+
+
+def is_remote(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` is an object-store URI (``s3://``, ``gs://``, ``abfs://``)."""
+    from jobs.storage import is_object_store
+
+    return is_object_store(str(root))
+
+
+def dataset_location(root: str | os.PathLike[str]) -> str:
+    """A dataset's location as runs record it and Ray workers get it: a URI without a trailing
+    slash, or an absolute local path (workers run with another working directory)."""
+    return str(root).rstrip("/") if is_remote(root) else str(Path(root).expanduser().resolve())
+
+
+def join(root: str | os.PathLike[str], name: str) -> str:
+    """``root/name`` for a local folder or a URI (``Path`` would fold ``s3://`` into ``s3:/``)."""
+    return f"{str(root).rstrip('/')}/{name}" if is_remote(root) else str(Path(root) / name)
+
+
+def filesystem(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for ``path`` and the path on it: for a URI, as ``jobs.storage`` (and so
+    Ray) resolves it, one client per bucket."""
+    if not is_remote(path):
+        return pafs.LocalFileSystem(), str(Path(path).resolve())
+    from jobs.storage import object_key
+
+    return object_key(str(path).rstrip("/"))
+
+
+# What stores answer when the caller may not read or write there (S3 through pyarrow, GCS, Azure).
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "PERMISSION_DENIED",
+           "UNAUTHENTICATED", "AuthorizationFailure", "AuthenticationFailed", "credentials")
+_NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket", "ContainerNotFound", "bucket does not exist")
+
+
+def store_error(location: str, err: BaseException) -> SalglError | None:
+    """An object store's refusal as a one-line error naming ``location`` (a bucket that does not
+    exist, missing or refused credentials); None for any other failure."""
+    text = str(err)
+    if any(mark in text for mark in _NO_BUCKET):
+        return NotFound(f"{location}: the bucket does not exist (create it, or check the URI)")
+    if any(mark in text for mark in _DENIED):
+        return UsageError(f"{location}: the store refused access; check its credentials (AWS_ACCESS_KEY_ID / "
+                          f"AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*): "
+                          f"{text.splitlines()[0][:200]}")
+    return None
+
+
+@contextlib.contextmanager
+def store_errors(location: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise an object store's refusal inside the block as ``store_error``'s one line."""
+    try:
+        yield
+    except OSError as err:
+        mapped = None if isinstance(err, FileNotFoundError) else store_error(str(location), err)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def check_bucket(root: str) -> None:
+    """Raise ``NotFound`` when the bucket (or container) of the URI ``root`` does not exist."""
+    fs, path = filesystem(root)
+    bucket = path.split("/", 1)[0]
+    with store_errors(root):
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise NotFound(f"{root}: the bucket {bucket!r} does not exist (create it, or check the URI)")
+
+
+def _read_text(path: str) -> str | None:
+    """The text of the file ``path`` (local or URI); None where there is no such file."""
+    fs, key = filesystem(path)
+    with store_errors(path):
+        try:
+            with fs.open_input_stream(key) as stream:
+                return stream.read().decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+
+def open_text_output(root: str | os.PathLike[str], name: str) -> IO[str]:
+    """``root/name`` opened for writing UTF-8 text (in an object store, the object appears on close)."""
+    if not is_remote(root):
+        return open(Path(root) / name, "w", encoding="utf-8")
+    fs, key = filesystem(join(root, name))
+    return io.TextIOWrapper(fs.open_output_stream(key), encoding="utf-8")
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    """A shard, local or in an object store (ranged reads: the footer, then the row groups read)."""
+    if not is_remote(path):
+        return pq.ParquetFile(path)
+    fs, key = filesystem(path)
+    return pq.ParquetFile(fs.open_input_file(key))
+
+
+class _HashingSink:
+    """A write-only file passing its bytes to ``stream`` and hashing them on the way, so a shard's
+    sha256 needs no second read (of an object-store upload, a second download)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.digest = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self._stream.write(data)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+            self.closed = True
+
+
 def _writer_options(schema: pa.Schema) -> dict[str, Any]:
     """Fixed writer settings, so output bytes depend only on the rows.
 
@@ -89,7 +217,14 @@ def _writer_options(schema: pa.Schema) -> dict[str, Any]:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file, local or in an object store (one streamed read)."""
     digest = hashlib.sha256()
+    if is_remote(path):
+        fs, key = filesystem(path)
+        with fs.open_input_stream(key) as stream:
+            while block := stream.read(1 << 22):
+                digest.update(block)
+        return digest.hexdigest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -97,7 +232,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 class ShardWriter:
-    """Streams rows of one split into ``root/<split>/part-NNNNN.parquet`` shards.
+    """Streams rows of one split into ``root/<split>/part-NNNNN.parquet`` shards (``root`` a
+    folder or an object-store URI), hashing each shard as it is written.
 
     At most ``shard_rows`` rows go in a shard and at most ``row_group_rows`` rows are held in
     memory at once. ``close()`` returns the shard entries for the manifest; a split with no rows
@@ -115,7 +251,7 @@ class ShardWriter:
     ) -> None:
         if shard_rows < 1:
             raise BadValue(f"shard_rows must be >= 1, got {shard_rows}")
-        self.root = Path(root)
+        self.root = str(root)
         self.split = split
         self.shard_rows = shard_rows
         self.schema = schema
@@ -126,7 +262,9 @@ class ShardWriter:
         self._writer: pq.ParquetWriter | None = None
         self._shard_rows_written = 0
         self._shards: list[dict[str, Any]] = []
-        (self.root / split).mkdir(parents=True, exist_ok=True)
+        self._sink: _HashingSink | None = None
+        if not is_remote(root):
+            (Path(root) / split).mkdir(parents=True, exist_ok=True)
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row (a mapping with every schema column)."""
@@ -151,6 +289,7 @@ class ShardWriter:
     def __exit__(self, *exc: object) -> None:
         if self._writer is not None:  # on error: release the file, the caller discards the folder
             self._writer.close()
+            self._sink.close()
             self._writer = None
 
     def _flush(self) -> None:
@@ -169,32 +308,55 @@ class ShardWriter:
         return f"{self.split}/part-{len(self._shards):05d}.parquet"
 
     def _open_shard(self) -> None:
-        self._writer = pq.ParquetWriter(self.root / self._shard_file(), self.schema, **self._options)
+        fs, key = filesystem(join(self.root, self._shard_file()))
+        self._sink = _HashingSink(fs.open_output_stream(key))
+        self._writer = pq.ParquetWriter(self._sink, self.schema, **self._options)
         self._shard_rows_written = 0
 
     def _close_shard(self) -> None:
         if self._writer is None:
             return
         self._writer.close()
+        self._sink.close()  # an object-store upload completes here
         self._writer = None
-        file = self._shard_file()
-        entry = {"file": file, "rows": self._shard_rows_written, "sha256": file_sha256(self.root / file)}
+        entry = {"file": self._shard_file(), "rows": self._shard_rows_written, "sha256": self._sink.digest.hexdigest()}
         self._shards.append(entry)
 
 
-def write_manifest(root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
-    """Write ``root/manifest.json`` (key order kept, no timestamps, so it is reproducible)."""
+def write_manifest(root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path | str:
+    """Write ``root/manifest.json`` (key order kept, no timestamps, so it is reproducible); in an
+    object store one PUT, which makes it appear whole or not at all."""
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    if is_remote(root):
+        with open_text_output(root, MANIFEST_NAME) as f:
+            f.write(text)
+        return join(root, MANIFEST_NAME)
     path = Path(root) / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path
 
 
+def has_manifest(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` (a folder or a URI) holds a manifest file."""
+    if not is_remote(root):
+        return (Path(root) / MANIFEST_NAME).is_file()
+    fs, key = filesystem(join(root, MANIFEST_NAME))
+    with store_errors(root):
+        return fs.get_file_info(key).type == pafs.FileType.File
+
+
 def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and sanity-check ``root/manifest.json``."""
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
+    """Load and sanity-check ``root/manifest.json`` (a folder's or an object-store prefix's)."""
+    path = join(root, MANIFEST_NAME)
+    if is_remote(root):
+        text = _read_text(path)
+        if text is None:
+            check_bucket(str(root))  # a missing bucket said as such, not as a missing manifest
+    else:
+        text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else None
+    if text is None:
         raise NotFound(f"{path} not found: not a prepared dataset (run `salgl prepare ...`)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = json.loads(text)
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BadValue(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}")
@@ -210,12 +372,12 @@ def shards_digest(manifest: Mapping[str, Any]) -> str:
 
 
 def shard_paths(root: str | os.PathLike[str], split: str) -> list[str]:
-    """Absolute paths of the shards of ``split``, in row order."""
+    """Absolute paths (object-store URIs for a dataset in one) of the shards of ``split``, in row order."""
     manifest = read_manifest(root)
     if split not in manifest["splits"]:
-        raise NotFound(f"split {split!r} not in {Path(root)}; it has {sorted(manifest['splits'])}")
-    base = Path(root).resolve()
-    return [str(base / shard["file"]) for shard in manifest["splits"][split]["shards"]]
+        raise NotFound(f"split {split!r} not in {dataset_location(root)}; it has {sorted(manifest['splits'])}")
+    base = dataset_location(root)
+    return [join(base, shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
 
 def read_label_matrix(root: str | os.PathLike[str], split: str) -> np.ndarray:
@@ -229,7 +391,9 @@ def read_label_matrices(
     """Each of ``columns`` (lists of label indices) of ``split`` as an (N, n) bool matrix in row
     order: by default the labels and the ignore mask."""
     num_labels = len(read_manifest(root)["vocabulary"])
-    table = pq.ParquetDataset(shard_paths(root, split)).read(columns=list(columns))
+    fs, _ = filesystem(root)
+    keys = [filesystem(path)[1] for path in shard_paths(root, split)]
+    table = pq.ParquetDataset(keys, filesystem=fs).read(columns=list(columns))
     return tuple(_multi_hot(table.column(name), num_labels) for name in columns)
 
 
@@ -251,14 +415,21 @@ def check_shards(root: str | os.PathLike[str]) -> None:
     manifest = read_manifest(root)
     for name, split in manifest["splits"].items():
         for shard in split["shards"]:
-            path = Path(root) / shard["file"]
+            path = join(root, shard["file"])
             try:
-                rows = pq.ParquetFile(path).metadata.num_rows
+                rows = open_parquet(path).metadata.num_rows
             except (OSError, pa.ArrowInvalid) as err:
-                raise CorruptFile(f"{path}: {'missing' if not path.exists() else 'not a readable parquet file'} "
+                if refused := store_error(str(root), err) if is_remote(root) else None:
+                    raise refused from None
+                raise CorruptFile(f"{path}: {'missing' if not _exists(path) else 'not a readable parquet file'} "
                                   f"(split {name!r}; prepare the dataset again): {str(err)[:200]}") from None
             if rows != shard["rows"]:
                 raise CorruptFile(f"{path}: {rows} rows, the manifest says {shard['rows']} (prepare the dataset again)")
+
+
+def _exists(path: str) -> bool:
+    fs, key = filesystem(path)
+    return fs.get_file_info(key).type != pafs.FileType.NotFound
 
 
 def verified_cache_file() -> Path:
@@ -271,7 +442,13 @@ def verify_shards(root: str | os.PathLike[str], cache: Path | None = None) -> in
     """``check_shards``, then every shard's sha256 against the manifest; raise ``CorruptFile``
     naming the first that differs. A shard hashed before with the same size and modification time
     is not read again (``cache``, default ``verified_cache_file()``), so only the first run on a
-    dataset pays for reading it. Returns the number of shards hashed now."""
+    dataset pays for reading it. Returns the number of shards hashed now.
+
+    In an object store the cache is keyed by the shard's URI with the object's size and
+    last-modified time (pyarrow's filesystems do not expose ETags): an object replaced is a new
+    object with a new time, so it is hashed again (one streamed read), and the ingest's ranged reads
+    are never hashed a second time. An object replaced by one of the same size within the store's
+    time resolution (a second on S3) would pass unseen."""
     from salgl.atomic_file import write_text_atomic
 
     check_shards(root)
@@ -283,13 +460,17 @@ def verify_shards(root: str | os.PathLike[str], cache: Path | None = None) -> in
     hashed = 0
     for name, split in read_manifest(root)["splits"].items():
         for shard in split["shards"]:
-            path = (Path(root) / shard["file"]).resolve()
-            stat = path.stat()
-            seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": shard["sha256"]}
+            path = join(dataset_location(root), shard["file"])
+            fs, key = filesystem(path)
+            with store_errors(str(root)):
+                info = fs.get_file_info(key)
+            seen = {"size": info.size, "mtime_ns": info.mtime_ns, "sha256": shard["sha256"]}
             if known.get(str(path)) == seen:
                 continue
             hashed += 1
-            if file_sha256(path) != shard["sha256"]:
+            with store_errors(str(root)):
+                digest = file_sha256(path)
+            if digest != shard["sha256"]:
                 raise CorruptFile(f"{path}: its sha256 differs from the manifest (split {name!r}): the file was "
                                   "altered or damaged after `salgl prepare` wrote it; prepare the dataset again")
             known[str(path)] = seen
@@ -306,7 +487,11 @@ def check_destination(
     """Refuse a destination that holds one of the ``inputs`` (a list file, an image or source
     folder) or is one; refuse an existing, non-empty destination unless ``overwrite``; and even
     with ``overwrite``, replace only a dataset this project wrote (a folder with its manifest),
-    never an arbitrary folder."""
+    never an arbitrary folder. In an object store: a prefix holding any object counts as existing,
+    and a bucket that does not exist is refused here, before any work."""
+    if is_remote(out):
+        _check_remote_destination(str(out), overwrite)
+        return
     out = Path(out)
     target = out.resolve()
     for source in map(Path, inputs):
@@ -322,10 +507,26 @@ def check_destination(
                        f"{MANIFEST_NAME}); {out} is not one, and nothing in it was touched")
 
 
+def _check_remote_destination(out: str, overwrite: bool) -> None:
+    from jobs.storage import Folder
+
+    check_bucket(out)
+    with store_errors(out):
+        taken = Folder(out.rstrip("/")).exists()
+    if not taken:
+        return
+    if not overwrite:
+        raise AlreadyExists(f"{out} already holds objects; pass --overwrite (overwrite=True) to replace the dataset there")
+    if not is_dataset(out):
+        raise BadValue(f"--overwrite replaces only a dataset that `salgl prepare` wrote (a prefix with its "
+                       f"{MANIFEST_NAME}); {out} is not one, and nothing in it was touched")
+
+
 def is_dataset(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a folder holding a manifest this project wrote."""
+    """Whether ``path`` is a folder (or object-store prefix) holding a manifest this project wrote."""
     try:
-        manifest = json.loads((Path(path) / MANIFEST_NAME).read_text())
+        text = _read_text(join(path, MANIFEST_NAME)) if is_remote(path) else (Path(path) / MANIFEST_NAME).read_text()
+        manifest = json.loads(text or "")
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and "schema_version" in manifest and "splits" in manifest
@@ -338,8 +539,13 @@ def staged_output(
     """Yield a temporary folder beside ``out``; on success move it to ``out``, on error delete it.
 
     The temporary folder is a sibling so the final move is a rename on the same file system: a
-    reader sees either no dataset or a complete one, never a partial one.
+    reader sees either no dataset or a complete one, never a partial one. An object store has no
+    rename: see ``_staged_in_store``.
     """
+    if is_remote(out):
+        with _staged_in_store(str(out).rstrip("/"), overwrite=overwrite) as prefix:
+            yield prefix
+        return
     out = Path(out)
     check_destination(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -351,6 +557,28 @@ def staged_output(
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _staged_in_store(out: str, *, overwrite: bool) -> Iterator[str]:
+    """Yield ``out`` itself to write into, in an object store (no rename there): the caller writes
+    the manifest last, so a reader sees no dataset until every shard is in place. An old dataset's
+    manifest is deleted before anything else (no reader sees it beside new shards), then its
+    objects; on an error everything written under ``out`` is deleted again, and with no manifest
+    there is no dataset."""
+    check_destination(out, overwrite)
+    fs, key = filesystem(out)
+    with store_errors(out):
+        if overwrite and is_dataset(out):
+            fs.delete_file(f"{key}/{MANIFEST_NAME}")
+            fs.delete_dir(key)
+    try:
+        with store_errors(out):
+            yield out
+    except BaseException:
+        with contextlib.suppress(OSError):  # delete_dir: delete_dir_contents would leave a folder marker
+            fs.delete_dir(key)
         raise
 
 

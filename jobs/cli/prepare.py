@@ -15,7 +15,8 @@ SOURCES = ("voc2007", "coco2014", "nuswide", "generic", "mosaic")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="dataset folder to create")
+    parser.add_argument("--out", required=True,
+                        help="dataset folder to create, or an object-store prefix (s3://bucket/data/NAME, gs://, abfs://)")
     parser.add_argument("--shard-rows", type=int, default=2048, help="rows per parquet shard (default 2048)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input row; write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
