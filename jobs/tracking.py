@@ -191,7 +191,7 @@ def manifest_dataset(data_dir: str) -> Any:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    from pipeline.shards import read_manifest, shards_digest
+    from pipeline.shards import dataset_location, read_manifest, shards_digest
 
     manifest = read_manifest(data_dir)
     profile = {
@@ -210,8 +210,8 @@ def manifest_dataset(data_dir: str) -> Any:
 
     with warnings.catch_warnings():  # a local path matches MLflow's local artifact source twice: same class
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(Path(data_dir).resolve()))
-    return ManifestDataset(source, name=Path(data_dir).name, digest=shards_digest(manifest)[:16])
+        source = resolve_dataset_source(dataset_location(data_dir))
+    return ManifestDataset(source, name=dataset_location(data_dir).rsplit("/", 1)[-1], digest=shards_digest(manifest)[:16])
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -121,12 +121,13 @@ def _seed_from_context(seed_config: Any) -> int:
 
 def chunk_table(data_dir: str, split: str, chunk_rows: int = CHUNK_ROWS) -> list[tuple[str, int, int, int]]:
     """``(shard path, row group, start, stop)`` for every run of at most ``chunk_rows`` rows of
-    ``split`` in storage order; a chunk never crosses a row group (the unit parquet reads)."""
-    import pyarrow.parquet as pq
+    ``split`` in storage order; a chunk never crosses a row group (the unit parquet reads). A
+    shard path is an object-store URI for a dataset in one: the data tasks read it from there."""
+    from pipeline.shards import open_parquet
 
     chunks = []
     for path in _shard_paths(data_dir, split):
-        meta = pq.ParquetFile(path).metadata
+        meta = open_parquet(path).metadata
         for group in range(meta.num_row_groups):
             rows = meta.row_group(group).num_rows
             chunks += [(path, group, start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows)]
@@ -135,9 +136,10 @@ def chunk_table(data_dir: str, split: str, chunk_rows: int = CHUNK_ROWS) -> list
 
 @functools.lru_cache(maxsize=64)
 def _parquet_file(path: str) -> Any:
-    import pyarrow.parquet as pq
+    """A shard opened once per process (its footer read once; from an object store, ranged reads)."""
+    from pipeline.shards import open_parquet
 
-    return pq.ParquetFile(path)
+    return open_parquet(path)
 
 
 def read_chunk(chunk: tuple[str, int, int, int]) -> pa.Table:

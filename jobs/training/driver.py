@@ -50,11 +50,13 @@ class TrainOutcome:
 
 
 def resolve_data(cfg: Config, *, prepare_default: bool = True) -> str:
-    """The dataset folder; the built-in mosaic data is prepared on first use."""
-    from pipeline.shards import verify_shards
+    """The dataset folder, or object-store URI; the built-in mosaic data is prepared on first use."""
+    from pipeline.shards import check_bucket, dataset_location, has_manifest, is_remote, verify_shards
 
-    path = Path(cfg.data.path or DEFAULT_DATA).expanduser().resolve()
-    if not (path / "manifest.json").is_file():
+    path = dataset_location(cfg.data.path or DEFAULT_DATA)
+    if not has_manifest(path):
+        if is_remote(path):
+            check_bucket(path)  # a bucket that does not exist is said as such
         if cfg.data.path and cfg.data.path != DEFAULT_DATA:
             raise NotFound(
                 f"data.path={cfg.data.path!r} holds no manifest.json: prepare it first, for example "
@@ -67,7 +69,7 @@ def resolve_data(cfg: Config, *, prepare_default: bool = True) -> str:
         log.info(f"preparing the built-in mosaic dataset at {path} (first use)")
         convert_mosaic(path)
     verify_shards(path)  # a truncated, missing or altered shard fails here, named, before Ray starts
-    return str(path)
+    return path
 
 
 def dataset_facts(data_dir: str) -> tuple[list[str], int]:

@@ -10,7 +10,6 @@ server moved): its record may name a data folder and an MLflow run that are not 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Mapping
 
 from salgl.config import Config
@@ -34,14 +33,14 @@ def recorded_digest(record: Mapping[str, Any]) -> str | None:
 def resumed_data_dir(record: Mapping[str, Any], stored: Config, cfg: Config) -> str:
     """The dataset folder a resumed run reads: the recorded one, or the folder ``data.path=`` names
     on this resume (``cfg``, beside the run's ``stored`` config) where it holds the same shards."""
-    from pipeline.shards import MANIFEST_NAME, read_manifest, shards_digest
+    from pipeline.shards import dataset_location, has_manifest, read_manifest, shards_digest
 
     recorded = str(record["data_dir"])
     if cfg.data.path == stored.data.path:  # not given on this resume
-        if not (Path(recorded) / MANIFEST_NAME).is_file():
+        if not has_manifest(recorded):
             raise NotFound(f"the run's dataset {recorded} is gone: give data.path=FOLDER, a copy of it, to continue")
         return recorded
-    path = str(Path(cfg.data.path).expanduser().resolve())
+    path = dataset_location(cfg.data.path)
     if path == recorded:
         return path
     found = shards_digest(read_manifest(path))
