@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+S3_BUCKET = "salgl-runs"  # the bucket ``s3_endpoint`` creates
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +52,33 @@ def ray_local(request: pytest.FixtureRequest):
     quiet_ray_data()
     yield
     ray.shutdown()
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    """moto's S3 server on a local port with one bucket (``S3_BUCKET``), and the environment every
+    S3 client here reads (pyarrow's, so Ray's and ours): set before Ray starts, so its workers
+    inherit it. Yields a boto3 S3 client."""
+    from tests._servers import free_port, start_server, stop_server
+
+    pytest.importorskip("moto", reason="moto[server] is a dev dependency (pip install -e '.[dev]')")
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                        endpoint + "/moto-api/", timeout=60, name="moto server")
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    from jobs.storage import _filesystem
+
+    _filesystem.cache_clear()  # a client opened for another module's server would call a closed port
+    with mock.patch.dict(os.environ, env):
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield boto3.client("s3")
+    stop_server(proc)
+    _filesystem.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3_endpoint, request: pytest.FixtureRequest):
+    request.getfixturevalue("ray_local")  # started after the S3 environment is set
+    return s3_endpoint

@@ -8,43 +8,15 @@ the same run in a local folder, and every file of the run is in the bucket.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 
 from salgl.config import preset
-from tests._servers import free_port, start_server, stop_server
+from tests.conftest import S3_BUCKET as BUCKET
 
 pytestmark = pytest.mark.integration
-BUCKET = "salgl-runs"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
-    """moto's S3 server on a local port with one bucket, and the environment every S3 client here
-    reads (pyarrow's, so Ray's and ours): set before Ray starts, so its workers inherit it."""
-    pytest.importorskip("moto", reason="moto[server] is a dev dependency (pip install -e '.[dev]')")
-    import boto3
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                        endpoint + "/moto-api/", timeout=60, name="moto server")
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
-    with mock.patch.dict(os.environ, env):
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield boto3.client("s3")
-    stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def ray_with_s3(s3_endpoint, request: pytest.FixtureRequest):
-    request.getfixturevalue("ray_local")  # started after the S3 environment is set
-    return s3_endpoint
 
 
 def _config(mosaic_dir: str, storage: str, tmp: Path, **overrides):
