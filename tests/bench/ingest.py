@@ -1,6 +1,7 @@
 """Ingest benchmark: Ray Data vs a torch DataLoader over the same shards and transforms.
 
     .venv/bin/python tests/bench/ingest.py [--out bench_out/ingest.json] [--rows 1200 2400]
+    .venv/bin/python tests/bench/ingest.py --store s3 [--out bench_out/ingest_s3.json]
 
 Both sides run ``pipeline.transforms.transform_batch`` (train mode: decode, resize, flip, Cutout,
 RandAugment, normalise) over the same parquet shards with 2 CPU processes: Ray Data with two data
@@ -13,6 +14,11 @@ Measured per image size (224, 448) and per dataset size: images/s of a timed pas
 over a second pass (sampling memory costs CPU, so it stays out of the timed one), peak PSS of the
 driver plus every process of the pipeline (Ray workers, DataLoader workers) and the peak of Ray's
 object store. Two dataset sizes show whether peak memory grows with the number of images.
+
+``--store s3`` measures the training ingest alone, reading the same shards from an S3-compatible
+server started here on 127.0.0.1 (moto's server mode, a dev dependency) against reading them from
+the local disk (page cache), and reports S3 / local images/s. The server runs on the same cores
+as the pipeline, so its CPU counts against the S3 side.
 
 The dataset is synthetic and built here, in the format of ``pipeline.shards``: 640 x 480 JPEGs
 (quality 90, about 60-120 KB, like COCO's) cropped, flipped and tinted from scikit-image's sample
@@ -325,6 +331,61 @@ def read_through(data_dir: str) -> int:
     return total
 
 
+BUCKET = "salgl-bench"
+
+
+def start_s3(dirs: dict[int, str]) -> tuple[Any, dict[int, str]]:
+    """An S3 server on 127.0.0.1 holding a copy of every dataset of ``dirs``; its address in
+    ``os.environ`` (the children inherit it). Returns the server process and the datasets' URIs."""
+    import boto3
+    import pyarrow.fs
+
+    from tests._servers import free_port, start_server
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                        endpoint + "/moto-api/", timeout=60, name="moto server")
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": endpoint})
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://{BUCKET}")
+    uris = {}
+    for n, d in dirs.items():
+        pyarrow.fs.copy_files(d, f"{BUCKET}/rows{n}", destination_filesystem=fs)
+        uris[n] = f"s3://{BUCKET}/rows{n}"
+    return proc, uris
+
+
+def measure_stores(dirs: dict[int, str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Ray Data's images/s from the S3 server and from the local disk, per image and dataset size
+    (alternating which goes first)."""
+    from tests._servers import stop_server
+
+    proc, uris = start_s3(dirs)
+    results = []
+    try:
+        for size in args.sizes:
+            for i, n in enumerate(args.rows):
+                for store in ("local", "s3")[:: 1 if i % 2 == 0 else -1]:
+                    read_through(dirs[n])
+                    where = {"local": dirs, "s3": uris}[store]
+                    row = {"pipeline": "ray_data", "store": store, "img_size": size, "rows": n,
+                           **run_child("ray_data", where[n], where[128], size, args.batch)}
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    finally:
+        stop_server(proc)
+    return results
+
+
+def summarize_stores(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per image size and dataset size: images/s from S3 over images/s from the local disk."""
+    by = {(r["store"], r["img_size"], r["rows"]): r for r in results}
+    return [{"img_size": size, "rows": n, "s3_over_local": round(by[("s3", size, n)]["images_per_s"] / by[("local", size, n)]["images_per_s"], 2)}
+            for (store, size, n) in by if store == "s3"]
+
+
 def run_child(pipeline: str, data_dir: str, warm_dir: str, size: int, batch: int) -> dict[str, Any]:
     import subprocess
 
@@ -357,17 +418,19 @@ def summarize(results: list[dict[str, Any]], rows: list[int]) -> list[dict[str, 
 
 
 def print_table(results: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
-    head = f"{'pipeline':<11} {'px':>4} {'rows':>5} {'img/s':>7} {'img/cpu-s':>9} {'first batch s':>13} {'peak PSS MB':>11} {'obj store MB':>12}"
+    head = f"{'pipeline':<14} {'px':>4} {'rows':>5} {'img/s':>7} {'img/cpu-s':>9} {'first batch s':>13} {'peak PSS MB':>11} {'obj store MB':>12}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
         store = "-" if r["peak_object_store_mb"] is None else str(r["peak_object_store_mb"])
         print(
-            f"{r['pipeline']:<11} {r['img_size']:>4} {r['rows']:>5} {r['images_per_s']:>7.1f} {r['images_per_cpu_s']:>9.1f}"
+            f"{r['pipeline'] + ('/' + r['store'] if 'store' in r else ''):<14} {r['img_size']:>4} {r['rows']:>5} {r['images_per_s']:>7.1f} {r['images_per_cpu_s']:>9.1f}"
             f" {r['startup_s']:>13.1f} {r['peak_pss_mb']:>11} {store:>12}"
         )
     print()
     for s in summary:
-        if "throughput_ratio" in s:
+        if "s3_over_local" in s:
+            print(f"{s['img_size']} px, {s['rows']} rows: Ray Data from S3 / from local disk = {s['s3_over_local']:.2f}x")
+        elif "throughput_ratio" in s:
             print(
                 f"{s['img_size']} px, {s['rows']} rows: Ray Data / DataLoader throughput = {s['throughput_ratio']:.2f}x,"
                 f" images per CPU-second = {s['cpu_efficiency_ratio']:.2f}x"
@@ -378,13 +441,17 @@ def print_table(results: list[dict[str, Any]], summary: list[dict[str, Any]]) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out/ingest.json")
+    parser.add_argument("--out", default=None, help="default bench_out/ingest.json (--store s3: bench_out/ingest_s3.json)")
     parser.add_argument("--rows", type=int, nargs=2, default=[1000, 2000], help="the two dataset sizes")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--store", choices=("local", "s3"), default="local",
+                        help="s3: Ray Data reading from an S3 server on 127.0.0.1 against the local disk "
+                             "(instead of Ray Data against a DataLoader)")
     parser.add_argument("--keep", help="write (or reuse) the datasets here instead of a temporary folder")
     parser.add_argument("--child", nargs=5, metavar=("PIPELINE", "DATA", "WARM", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.out = args.out or f"bench_out/ingest{'_s3' if args.store == 's3' else ''}.json"
     if args.child:
         pipeline, data_dir, warm_dir, size, batch = args.child
         print("RESULT " + json.dumps(child(pipeline, data_dir, warm_dir, int(size), int(batch))), flush=True)
@@ -398,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
             write_synthetic_dataset(d, {"train": n}, shard_rows=512, row_group_rows=128, seed=n)
     print(f"datasets written in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
 
+    if args.store == "s3":
+        results = measure_stores(dirs, args)
+        summary = summarize_stores(results)
+        return finish(results, summary, args, t0)
     results = []
     for size in args.sizes:
         for i, n in enumerate(args.rows):
@@ -408,11 +479,15 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(row)
                 print(json.dumps(row), flush=True)
 
-    summary = summarize(results, args.rows)
+    return finish(results, summarize(results, args.rows), args, t0)
+
+
+def finish(results: list[dict[str, Any]], summary: list[dict[str, Any]], args: argparse.Namespace, t0: float) -> int:
     print_table(results, summary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "batch": args.batch, "processes": 2, "seconds": round(time.perf_counter() - t0)}
+    meta = {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "batch": args.batch, "processes": 2,
+            "store": args.store, "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - t0)}
     out.write_text(json.dumps({"meta": meta, "results": results, "summary": summary}, indent=2) + "\n")
     print(f"wrote {out} ({meta['seconds']} s)")
     return 0
