@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline import transforms
-from pipeline.shards import shard_paths
+from pipeline.shards import shard_files
 from salgl.config import DataConfig
 
 
@@ -32,7 +32,8 @@ def rows_by_id(data_dir: str, split: str, ids: Sequence[str]) -> dict[str, np.nd
     """
     import pyarrow.dataset as ds
 
-    table = ds.dataset(shard_paths(data_dir, split), format="parquet").to_table(filter=ds.field("id").isin(list(ids)))
+    fs, paths = shard_files(data_dir, split)
+    table = ds.dataset(paths, format="parquet", filesystem=fs).to_table(filter=ds.field("id").isin(list(ids)))
     where = {str(x): i for i, x in enumerate(table.column("id").to_pylist())}
     missing = [i for i in ids if i not in where]
     if missing:
@@ -44,7 +45,8 @@ def first_rows(data_dir: str, split: str, count: int) -> dict[str, np.ndarray]:
     """The first ``count`` rows of ``split`` in storage order."""
     import pyarrow.dataset as ds
 
-    return _columns(ds.dataset(shard_paths(data_dir, split), format="parquet").head(count))
+    fs, paths = shard_files(data_dir, split)
+    return _columns(ds.dataset(paths, format="parquet", filesystem=fs).head(count))
 
 
 def augmented_views(

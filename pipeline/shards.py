@@ -380,6 +380,13 @@ def shard_paths(root: str | os.PathLike[str], split: str) -> list[str]:
     return [join(base, shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
 
+def shard_files(root: str | os.PathLike[str], split: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem of ``root`` and its shards' paths there, for pyarrow's multi-file readers
+    (which take one filesystem, not a list of URIs)."""
+    fs, _ = filesystem(root)
+    return fs, [filesystem(path)[1] for path in shard_paths(root, split)]
+
+
 def read_label_matrix(root: str | os.PathLike[str], split: str) -> np.ndarray:
     """The multi-hot labels of ``split``, (N, n) bool in row order; only the ``labels`` column is read."""
     return read_label_matrices(root, split, columns=("labels",))[0]
@@ -391,8 +398,7 @@ def read_label_matrices(
     """Each of ``columns`` (lists of label indices) of ``split`` as an (N, n) bool matrix in row
     order: by default the labels and the ignore mask."""
     num_labels = len(read_manifest(root)["vocabulary"])
-    fs, _ = filesystem(root)
-    keys = [filesystem(path)[1] for path in shard_paths(root, split)]
+    fs, keys = shard_files(root, split)
     table = pq.ParquetDataset(keys, filesystem=fs).read(columns=list(columns))
     return tuple(_multi_hot(table.column(name), num_labels) for name in columns)
 

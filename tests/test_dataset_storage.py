@@ -83,6 +83,7 @@ def test_the_mosaic_prepared_into_a_bucket_is_the_one_prepared_on_disk(
     s3_endpoint, s3_mosaic: str, tmp_path: Path
 ) -> None:
     from pipeline.mosaic import convert_mosaic
+    from pipeline.probe import first_rows
     from pipeline.shards import read_label_matrix, read_manifest, verify_shards
 
     local = convert_mosaic(tmp_path / "mosaic", SMALL, progress=False).manifest
@@ -91,6 +92,7 @@ def test_the_mosaic_prepared_into_a_bucket_is_the_one_prepared_on_disk(
     assert _keys(s3_endpoint, "data/mosaic/") == ["manifest.json", "rejects.jsonl", "test/part-00000.parquet",
                                                   "train/part-00000.parquet"]
     assert (read_label_matrix(s3_mosaic, "train") == read_label_matrix(tmp_path / "mosaic", "train")).all()
+    assert first_rows(s3_mosaic, "test", 3)["id"].tolist() == first_rows(tmp_path / "mosaic", "test", 3)["id"].tolist()
     assert verify_shards(s3_mosaic) == 2  # one streamed read of each shard
     assert verify_shards(s3_mosaic) == 0  # remembered by URI, size and last-modified time
 
