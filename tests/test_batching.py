@@ -108,6 +108,32 @@ def test_a_wait_lets_a_batch_fill_before_the_first_call() -> None:
     run(scenario())
 
 
+def test_a_lone_first_item_goes_at_once_and_after_a_batch_of_three_the_next_regroups_to_three() -> None:
+    async def scenario() -> None:
+        score = GatedScore()
+        with ThreadPoolExecutor(1) as pool:
+            batcher = GreedyBatcher(score, pool, max_batch_size=8, regroup_s=1000.0)  # a wrong wait would time out
+            first = asyncio.create_task(batcher.submit(0))
+            await wait_started(score)  # alone, at once: no batch before it
+            three = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+            while batcher.queued < 3:
+                await asyncio.sleep(0)
+            score.gate.release()
+            await wait_started(score)
+            score.gate.release()
+            await asyncio.gather(first, *three)
+            regrouped = [asyncio.create_task(batcher.submit(4))]
+            while not batcher.waiting:
+                await asyncio.sleep(0)  # 4 waits for company
+            regrouped += [asyncio.create_task(batcher.submit(i)) for i in (5, 6)]
+            await wait_started(score)
+            score.gate.release()
+            assert await asyncio.gather(*regrouped) == [8, 10, 12]
+        assert score.batches == [[0], [1, 2, 3], [4, 5, 6]]
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("size, wait", [(0, 0.0), (4, -1.0)])
 def test_bad_settings_are_refused(size: int, wait: float) -> None:
     with pytest.raises(ValueError, match="max_batch_size must be >= 1"):

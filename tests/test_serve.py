@@ -23,7 +23,7 @@ import pytest
 from jobs.cli import main
 from jobs.inference.loading import load_for_inference
 from jobs.inference.predict import predict_files
-from jobs.inference.serve import BadRequest, parse_request
+from jobs.inference.serve import BadRequest, TooLarge, parse_request, read_body, replica_device, torch_threads
 from tests._servers import free_port
 from tests._tiny_checkpoint import write_tiny_checkpoint
 from tests._data_trees import noise_pngs
@@ -62,6 +62,58 @@ def test_json_body_is_a_list_of_base64_images_with_options() -> None:
 def test_requests_that_cannot_be_read_are_refused_with_a_message(body: bytes, message: str) -> None:
     with pytest.raises(BadRequest, match=re.escape(message)):
         parse_request(body, {})
+
+
+def test_a_batch_over_the_image_limit_is_too_large() -> None:
+    body = json.dumps({"images": [base64.b64encode(b"x").decode()] * 3}).encode()
+    assert len(parse_request(body, {}, max_images=3).images) == 3
+    with pytest.raises(TooLarge, match="3 images in one request, over the limit of 2") as err:
+        parse_request(body, {}, max_images=2)
+    assert err.value.status == 413
+
+
+class FakeRequest:
+    """What ``read_body`` uses of Starlette's request: headers and a chunked body stream."""
+
+    def __init__(self, chunks: list[bytes], content_length: str | None) -> None:
+        self.chunks, self.streamed = chunks, 0
+        self.headers = {} if content_length is None else {"content-length": content_length}
+
+    async def stream(self):
+        for chunk in self.chunks:
+            self.streamed += 1
+            yield chunk
+
+
+@pytest.mark.parametrize("declared", ["10", None], ids=["declared", "chunked"])
+def test_a_body_is_read_up_to_its_limit(declared: str | None) -> None:
+    import asyncio
+
+    assert asyncio.run(read_body(FakeRequest([b"12345", b"67890"], declared), max_bytes=10)) == b"1234567890"
+    over = FakeRequest([b"12345", b"67890", b"x", b"never read"], None if declared is None else "21")
+    with pytest.raises(TooLarge, match="over the limit of 10"):
+        asyncio.run(read_body(over, max_bytes=10))
+    assert over.streamed == (0 if declared else 3)  # a declared length is refused unread; a stream where it passes
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_it_is_decoded() -> None:
+    import io
+
+    from PIL import Image
+
+    from pipeline.transforms import decode_image
+
+    buffer = io.BytesIO()
+    Image.new("L", (2000, 1000)).save(buffer, format="PNG")  # a few KB declaring 2 megapixels
+    data = buffer.getvalue()
+    assert decode_image(data).size == (2000, 1000)
+    with pytest.raises(Image.DecompressionBombError, match="2000 x 1000 = 2,000,000 pixels is over the limit of 1,999,999"):
+        decode_image(data, max_pixels=1_999_999)
+
+
+def test_a_replica_uses_a_gpu_only_when_ray_gave_it_one() -> None:
+    assert replica_device([]) == "cpu" and replica_device(["0"]) == "cuda" and replica_device([1]) == "cuda"
+    assert [torch_threads(c) for c in (0.25, 1, 1.5, 4)] == [1, 1, 2, 4]
 
 
 def test_serve_of_a_missing_checkpoint_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"images of concurrent requests scored together (default {SERVE.max_batch_size})")
     p.add_argument("--batch-wait-ms", type=float, default=SERVE.batch_wait_timeout_s * 1000,
                    help=f"how long a batch waits to fill (default {SERVE.batch_wait_timeout_s * 1000:g} ms)")
+    p.add_argument("--batch-regroup-ms", type=float, default=SERVE.batch_regroup_s * 1000,
+                   help=f"how long a batch waits to reach the size of the one before it (default {SERVE.batch_regroup_s * 1000:g} ms)")
     p.add_argument("--cpus-per-replica", type=float, default=SERVE.cpus_per_replica,
                    help=f"CPUs each replica holds; torch uses as many threads (default {SERVE.cpus_per_replica:g})")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica holds (default 0: CPU)")
@@ -55,8 +57,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     """The options, checked before anything loads or Ray starts."""
     from salgl.errors import BadValue
 
-    if args.replicas < 1 or args.max_batch_size < 1 or args.top_k < 0 or args.batch_wait_ms < 0 or args.gpus_per_replica < 0:
-        raise BadValue("--replicas and --max-batch-size must be >= 1; --top-k, --batch-wait-ms and --gpus-per-replica >= 0")
+    if args.replicas < 1 or args.max_batch_size < 1 or args.top_k < 0 or args.batch_wait_ms < 0 or args.gpus_per_replica < 0 or args.batch_regroup_ms < 0:
+        raise BadValue("--replicas and --max-batch-size must be >= 1; --top-k, --batch-wait-ms, --batch-regroup-ms and --gpus-per-replica >= 0")
     if args.cpus_per_replica <= 0 or args.max_ongoing_requests < 1 or (args.max_queued_images is not None and args.max_queued_images < 1):
         raise BadValue("--cpus-per-replica must be > 0, --max-ongoing-requests and --max-queued-images >= 1")
     if args.max_queued_requests < -1 or args.max_queued_requests == 0 or args.request_timeout_s < 0:
@@ -70,6 +72,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     limits = RequestLimits(max_body_bytes=int(args.max_body_mib * MIB), max_images=args.max_images_per_request,
                            max_pixels=int(args.max_megapixels * 1e6))
     return ServeOptions(replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                        batch_regroup_s=args.batch_regroup_ms / 1000,
                         route_prefix=args.route_prefix, host=args.host, port=args.port, threshold=args.threshold,
                         top_k=args.top_k, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                         max_queued_images=args.max_queued_images, max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,

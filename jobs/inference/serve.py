@@ -8,9 +8,10 @@ Two request forms, told apart by the body (an encoded image never starts with ``
 
 Each record is the one ``predict_chunk`` makes (the MLflow model's and ``salgl predict``'s,
 without ``path``); an image that cannot be decoded gets its ``error`` record, a malformed request
-a 400. Every image is queued on its own with ``@serve.batch``, so images of concurrent requests
-share one forward pass. Ray and Starlette are imported inside functions: the parsing is plain
-Python and is tested without them.
+a 400, a body or batch over the limits a 413 (``RequestLimits``). Every image is queued on its own
+(``jobs.inference.batching``), so images of concurrent requests share one forward pass; a replica
+holding ``max_queued_images`` answers 503 at once. Ray, Starlette and torch are imported inside
+functions: the parsing and options are plain Python, tested (and read by the CLI) without them.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class ReplicaSettings:
     limits: RequestLimits
     max_batch_size: int
     batch_wait_timeout_s: float
+    batch_regroup_s: float
     cpus: float
     max_queued_images: int  # images waiting or being scored, past which a request gets 503 at once
 
@@ -179,7 +181,8 @@ class SalglServer:
         self.limits, self.max_queued_images = settings.limits, settings.max_queued_images
         self.pending = 0  # images received and not yet answered
         self.batcher = GreedyBatcher(self._score_now, ThreadPoolExecutor(max_workers=1, thread_name_prefix="salgl-forward"),
-                                     max_batch_size=settings.max_batch_size, wait_s=settings.batch_wait_timeout_s)
+                                     max_batch_size=settings.max_batch_size, wait_s=settings.batch_wait_timeout_s,
+                                     regroup_s=settings.batch_regroup_s)
 
     def _score_now(self, items: list[tuple[bytes, float, int]]) -> list[dict[str, Any]]:
         """The records of a batch's images (on the model's thread); images that share threshold and top_k
@@ -247,6 +250,7 @@ class ServeOptions:
     replicas: int = 1
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.0
+    batch_regroup_s: float = 0.05  # jobs.inference.batching: wait to reach the previous batch's size
     route_prefix: str = "/"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -288,7 +292,7 @@ def start_serving(loaded: Loaded, options: ServeOptions) -> str:
     )
     settings = ReplicaSettings(threshold=options.threshold, top_k=options.top_k, limits=options.limits,
                                max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_timeout_s,
-                               cpus=options.cpus_per_replica, max_queued_images=options.queued_images)
+                               batch_regroup_s=options.batch_regroup_s, cpus=options.cpus_per_replica, max_queued_images=options.queued_images)
     serve.run(deployment.bind(loaded, settings), name=APP_NAME, route_prefix=options.route_prefix, blocking=False,
               logging_config=logging_config)
     return serve_url(options)

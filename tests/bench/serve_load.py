@@ -11,12 +11,14 @@ requests per level, ``concurrency`` of them in flight, each level also cut off a
 
 Parts (each starts its servers, measures, and stops them):
 
-- ``compare``: both servers at every concurrency level (salgl serve with its defaults but
-  ``--max-batch-size``, 1 replica), images/s, p50/p95/p99 latency, error rate;
-- ``batch``: ``--max-batch-size`` 1, 8 and 32 at the top two levels, with the batch sizes formed;
-- ``replicas``: 1 against 2 replicas (at ``--cpus-per-replica`` 1 each);
-- ``overload``: 4x the top level's concurrency against the default queue limit and against none
-  (``--max-queued-requests -1``): p99 of the accepted requests, how many got 503;
+- ``compare``: both servers at every concurrency level, images/s, p50/p95/p99 latency, error rate,
+  and the batch sizes salgl serve's replica formed. salgl serve runs with its defaults and one
+  replica holding every CPU (``--cpus-per-replica``, as MLflow's process uses them all);
+- ``batch``: ``--max-batch-size`` 1, 8 and 32 (default 16: ``compare``) at the top two levels;
+- ``replicas``: 1 replica on every CPU against one replica per CPU;
+- ``overload``: 4x the top level's concurrency against the default limits and against none
+  (``--max-queued-images`` and ``--max-queued-requests`` off): p99 of the accepted requests, 503s.
+  Every client honours ``Retry-After`` (it waits as told after a 503), as HTTP clients that retry do;
 - ``soak``: ``--soak`` requests at concurrency 8, RSS of every server process before and after.
 
 RSS is read from /proc for the server command and everything below it (Ray's raylet, GCS, Serve
@@ -233,16 +235,19 @@ async def _load(server: Server, images: Sequence[bytes], concurrency: int, reque
             body, content_type = bodies[sent % len(bodies)]
             sent += 1
             start = time.perf_counter()
+            retry_after = None
             try:
                 async with session.post(server.url, data=body, headers={"Content-Type": content_type}) as response:
                     await response.read()
-                    status = response.status
+                    status, retry_after = response.status, response.headers.get("Retry-After")
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
                 status = type(err).__name__
             if status == 200:
                 latencies.append((time.perf_counter() - start) * 1000)
             else:
                 errors[str(status)] = errors.get(str(status), 0) + 1
+            if retry_after is not None:  # a client that backs off as told (503 from a full replica)
+                await asyncio.sleep(min(float(retry_after), max(0.0, deadline - time.monotonic())))
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
@@ -277,6 +282,10 @@ def run_levels(server: Server, images: Sequence[bytes], levels: Sequence[int], a
 # Parts
 
 
+CPUS = os.cpu_count() or 1
+ALL_CPUS = ("--cpus-per-replica", str(CPUS))
+
+
 def part_compare(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     server = start_mlflow(ctx["model"], ctx["log"])
@@ -284,7 +293,7 @@ def part_compare(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         out["mlflow"] = run_levels(server, ctx["images"], args.levels, args)
     finally:
         server.stop()
-    server = start_salgl(ctx["checkpoint"], ctx["log"], "--max-batch-size", str(args.batch))
+    server = start_salgl(ctx["checkpoint"], ctx["log"], *ALL_CPUS)
     try:
         out["salgl"] = run_levels(server, ctx["images"], args.levels, args, replicas=1)
         out["salgl"]["replica"] = replica_status(server, 1)[0]
@@ -296,7 +305,8 @@ def part_compare(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
 def part_batch(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for size in (1, 8, 32):
-        server = start_salgl(ctx["checkpoint"], ctx["log"], "--max-batch-size", str(size))
+        queue = ("--max-queued-images", str(4 * 16))  # the default batch size's: batching alone differs
+        server = start_salgl(ctx["checkpoint"], ctx["log"], *ALL_CPUS, "--max-batch-size", str(size), *queue)
         try:
             out[str(size)] = run_levels(server, ctx["images"], args.levels[-2:], args, replicas=1)
         finally:
@@ -306,8 +316,9 @@ def part_batch(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 def part_replicas(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     out = {}
-    for replicas in (1, 2):
-        server = start_salgl(ctx["checkpoint"], ctx["log"], "--max-batch-size", str(args.batch), "--replicas", str(replicas))
+    for replicas in sorted({1, CPUS}):
+        cpus = ("--cpus-per-replica", str(CPUS // replicas))
+        server = start_salgl(ctx["checkpoint"], ctx["log"], *cpus, "--replicas", str(replicas))
         try:
             out[str(replicas)] = run_levels(server, ctx["images"], args.levels[-2:], args, replicas=replicas)
         finally:
@@ -318,9 +329,9 @@ def part_replicas(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
 def part_overload(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     concurrency = 4 * args.levels[-1]
-    for queue in ("default", "-1"):
-        extra = ["--max-batch-size", str(args.batch)] + ([] if queue == "default" else ["--max-queued-requests", queue])
-        server = start_salgl(ctx["checkpoint"], ctx["log"], *extra)
+    unbounded = ("--max-queued-images", "1000000", "--max-queued-requests", "-1")
+    for queue, extra in (("default", ()), ("unbounded", unbounded)):
+        server = start_salgl(ctx["checkpoint"], ctx["log"], *ALL_CPUS, *extra)
         try:
             out[queue] = run_levels(server, ctx["images"], [concurrency], argparse.Namespace(**{**vars(args), "requests": 2 * args.requests}),
                                     replicas=1)
@@ -330,7 +341,7 @@ def part_overload(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
 
 
 def part_soak(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    server = start_salgl(ctx["checkpoint"], ctx["log"], "--max-batch-size", str(args.batch))
+    server = start_salgl(ctx["checkpoint"], ctx["log"], *ALL_CPUS)
     try:
         measure(server, ctx["images"], 8, 200, args.max_level_s)  # warm: first allocations are not growth
         before = process_rss(server.proc.pid)
@@ -350,7 +361,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="timed requests per level (default 300)")
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrency levels (default 1 4 16 64)")
-    parser.add_argument("--batch", type=int, default=16, help="salgl serve's --max-batch-size outside the batch part (default 16)")
     parser.add_argument("--soak", type=int, default=10_000, help="requests of the soak (default 10000)")
     parser.add_argument("--max-level-s", type=float, default=120.0, help="a level stops after this long (default 120 s)")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
@@ -360,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
                               "command": "python -m tests.bench.serve_load " + " ".join(sys.argv[1:] if argv is None else argv),
-                              "requests_per_level": args.requests, "batch": args.batch}
+                              "requests_per_level": args.requests}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         folder = Path(tmp)
         checkpoint, model = default_recipe_checkpoint(folder)
