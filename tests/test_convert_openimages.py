@@ -186,7 +186,6 @@ def test_vocabulary_disambiguates_only_shared_names() -> None:
     assert build_vocabulary(descriptions, ["/m/b", "/m/c"]).names == ("Bat", "Ball")  # unique once /m/a is out
 
 
-@pytest.mark.skip(reason="CLI wiring pending")
 def test_prepare_openimages_cli(oi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from jobs.cli import main
 

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-SOURCES = ("voc2007", "coco2014", "nuswide", "generic", "mosaic")
+SOURCES = ("voc2007", "coco2014", "nuswide", "openimages", "generic", "mosaic")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,21 @@ def _add_sources(sources: Any) -> None:
     nus = sources.add_parser("nuswide", help="NUS-WIDE (official lists, 81 concepts)")
     nus.add_argument("root", type=Path, metavar="ROOT", help="folder with ImageList/, Groundtruth/, Concepts81.txt")
     nus.add_argument("--images", type=Path, default=None, help="image folder (default ROOT/Flickr)")
+    oi = sources.add_parser("openimages", help="OpenImages V6/V5 human-verified image-level labels (unlisted: ignored)")
+    oi.add_argument("root", type=Path, metavar="ROOT",
+                    help="folder with the labels CSVs and the train/, validation/, test/ folders of <ImageID>.jpg")
+    oi.add_argument("--classes", type=Path, default=None, metavar="FILE",
+                    help="class descriptions CSV (default: oidv6-class-descriptions.csv or V5's "
+                         "class-descriptions.csv beside the labels CSVs)")
+    oi.add_argument("--trainable", type=Path, default=None, metavar="FILE",
+                    help="the classes to keep, one MID a line (oidv6-classes-trainable.txt); "
+                         "default every described class")
+    oi.add_argument("--test-from", choices=("test", "validation"), default="test",
+                    help="the OpenImages subset written as the test split (default test)")
+    oi.add_argument("--images", type=Path, default=None, metavar="DIR",
+                    help="folder of the subset image folders (default ROOT)")
+    oi.add_argument("--annotations", type=Path, default=None, metavar="DIR",
+                    help="folder of the CSVs (default: ROOT, ROOT/annotations, ROOT/labels or ROOT/metadata)")
     gen = sources.add_parser("generic", help="your own images: CSV (path,labels) or JSON lines per split")
     gen.add_argument("--train", type=Path, help="list file of the train split")
     gen.add_argument("--test", type=Path, help="list file of the test split")
@@ -82,7 +97,7 @@ def _add_sources(sources: Any) -> None:
     mosaic.add_argument("--ambiguous", nargs=2, default=("Pullover", "Coat"), metavar=("CLASS", "CLASS"),
                         help="context design: the confusable pair the degraded item belongs to (Fashion-MNIST class "
                              "names; default Pullover Coat)")
-    for parser in (voc, coco, nus, gen, mosaic):
+    for parser in (voc, coco, nus, oi, gen, mosaic):
         _common(parser)
 
 
@@ -104,6 +119,12 @@ def _convert(args: argparse.Namespace, options: dict[str, Any]) -> Any:
         return sources.convert_coco2014(args.root, args.out, **options)
     if args.source == "nuswide":
         return sources.convert_nuswide(args.root, args.out, images=args.images, **options)
+    if args.source == "openimages":
+        from pipeline.openimages import convert_openimages
+
+        return convert_openimages(args.root, args.out, classes=args.classes, trainable=args.trainable,
+                                  images=args.images, annotations=args.annotations,
+                                  splits={"train": "train", "test": args.test_from}, **options)
     if args.source == "generic":
         lists = {name: path for name, path in (("train", args.train), ("test", args.test)) if path}
         lists.update(args.split)
