@@ -80,6 +80,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    import gc
     import os
 
     import ray
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     init_ray(args.address)
     try:
         url = start_serving(loaded, options)
+        del loaded  # the replicas hold their copies (and Serve the one it restarts them from)
+        gc.collect()
         print(f"[salgl] serving {args.checkpoint} at {url} (POST an image, or JSON {{\"images\": [base64, ...]}}); Ctrl-C stops", flush=True)
         print(f"[salgl] try: curl --data-binary @image.jpg -H 'Content-Type: image/jpeg' {url}", flush=True)
         while True:  # until Ctrl-C / SIGTERM (jobs.cli raises KeyboardInterrupt for both)

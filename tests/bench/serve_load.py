@@ -211,13 +211,17 @@ class LevelResult:
     errors: dict[str, int]
     seconds: float
     latencies_ms: list[float] = field(repr=False)  # of the accepted (2xx) requests
+    refused_ms: list[float] = field(repr=False)  # of the answered others (503, 4xx): how fast a refusal comes
 
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([np.nan])
-        return {"concurrency": self.concurrency, "requests": self.requests, "ok": self.ok, "errors": self.errors,
-                "error_rate": round(1 - self.ok / max(1, self.requests), 4), "seconds": round(self.seconds, 2),
-                "images_per_s": round(self.ok / self.seconds, 1),
-                **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}}
+        out = {"concurrency": self.concurrency, "requests": self.requests, "ok": self.ok, "errors": self.errors,
+               "error_rate": round(1 - self.ok / max(1, self.requests), 4), "seconds": round(self.seconds, 2),
+               "images_per_s": round(self.ok / self.seconds, 1),
+               **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}}
+        if self.refused_ms:
+            out.update({f"refused_p{q}_ms": round(float(np.percentile(self.refused_ms, q)), 1) for q in (50, 99)})
+        return out
 
 
 async def _load(server: Server, images: Sequence[bytes], concurrency: int, requests: int, max_s: float) -> LevelResult:
@@ -225,6 +229,7 @@ async def _load(server: Server, images: Sequence[bytes], concurrency: int, reque
 
     bodies = [server.body(image) for image in images]
     latencies: list[float] = []
+    refused: list[float] = []
     errors: dict[str, int] = {}
     sent = 0
     deadline = time.monotonic() + max_s
@@ -242,9 +247,8 @@ async def _load(server: Server, images: Sequence[bytes], concurrency: int, reque
                     status, retry_after = response.status, response.headers.get("Retry-After")
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
                 status = type(err).__name__
-            if status == 200:
-                latencies.append((time.perf_counter() - start) * 1000)
-            else:
+            (latencies if status == 200 else refused if isinstance(status, int) else []).append((time.perf_counter() - start) * 1000)
+            if status != 200:
                 errors[str(status)] = errors.get(str(status), 0) + 1
             if retry_after is not None:  # a client that backs off as told (503 from a full replica)
                 await asyncio.sleep(min(float(retry_after), max(0.0, deadline - time.monotonic())))
@@ -254,7 +258,7 @@ async def _load(server: Server, images: Sequence[bytes], concurrency: int, reque
     start = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
-    return LevelResult(concurrency, sent, len(latencies), errors, time.perf_counter() - start, latencies)
+    return LevelResult(concurrency, sent, len(latencies), errors, time.perf_counter() - start, latencies, refused)
 
 
 def measure(server: Server, images: Sequence[bytes], concurrency: int, requests: int, max_s: float,
@@ -267,6 +271,7 @@ def measure(server: Server, images: Sequence[bytes], concurrency: int, requests:
         result["batch_sizes"] = formed_batches(before, replica_status(server, replicas))
     print(f"  {server.name:<48} c={concurrency:<4} {result['images_per_s']:>7.1f} img/s  p50 {result['p50_ms']:>7.1f}  "
           f"p99 {result['p99_ms']:>8.1f} ms  errors {result['errors'] or 0}"
+          + (f" (answered in p50 {result['refused_p50_ms']:.0f} / p99 {result['refused_p99_ms']:.0f} ms)" if "refused_p50_ms" in result else "")
           + (f"  batches {result['batch_sizes']}" if replicas else ""), flush=True)
     return result
 
