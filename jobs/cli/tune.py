@@ -1,8 +1,10 @@
-"""``salgl tune [CONFIG.yaml] --samples N --max-epochs E [--metric NAME] [key=value | key=v1,v2 | key=log:lo:hi ...]``."""
+"""``salgl tune [CONFIG.yaml] --samples N --max-epochs E [--metric NAME] [--search random|optuna] [key=value | key=v1,v2 | key=log:lo:hi ...]``."""
 
 from __future__ import annotations
 
 import argparse
+
+from jobs.sweep.search import DEFAULT_SEARCH, SEARCHES
 
 SPACE_PREFIXES = ("log:", "loguniform:", "uniform:", "choice:", "grid:")
 
@@ -31,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default=None, metavar="NAME",
                    help="what ASHA stops trials by and the best trial is chosen by (default ema_mAP; "
                         "mAP, ema_CF1, ema_OF1, ... : any score of the epoch report)")
+    p.add_argument("--search", choices=SEARCHES, default=DEFAULT_SEARCH,
+                   help=f"how trials are drawn: seeded random (grid values too), or Optuna's TPE learning from the "
+                        f"trials before, ASHA's stops told to it as pruned (default {DEFAULT_SEARCH}; --resume keeps "
+                        "the sweep's own)")
     p.add_argument("--register-as", default="salgl", help="MLflow registered model name for the best checkpoint")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep (its folder)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
@@ -50,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
     outcome = tune_sweep(
         cfg, samples=args.samples, max_epochs=max_epochs, space_overrides=space, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, register_as=args.register_as, address=args.address, resume=args.resume,
-        metric=args.metric or METRIC,
+        metric=args.metric or METRIC, search=args.search,
     )
     return 130 if outcome.interrupted else 0  # 130: the shell's code for an interrupted command

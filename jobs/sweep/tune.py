@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from salgl.errors import AlreadyExists, BadValue, NotFound
 from jobs.logs import run_log
 from jobs.resources import plan_resources
+from jobs.sweep.search import DEFAULT_SEARCH, build_searcher, check_search
 from jobs.sweep.search_space import (
     METRIC, build_space, check_metric, check_space, describe_domain, expected_trials, trial_label, trial_values,
 )
@@ -148,15 +149,17 @@ def tune_sweep(
     address: str | None = None,
     resume: str | None = None,
     metric: str = METRIC,
+    search: str = DEFAULT_SEARCH,
 ) -> SweepOutcome:
     """Run (or continue) a sweep; returns the summary and where everything went.
 
     ``metric`` is what ASHA stops trials by and the best trial is chosen by (its best epoch).
+    ``search`` draws the trials (``jobs.sweep.search``: seeded random, or Optuna's TPE); a resumed
+    sweep continues with the searcher Tune saved.
 
     What the user gave is checked before Ray starts (``salgl.errors``: one line from `salgl tune`).
     """
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from jobs.sweep.progress import SweepProgress
 
@@ -176,6 +179,7 @@ def tune_sweep(
         raise AlreadyExists(f"sweep {name!r} exists in {storage}: continue it with `salgl tune --resume {sweep_dir}`")
     space = build_space(space_overrides or {})
     check_space(cfg, space)
+    check_search(search, space)
     data_dir = resolve_data(cfg)
     tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
     base = with_overrides(cfg, {
@@ -189,23 +193,25 @@ def tune_sweep(
     parent = start_run(tracking_uri, cfg.run.experiment, run_name=name, params={
         "sweep.samples": samples, "sweep.max_epochs": max_epochs, "sweep.grace_period": grace_period,
         "sweep.reduction_factor": reduction_factor, "sweep.concurrency": concurrency, "sweep.metric": metric,
+        "sweep.search": search,
         "preset": cfg.run.preset,
         **{f"space.{short_key(k)}": describe_domain(v) for k, v in space.items()},
     }, tags={"salgl.sweep_dir": str(sweep_dir)})
     sweep_dir.mkdir(parents=True)
     record = {"name": name, "tracking_uri": tracking_uri, "parent_run_id": parent, "max_epochs": max_epochs,
               "samples": samples, "expected_trials": expected_trials(space, samples), "base": to_flat(base),
-              "resource_share": 1.0 / concurrency, "metric": metric}
+              "resource_share": 1.0 / concurrency, "metric": metric, "search": search}
     write_text_atomic(sweep_dir / SWEEP_FILE, json.dumps(record, indent=1))
-    headline = (f"sweep {name}: {record['expected_trials']} trials, ASHA on {metric} over {max_epochs} epochs, "
-                f"{concurrency} at a time; MLflow parent {parent}")
+    headline = (f"sweep {name}: {record['expected_trials']} trials ({search} search), ASHA on {metric} over "
+                f"{max_epochs} epochs, {concurrency} at a time; MLflow parent {parent}")
     tuner = tune.Tuner(
         trial_trainable(sweep_context(record)),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=metric, mode="max", num_samples=samples,
-            # Seeded by run.seed: the same sweep draws the same trials.
-            search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.run.seed),
+            # Seeded by run.seed; saved with Tune's state, so --resume continues the same search.
+            search_alg=build_searcher(search, seed=cfg.run.seed, concurrency=concurrency, samples=samples,
+                                      max_epochs=max_epochs),
             scheduler=asha_scheduler(max_epochs, grace_period, reduction_factor),
         ),
         run_config=tune.RunConfig(
@@ -282,7 +288,8 @@ def _resume(sweep_dir: Path, register_as: str) -> SweepOutcome:
         str(sweep_dir / "tune"), trainable=trial_trainable(sweep_context(record)),
         resume_unfinished=True, resume_errored=True,
     )
-    return _run(tuner, sweep_dir, record, register_as, f"resuming sweep {record['name']} from {sweep_dir}")
+    headline = f"resuming sweep {record['name']} ({sweep_search(record)} search) from {sweep_dir}"
+    return _run(tuner, sweep_dir, record, register_as, headline)
 
 
 def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: str) -> SweepOutcome:
@@ -314,6 +321,11 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
 def sweep_metric(record: Mapping[str, Any]) -> str:
     """What the sweep ranks by (a sweep recorded before ``--metric`` existed ranked by EMA mAP)."""
     return str(record.get("metric", METRIC))
+
+
+def sweep_search(record: Mapping[str, Any]) -> str:
+    """How the sweep draws its trials (a sweep recorded before ``--search`` existed drew at random)."""
+    return str(record.get("search", "random"))
 
 
 def summarize(results: Any, max_epochs: int, base: Mapping[str, Any], metric: str = METRIC) -> list[dict[str, Any]]:
