@@ -87,6 +87,7 @@ def test_tpe_models_the_results_after_its_startup_trials() -> None:
     assert [startup_trials(n) for n in (1, 6, 8, 30, 100)] == [2, 2, 2, 10, 10]
     sampler = optuna_searcher(samples=8).searcher._ot_study.sampler
     assert type(sampler).__name__ == "TPESampler" and sampler._n_startup_trials == 2
+    assert not sampler._constant_liar and optuna_searcher(concurrency=2).searcher._ot_study.sampler._constant_liar
 
 
 def test_random_search_is_the_seeded_variant_generator() -> None:
@@ -127,3 +128,17 @@ def test_the_bench_ranks_trials_by_start_and_keeps_the_best_so_far(tmp_path) -> 
         (tmp_path / name / "result.json").write_text(json.dumps(row) + "\n" + json.dumps({**row, "timestamp": end + 9}) + "\n")
     assert arrival_order(tmp_path) == ["1c2d", "9f3a", "77aa"]
     assert running_best([None, 40.0, 38.0, 52.5, None]) == [None, 40.0, 40.0, 52.5, 52.5]
+
+
+def test_a_trial_the_interrupt_caught_starting_does_not_count_as_ended() -> None:
+    """Tune's clean-up marks such a trial TERMINATED with no report; the sweep is not finished."""
+    from types import SimpleNamespace as Result
+
+    from jobs.sweep.tune import trials_ended
+
+    class Grid(list):
+        num_terminated, num_errors = 2, 1
+
+    ran, failed, caught = Result(error=None, metrics={METRIC: 50.0}), Result(error=RuntimeError("x"), metrics={}), Result(error=None, metrics={})
+    assert trials_ended(Grid([ran, failed, caught])) == 2
+    assert trials_ended(Grid([ran, ran, failed])) == 3

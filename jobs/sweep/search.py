@@ -45,5 +45,7 @@ def build_searcher(search: str, *, seed: int, concurrency: int, samples: int, ma
 
     from jobs.sweep.optuna_search import AshaPrunedOptunaSearch
 
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(samples))
+    # constant_liar: trials still running count as bad, so concurrent draws do not pile onto one spot.
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(samples),
+                                         constant_liar=concurrency > 1)
     return ConcurrencyLimiter(AshaPrunedOptunaSearch(max_t=max_epochs, sampler=sampler), max_concurrent=concurrency)

@@ -298,7 +298,7 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
     total = max(len(results), record.get("expected_trials", 0))
     metric = sweep_metric(record)
     summary = summarize(results, record["max_epochs"], record["base"], metric)
-    if results.num_terminated + results.num_errors < total:
+    if trials_ended(results) < total:
         # Interrupted (Ctrl-C): Tune saved its scheduler and searcher state; nothing is final yet.
         log.warning(f"sweep interrupted with {results.num_terminated} of {total} trials done; "
                     f"continue with: salgl tune --resume {sweep_dir}")
@@ -316,6 +316,17 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
     end_run(tracking_uri, parent, "FINISHED")
     log_sweep(summary, best, registered, tracking_uri, parent)
     return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, best, registered)
+
+
+def trials_ended(results: Any) -> int:
+    """Trials that ended (terminated or errored), less those that never reported without an error.
+
+    On an interrupt, Tune's clean-up (after it saved the state ``--resume`` restores) also marks
+    TERMINATED a trial it had only begun to start, one that never reported; counted as ended, it
+    made an interrupted sweep whose last trial was starting look finished.
+    """
+    never_reported = sum(1 for result in results if result.error is None and not result.metrics)
+    return results.num_terminated + results.num_errors - never_reported
 
 
 def sweep_metric(record: Mapping[str, Any]) -> str:
