@@ -87,6 +87,9 @@ def test_a_stopped_prepare_leaves_no_temporary_folder(stop: str, tmp_path: Path)
         [sys.executable, "-m", "jobs.cli", "prepare", "mosaic", "--out", str(data / "m"), "--fashion-mnist", str(fake),
          "--train", "100000", "--test", "10", "--canvas", "32", "--shard-rows", "16", "--no-progress"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as in a terminal: a test run in the background hands its children SIGINT ignored,
+        # and Python keeps an ignored SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     while not list(data.glob(".m.tmp-*/train/*")):  # stop it once it is writing shards
         assert proc.poll() is None, proc.communicate()
