@@ -197,3 +197,21 @@ def test_ray_data_streams_the_same_rows_from_the_bucket_as_from_disk(ray_with_s3
 
     assert rows(s3_mosaic) == rows(local)  # the same rows, in the same (seeded) order
     assert manifest_dataset(s3_mosaic).source.to_dict()["uri"] == s3_mosaic
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_salgl_evaluate_scores_a_dataset_in_the_bucket(ray_with_s3, s3_mosaic: str, tmp_path: Path) -> None:
+    import json
+
+    from jobs.cli import main
+    from jobs.inference.loading import read_vocabulary
+    from tests._tiny_checkpoint import write_tiny_checkpoint
+
+    vocabulary = read_vocabulary(s3_mosaic)  # the manifest's, read from the store
+    assert len(vocabulary) == 10
+    checkpoint = write_tiny_checkpoint(tmp_path / "checkpoint_000001", vocabulary)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(checkpoint), "--data", s3_mosaic, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["data"] == s3_mosaic and result["images"] == SMALL.test

@@ -90,12 +90,13 @@ def resolve_checkpoint_folder(path: str | Path) -> Path:
 
 
 def read_vocabulary(path: str | Path) -> list[str]:
-    """Label names from a text file (one per line), a JSON list, or a dataset folder's manifest."""
-    path = Path(path)
-    if path.is_dir():
+    """Label names from a text file (one per line), a JSON list, or a dataset's manifest (a folder,
+    or a dataset in an object store: ``s3://bucket/data/NAME``)."""
+    if is_object_store(str(path)) or Path(path).is_dir():
         from pipeline.shards import read_manifest
 
-        return list(read_manifest(path)["vocabulary"])
+        return list(read_manifest(str(path))["vocabulary"])
+    path = Path(path)
     if not path.is_file():
         raise NotFound(f"vocabulary {path}: no such file or dataset folder")
     text = path.read_text(encoding="utf-8")
