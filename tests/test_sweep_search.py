@@ -139,6 +139,8 @@ def test_a_trial_the_interrupt_caught_starting_does_not_count_as_ended() -> None
     class Grid(list):
         num_terminated, num_errors = 2, 1
 
-    ran, failed, caught = Result(error=None, metrics={METRIC: 50.0}), Result(error=RuntimeError("x"), metrics={}), Result(error=None, metrics={})
+    ran = Result(error=None, metrics={METRIC: 50.0, "training_iteration": 1, "trial_id": "a"})
+    failed = Result(error=RuntimeError("x"), metrics={"trial_id": "b"})
+    caught = Result(error=None, metrics={"trial_id": "c"})
     assert trials_ended(Grid([ran, failed, caught])) == 2
     assert trials_ended(Grid([ran, ran, failed])) == 3

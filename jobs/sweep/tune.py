@@ -325,7 +325,10 @@ def trials_ended(results: Any) -> int:
     TERMINATED a trial it had only begun to start, one that never reported; counted as ended, it
     made an interrupted sweep whose last trial was starting look finished.
     """
-    never_reported = sum(1 for result in results if result.error is None and not result.metrics)
+    from ray.tune.result import TRAINING_ITERATION
+
+    # A trial's metrics before its first report hold its id alone (Trial.last_result).
+    never_reported = sum(1 for result in results if result.error is None and TRAINING_ITERATION not in result.metrics)
     return results.num_terminated + results.num_errors - never_reported
 
 

@@ -3,7 +3,8 @@
 
     .venv/bin/python -m tests.bench.sweep [--trials 8] [--max-epochs 16] [--reduction-factor 4]
         [--grace-period 1] [--train-images 2048] [--space K=1,2,3,4 ...] [--seed 1] [--quick]
-        [--full-only] [--out bench_out/sweep.json]
+        [--full-only] [--search random|optuna] [--out bench_out/sweep.json]
+    .venv/bin/python -m tests.bench.sweep --compare-search [--seeds 1 2 3] [--quick] [...]
 
 The defaults (16 epochs of 2,048 images, reduction factor 4; 35 - 45 minutes on 2 cores) are trials
 long enough that ASHA's savings show: an epoch takes about 10 s and a trial's start-up about 20 s.
@@ -23,6 +24,11 @@ So the bench also replays Ray's ASHA rule on the full sweep's per-epoch metrics 
 every arrival order of its trials, and prints the median and range of the estimated ratio.
 
 Target (issue 5): ASHA's sweep takes at most half the time of the full one.
+
+``--compare-search`` runs ASHA sweeps only, one per searcher (``salgl tune --search random`` and
+``optuna``) and seed, and reports each one's best EMA mAP after half and after all of its trials
+(in the order the trials started), with the mean over the seeds (issue 30: keep the better searcher
+as the default).
 """
 
 from __future__ import annotations
@@ -39,17 +45,12 @@ from unittest import mock
 
 import numpy as np
 
-from salgl.config import preset
+from salgl.config import Config, preset
 
-def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grace_period: int, reduction_factor: int,
-        space: dict[str, str], seed: int) -> dict:
-    """One sweep: ``salgl tune``'s ASHA (``kind="asha"``), or FIFO in its place (``"fifo"``: every
-    trial to the end; the sweep still prints ASHA in its first line)."""
-    from ray.tune.schedulers import FIFOScheduler
 
-    from jobs.sweep import tune
-
-    cfg = preset("tiny", {
+def bench_config(kind: str, root: Path, data_dir: str, seed: int) -> Config:
+    """The tiny config every bench sweep runs, its run folders under ``root / kind``."""
+    return preset("tiny", {
         "data.path": data_dir, "data.img_size": 64, "optim.batch_size": 16, "run.workers": 1,
         "run.storage": str(root / kind), "run.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
         "run.name": f"bench-{kind}", "run.keep_checkpoints": 1, "run.seed": seed,
@@ -59,11 +60,23 @@ def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grac
         # jobs/configs/default.yaml, for its short runs.
         "ema.decay": 0.99,
     })
+
+
+def run(kind: str, root: Path, data_dir: str, trials: int, max_epochs: int, grace_period: int, reduction_factor: int,
+        space: dict[str, str], seed: int, search: str = "random") -> dict:
+    """One sweep: ``salgl tune``'s ASHA (``kind="asha"``), or FIFO in its place (``"fifo"``: every
+    trial to the end; the sweep still prints ASHA in its first line)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from jobs.sweep import tune
+
+    cfg = bench_config(kind, root, data_dir, seed)
     scheduler = tune.asha_scheduler if kind == "asha" else lambda *args: FIFOScheduler()
     start = time.perf_counter()
     with mock.patch.object(tune, "asha_scheduler", scheduler):
         outcome = tune.tune_sweep(cfg, samples=trials, max_epochs=max_epochs, space_overrides=space,
-                                  register_as=f"bench-{kind}", grace_period=grace_period, reduction_factor=reduction_factor)
+                                  register_as=f"bench-{kind}", grace_period=grace_period, reduction_factor=reduction_factor,
+                                  search=search)
     seconds = time.perf_counter() - start
     reports = trial_reports(Path(outcome.sweep_dir) / "tune")
     times = epoch_times(reports)
@@ -175,6 +188,70 @@ def time_split(times: dict[str, list[float]], wall: float) -> dict[str, float]:
     return {"to_first_report_s": first, "later_epochs_s": later, "outside_trials_s": wall - first - later}
 
 
+def search_run(search: str, seed: int, root: Path, data_dir: str, trials: int, max_epochs: int, grace_period: int,
+               reduction_factor: int, space: dict[str, str]) -> dict:
+    """One ASHA sweep drawn by ``search``: its wall time, stops, and its best EMA mAP after each trial."""
+    from jobs.sweep.tune import tune_sweep
+
+    kind = f"{search}-seed{seed}"
+    start = time.perf_counter()
+    outcome = tune_sweep(bench_config(kind, root, data_dir, seed), samples=trials, max_epochs=max_epochs,
+                         space_overrides=space, register_as=f"bench-{kind}", grace_period=grace_period,
+                         reduction_factor=reduction_factor, search=search)
+    seconds = time.perf_counter() - start
+    by_trial = {row["trial"]: row["best_ema_mAP"] for row in outcome.summary}
+    scores = [by_trial.get(trial) for trial in arrival_order(Path(outcome.sweep_dir) / "tune")]
+    return {"search": search, "seed": seed, "seconds": seconds, "trial_epochs": sum(r["epochs"] for r in outcome.summary),
+            "stopped_early": sum(r["stopped_early"] for r in outcome.summary), "best_after": running_best(scores)}
+
+
+def arrival_order(tune_dir: Path) -> list[str]:
+    """Trial ids in the order the trials first reported (Optuna's ids carry no index)."""
+    first = {}
+    for results in tune_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if rows:
+            first[rows[0]["trial_id"]] = rows[0]["timestamp"] - rows[0]["time_this_iter_s"]
+    return sorted(first, key=first.get)
+
+
+def running_best(scores: Sequence[float | None]) -> list[float | None]:
+    """The best score after each trial (None until one has a score)."""
+    out, best = [], None
+    for score in scores:
+        if score is not None and (best is None or score > best):
+            best = score
+        out.append(best)
+    return out
+
+
+def compare_searches(args: argparse.Namespace, root: Path, data_dir: str, space: dict[str, str]) -> list[dict]:
+    """Random and TPE, one ASHA sweep per seed each; prints each sweep's row as it ends, then the means."""
+    half = args.trials // 2
+    print(f"{'search':<8}{'seed':>6}{'wall (s)':>10}{'trial epochs':>14}{'stopped':>9}"
+          f"{f'best@{half}':>10}{f'best@{args.trials}':>10}", flush=True)
+    rows = []
+    for seed in args.seeds:
+        for search in ("random", "optuna"):
+            r = search_run(search, seed, root, data_dir, args.trials, args.max_epochs, args.grace_period,
+                           args.reduction_factor, space)
+            rows.append(r)
+            best = [_score(r["best_after"], n) for n in (half, args.trials)]
+            print(f"{r['search']:<8}{r['seed']:>6}{r['seconds']:>10.1f}{r['trial_epochs']:>14}{r['stopped_early']:>9}"
+                  f"{best[0]:>10}{best[1]:>10}", flush=True)
+    for search in ("random", "optuna"):
+        finals = [r["best_after"][-1] for r in rows if r["search"] == search and r["best_after"] and r["best_after"][-1] is not None]
+        if finals:
+            print(f"{search}: mean best EMA mAP after {args.trials} trials {statistics.mean(finals):.2f} over {len(finals)} seeds")
+    return rows
+
+
+def _score(best_after: list[float | None], trials: int) -> str:
+    """The best score after ``trials`` trials, printed ("-" when the sweep has no score there)."""
+    value = best_after[trials - 1] if 0 < trials <= len(best_after) else None
+    return f"{value:.2f}" if value is not None else "-"
+
+
 # Unless given on the command line. FULL_SIZE is the setting of docs/benchmarks.md's sweep table.
 FULL_SIZE = {"max_epochs": 16, "reduction_factor": 4, "train_images": 2048}
 QUICK_SIZE = {"max_epochs": 4, "reduction_factor": 2, "train_images": 128}
@@ -195,6 +272,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="run.seed: which trials the sweeps draw (and each trial's seed)")
     parser.add_argument("--full-only", action="store_true",
                         help="run only the full sweep, and report ASHA replayed on it (half the time)")
+    parser.add_argument("--search", choices=("random", "optuna"), default="random", help="how the sweeps draw their trials")
+    parser.add_argument("--compare-search", action="store_true",
+                        help="ASHA sweeps only: random against optuna (TPE), one per seed of --seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="the seeds --compare-search runs")
     parser.add_argument("--out", default="bench_out/sweep.json")
     args = parser.parse_args()
     for key, value in (QUICK_SIZE if args.quick else FULL_SIZE).items():
@@ -216,9 +297,12 @@ def main() -> None:
         local_instance_env()  # as `salgl tune` starts its local Ray
         ray.init(num_cpus=2, log_to_driver=False)
         try:
+            if args.compare_search:
+                write_comparison(args, compare_searches(args, root, str(root / "mosaic"), space))
+                return
             rows = {
                 kind: run(kind, root, str(root / "mosaic"), args.trials, args.max_epochs, args.grace_period, args.reduction_factor, space,
-                          args.seed)
+                          args.seed, args.search)
                 for kind in kinds
             }
             overheads = [o for r in rows.values() for o in r.pop("overheads")]
@@ -250,9 +334,17 @@ def main() -> None:
     print(f"trial-start overhead: median {statistics.median(overheads):.1f} s over {len(overheads)} trials" if overheads else "trial-start overhead: n/a")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("trials", "max_epochs", "reduction_factor", "grace_period", "train_images", "space", "seed", "full_only")}
+    settings = {k: getattr(args, k) for k in ("trials", "max_epochs", "reduction_factor", "grace_period", "train_images", "space", "seed", "full_only", "search")}
     out.write_text(json.dumps({"settings": settings, "rows": rows, "asha_over_full": ratio, "full_over_asha_epoch_time": drift,
                                "asha_replay": replay, "full_curves": curves["fifo"], "full_epoch_times": times["fifo"], "trial_start_overhead_s": overheads}, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+def write_comparison(args: argparse.Namespace, rows: list[dict]) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("trials", "max_epochs", "reduction_factor", "grace_period", "train_images", "space", "seeds")}
+    out.write_text(json.dumps({"settings": settings, "searches": rows}, indent=1, default=str))
     print(f"wrote {out}")
 
 
