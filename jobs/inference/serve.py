@@ -146,20 +146,6 @@ def torch_threads(cpus: float) -> int:
     return max(1, math.ceil(cpus))
 
 
-@dataclass(frozen=True)
-class ReplicaSettings:
-    """What each replica needs besides the model: its defaults, limits and batching."""
-
-    threshold: float
-    top_k: int
-    limits: RequestLimits
-    max_batch_size: int
-    batch_wait_timeout_s: float
-    batch_regroup_s: float
-    cpus: float
-    max_queued_images: int  # images waiting or being scored, past which a request gets 503 at once
-
-
 class SalglServer:
     """One replica: the network (loaded by the driver, shipped with the deployment) and its batcher.
 
@@ -168,21 +154,21 @@ class SalglServer:
     queue-length probes answered, while a batch computes.
     """
 
-    def __init__(self, loaded: Loaded, settings: ReplicaSettings) -> None:
+    def __init__(self, loaded: Loaded, options: ServeOptions) -> None:
         import ray
         import torch
 
         from jobs.inference.batching import GreedyBatcher
 
         self.device = replica_device(ray.get_gpu_ids())
-        torch.set_num_threads(torch_threads(settings.cpus))
+        torch.set_num_threads(torch_threads(options.cpus_per_replica))
         self.model, self.cfg, self.vocabulary = loaded.model.to(self.device).eval(), loaded.cfg, loaded.vocabulary
-        self.defaults = {"threshold": settings.threshold, "top_k": settings.top_k}
-        self.limits, self.max_queued_images = settings.limits, settings.max_queued_images
+        self.defaults = {"threshold": options.threshold, "top_k": options.top_k}
+        self.limits, self.max_queued_images = options.limits, options.queued_images
         self.pending = 0  # images received and not yet answered
         self.batcher = GreedyBatcher(self._score_now, ThreadPoolExecutor(max_workers=1, thread_name_prefix="salgl-forward"),
-                                     max_batch_size=settings.max_batch_size, wait_s=settings.batch_wait_timeout_s,
-                                     regroup_s=settings.batch_regroup_s)
+                                     max_batch_size=options.max_batch_size, wait_s=options.batch_wait_timeout_s,
+                                     regroup_s=options.batch_regroup_s)
 
     def _score_now(self, items: list[tuple[bytes, float, int]]) -> list[dict[str, Any]]:
         """The records of a batch's images (on the model's thread); images that share threshold and top_k
@@ -290,26 +276,9 @@ def start_serving(loaded: Loaded, options: ServeOptions) -> str:
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
     )
-    settings = ReplicaSettings(threshold=options.threshold, top_k=options.top_k, limits=options.limits,
-                               max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_timeout_s,
-                               batch_regroup_s=options.batch_regroup_s, cpus=options.cpus_per_replica, max_queued_images=options.queued_images)
-    serve.run(deployment.bind(loaded, settings), name=APP_NAME, route_prefix=options.route_prefix, blocking=False,
+    serve.run(deployment.bind(loaded, options), name=APP_NAME, route_prefix=options.route_prefix, blocking=False,
               logging_config=logging_config)
     return serve_url(options)
-
-
-def replica_statuses(app_name: str = APP_NAME, *, replicas: int = 1, attempts: int = 50) -> list[dict[str, Any]]:
-    """``status()`` of every replica (asked through the app's handle until each has answered)."""
-    from ray import serve
-
-    handle = serve.get_app_handle(app_name)
-    seen: dict[str, dict[str, Any]] = {}
-    for _ in range(attempts):
-        status = handle.status.remote().result()
-        seen[status["replica"]] = status
-        if len(seen) >= replicas:
-            break
-    return list(seen.values())
 
 
 def serve_logging_config() -> Any:
