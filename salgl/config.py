@@ -127,6 +127,9 @@ class HeadConfig:
     message: str = "out"  # "out": m_i = sum_j P_ji h_j (eq. 13); "in": sum_j P_ij h_j; "both": [in, out]
     self_loops: bool = False  # keep the diagonal of P (eq. 13 sums over j != i)
     row_normalize: bool = False  # divide each row of P by its sum
+    # Sparse scene graphs: each row of P^k keeps its graph_top_k largest entries (memory O(K n k),
+    # propagation O(T B n k d)); 0, or at least n, keeps the dense graph.
+    graph_top_k: int = 0
     phi_c: str = "mlp"  # "mlp": Linear-ReLU-Linear; "linear_tanh": Linear(2d, d) + Tanh (released)
     classifier_bias: bool = False  # released: per-label bias
     # Training targets for the scene classifier: "labels" = the posterior of a Bernoulli mixture
@@ -150,6 +153,7 @@ class HeadConfig:
         _at_least("attn_dim", self.attn_dim, 1)
         _at_least("attn_hidden", self.attn_hidden, 1)
         _at_least("attn_chunk_mb", self.attn_chunk_mb, 1)
+        _at_least("graph_top_k", self.graph_top_k, 0)
         _choice("selection", self.selection, ("soft", "hard"))
         _choice("counting", self.counting, ("hard", "soft"))
         _choice("message", self.message, ("out", "in", "both"))

@@ -4,7 +4,7 @@ Notation: B batch, m regions, n labels, K scenes, d = d_I token dim, d_L label-e
 
     tokens (B, m, d) -> [token encoder] -> scene probs pi (B, K)                       eq. 4-6
                                         -> label features f (B, n, d)                 eq. 1-3
-    counts C (K, n, n) -> P^k -> P^I (B, n, n)                                         eq. 7-8, 12
+    counts C (K, n, n) -> P^k -> P^I (B, n, n), or its top-k rows (B, n, k)           eq. 7-8, 12
     f, P^I -> gated propagation h^T (B, n, d) -> Phi_c([f, h^T]) -> logits (B, n)     eq. 13-16
 """
 
@@ -19,11 +19,14 @@ from salgl.config import HeadConfig
 from salgl.graph import (
     CountSync,
     PendingDelta,
+    SparseGraph,
     conditional_probabilities,
     local_count_delta,
     resolve_delta,
     scene_weights_for_counting,
     select_graph,
+    select_sparse_graph,
+    sparse_conditional_probabilities,
 )
 from salgl.layers import (
     GatedPropagation,
@@ -40,7 +43,7 @@ class HeadOutput(NamedTuple):
     logits: Tensor  # (B, n)
     scene_probs: Tensor  # (B, K), pi
     attention: Tensor  # (B, n, m), alpha
-    graph: Tensor  # (B, n, n), P^I used for this batch
+    graph: Tensor | SparseGraph  # P^I used for this batch: (B, n, n), or sparse with graph_top_k
 
 
 def _settle_before_saving(head: "SALGLHead", prefix: str, keep_vars: bool) -> None:
@@ -66,6 +69,8 @@ class SALGLHead(nn.Module):
         # A count update left pending by ``forward(..., defer_count_update=True)``; every reader of
         # the counts here settles it first (``settle_counts``), and so does ``state_dict``.
         self._pending_update: Tensor | PendingDelta | None = None
+        # Neighbours kept per row of P^k (eq. 8); 0 = the dense graph (also for graph_top_k >= n).
+        self.graph_top_k = cfg.graph_top_k if cfg.graph_top_k < num_labels else 0
         self.register_state_dict_pre_hook(_settle_before_saving)
         self.token_encoder = (
             build_token_encoder(token_dim, heads=cfg.encoder_heads, ffn=cfg.encoder_ffn, dropout=cfg.encoder_dropout)
@@ -122,7 +127,7 @@ class SALGLHead(nn.Module):
             self.apply_count_update(pending)
             pending = None
         # Eq. 12 with pi's gradient: the classification loss trains the scene classifier through P^I.
-        graph = self.label_graph(scene_probs if self.cfg.graph_trains_scenes else scene_probs.detach())  # (B, n, n)
+        graph = self.label_graph(scene_probs if self.cfg.graph_trains_scenes else scene_probs.detach())  # (B, n, n) or sparse
 
         if self.propagation is not None:
             h = self.propagation(features, graph)  # (B, n, d)
@@ -148,8 +153,13 @@ class SALGLHead(nn.Module):
         counting = self.training and targets is not None
         return scene_probs, self.start_count_update(scene_probs, targets, sync) if counting else None
 
-    def label_graph(self, scene_probs: Tensor) -> Tensor:
-        """P^I for each image (eq. 8, 12) from the current counts."""
+    def label_graph(self, scene_probs: Tensor) -> Tensor | SparseGraph:
+        """P^I for each image (eq. 8, 12) from the current counts: dense, or each row's top k."""
+        if self.graph_top_k:
+            index, values = sparse_conditional_probabilities(
+                self.counts, self.graph_top_k, self_loops=self.cfg.self_loops, row_normalize=self.cfg.row_normalize
+            )  # (K, n, k) each
+            return select_sparse_graph(index, values, scene_probs, self.cfg.selection)
         probs = conditional_probabilities(
             self.counts, self_loops=self.cfg.self_loops, row_normalize=self.cfg.row_normalize
         )  # (K, n, n) float64
