@@ -43,6 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from salgl.errors import AlreadyExists, BadValue, CorruptFile, NotFound, SalglError, UsageError
+from salgl.sparse_labels import Csr, SparseLabels
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -401,6 +402,25 @@ def read_label_matrices(
     fs, keys = shard_files(root, split)
     table = pq.ParquetDataset(keys, filesystem=fs).read(columns=list(columns))
     return tuple(_multi_hot(table.column(name), num_labels) for name in columns)
+
+
+def read_sparse_labels(root: str | os.PathLike[str], split: str) -> SparseLabels:
+    """The labels and ignore mask of ``split`` as sparse rows (``salgl.sparse_labels``), in row
+    order: read a row group at a time, so memory is O(nnz + row group x n), never N x n."""
+    num_labels = len(read_manifest(root)["vocabulary"])
+    parts = [
+        SparseLabels.build(_csr(batch.column("labels"), num_labels), _csr(batch.column("ignore"), num_labels), num_labels)
+        for path in shard_paths(root, split)
+        for batch in open_parquet(path).iter_batches(batch_size=ROW_GROUP_ROWS, columns=["labels", "ignore"])
+    ]
+    if not parts:
+        raise NotFound(f"split {split!r} of {dataset_location(root)} holds no rows")
+    return SparseLabels.concatenate(parts)
+
+
+def _csr(rows: Any, num_labels: int) -> Csr:
+    lengths = pc.fill_null(pc.list_value_length(rows), 0).to_numpy(zero_copy_only=False)
+    return Csr.from_lists(lengths, pc.list_flatten(rows).to_numpy(zero_copy_only=False), num_labels)
 
 
 def _multi_hot(rows: Any, num_labels: int) -> np.ndarray:

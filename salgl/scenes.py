@@ -25,11 +25,15 @@ represent it. This is a departure from the paper, documented in docs/scenes.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from salgl.sparse_labels import SparseLabels
 
 THETA_FLOOR = 1e-4  # keeps log theta and log(1 - theta) finite for labels never (or always) seen
 
@@ -74,7 +78,11 @@ def _posterior_logits(y: np.ndarray, observed: np.ndarray, prior: np.ndarray, th
 
 
 def _e_step(y: np.ndarray, observed: np.ndarray, prior: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, float]:
-    logits = _posterior_logits(y, observed, prior, theta)  # (N, K)
+    return _responsibilities(_posterior_logits(y, observed, prior, theta))
+
+
+def _responsibilities(logits: np.ndarray) -> tuple[np.ndarray, float]:
+    """q(k | y) (N, K) from the posterior logits, and the log-likelihood log p(y) per image."""
     top = logits.max(1, keepdims=True)
     weights = np.exp(logits - top)
     total = weights.sum(1, keepdims=True)
@@ -82,15 +90,109 @@ def _e_step(y: np.ndarray, observed: np.ndarray, prior: np.ndarray, theta: np.nd
 
 
 def _m_step(y: np.ndarray, observed: np.ndarray, resp: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
-    mass = resp.sum(0)  # (K,)
     seen = resp.T @ observed  # (K, n): each scene's weight of images where label i is observed
-    theta = (resp.T @ (y * observed) + smoothing) / (seen + 2 * smoothing)  # (K, n), a Beta prior
-    prior = (mass + smoothing) / (len(y) + smoothing * len(mass))
+    return _parameters(resp, resp.T @ (y * observed), seen, smoothing)
+
+
+def _parameters(resp: np.ndarray, hits: np.ndarray, seen: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    """rho and theta from each scene's weight of observed positives ``hits`` and observed entries
+    ``seen`` (K, n), under a Beta(smoothing, smoothing) prior."""
+    mass = resp.sum(0)  # (K,)
+    theta = (hits + smoothing) / (seen + 2 * smoothing)  # (K, n)
+    prior = (mass + smoothing) / (len(resp) + smoothing * len(mass))
     return prior, np.clip(theta, THETA_FLOOR, 1 - THETA_FLOOR)
 
 
+# --------------------------------------------------------------------------- on sparse labels
+#
+# The same E and M steps in O(nnz K) per iteration. With P_b an image's observed positives and
+# N_b its observed negatives, the posterior logit is
+#     log rho_k + sum_{i in P_b} log theta_ki + sum_{i in N_b} log(1 - theta_ki),
+# and where N_b is stored as its complement L_b (positives and ignored entries) the last sum is
+#     sum_i log(1 - theta_ki) - sum_{i in L_b} log(1 - theta_ki),
+# one (K,) sum per iteration. Likewise the M step's observed weight of label i in scene k is
+# sum_b q_bk [i in P_b] + sum_b q_bk [i in N_b], the second sum over complement rows being
+# sum_b q_bk - sum_b q_bk [i in L_b].
+
+
+class _SparseRows(NamedTuple):
+    """``SparseLabels`` with each entry's row spelled out, as the steps' bincounts take them."""
+
+    positives: tuple[np.ndarray, np.ndarray]  # (rows, columns), (nnz_P,) each
+    negatives: tuple[np.ndarray, np.ndarray]  # (rows, columns), (nnz_N,) each
+    complement: np.ndarray  # (N,) float: 1 where the row's negatives are stored as their complement
+    sign: np.ndarray  # (N,) float: +1 (negatives listed) or -1 (complement)
+    num_labels: int
+
+    @staticmethod
+    def of(labels: SparseLabels) -> _SparseRows:
+        complement = labels.complement.astype(np.float64)
+        return _SparseRows(
+            (labels.positives.row_ids(), labels.positives.indices),
+            (labels.negatives.row_ids(), labels.negatives.indices),
+            complement, 1.0 - 2.0 * complement, labels.num_labels,
+        )
+
+
+def _row_sums(entries: tuple[np.ndarray, np.ndarray], values: np.ndarray, num_rows: int) -> np.ndarray:
+    """(N, K): for each row b and scene k, the sum of ``values`` (K, n) over the row's columns."""
+    rows, cols = entries
+    return np.stack([np.bincount(rows, weights=v[cols], minlength=num_rows) for v in values], 1)
+
+
+def _column_sums(entries: tuple[np.ndarray, np.ndarray], weights: np.ndarray, num_cols: int) -> np.ndarray:
+    """(K, n): for each scene k and column i, the sum of ``weights`` (N, K) over the rows holding i."""
+    rows, cols = entries
+    return np.stack([np.bincount(cols, weights=w[rows], minlength=num_cols) for w in weights.T])
+
+
+def _sparse_posterior_logits(data: _SparseRows, prior: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """``_posterior_logits`` on sparse labels, (N, K), in O(nnz K + N K + n K)."""
+    log_on, log_off = np.log(theta), np.log1p(-theta)  # (K, n)
+    num_images = len(data.complement)
+    on = _row_sums(data.positives, log_on, num_images)  # (N, K)
+    listed = _row_sums(data.negatives, log_off, num_images)  # (N, K)
+    off = data.complement[:, None] * log_off.sum(1) + data.sign[:, None] * listed
+    return on + off + np.log(prior)
+
+
+def _sparse_e_step(data: _SparseRows, prior: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, float]:
+    return _responsibilities(_sparse_posterior_logits(data, prior, theta))
+
+
+def _sparse_m_step(data: _SparseRows, resp: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    """``_m_step`` on sparse labels, in O(nnz K + N K + n K)."""
+    hits = _column_sums(data.positives, resp, data.num_labels)  # (K, n)
+    listed = _column_sums(data.negatives, resp * data.sign[:, None], data.num_labels)  # (K, n)
+    seen = hits + (resp.T @ data.complement)[:, None] + listed
+    return _parameters(resp, hits, seen, smoothing)
+
+
+Steps = tuple[Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, float]], Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]]]
+
+
+def _dense_steps(labels: np.ndarray, ignore: np.ndarray | None) -> tuple[Steps, np.ndarray]:
+    """The E and M steps over the labelled rows of dense (N, n) labels, and which rows those are."""
+    y = np.asarray(labels, dtype=np.float64)  # (N, n)
+    if y.ndim != 2 or len(y) == 0:
+        raise ValueError(f"labels must be a non-empty (N, n) array, got shape {y.shape}")
+    observed = np.ones_like(y) if ignore is None else 1.0 - np.asarray(ignore, dtype=np.float64)
+    labelled = (y * observed).sum(1) > 0
+    y, observed = y[labelled], observed[labelled]
+    return (partial(_e_step, y, observed), partial(_m_step, y, observed)), labelled
+
+
+def _sparse_steps(labels: SparseLabels) -> tuple[Steps, np.ndarray]:
+    """``_dense_steps`` for sparse labels: O(nnz K) time a step, O(nnz + N K + n K) memory."""
+    if labels.num_images == 0:
+        raise ValueError("labels must hold at least one image, got none")
+    labelled = labels.positives.lengths > 0  # (N,): positives are the observed ones already
+    data = _SparseRows.of(labels.take(labelled))
+    return (partial(_sparse_e_step, data), partial(_sparse_m_step, data)), labelled
+
+
 def fit_label_mixture(
-    labels: np.ndarray,
+    labels: np.ndarray | SparseLabels,
     num_scenes: int,
     *,
     ignore: np.ndarray | None = None,
@@ -102,31 +204,33 @@ def fit_label_mixture(
 ) -> MixtureFit:
     """EM for a K-component Bernoulli mixture over multi-hot label rows (N, n).
 
-    ``ignore`` (N, n) True leaves an entry out of the likelihood, as ``LabelMixture`` leaves it out
-    of the posterior. Rows without a (kept) label are not fitted. Each restart begins from seeded
-    Dirichlet responsibilities and runs until the per-image log-likelihood gains less than ``tol``;
-    the best restart wins. ``smoothing`` is an add-one (Beta(1, 1)) prior on theta and rho, so a
+    ``labels`` is a dense (N, n) array, or ``SparseLabels`` (which carry their own ignore mask):
+    the same fit, to rounding, in O(nnz K) a step rather than O(N n K). ``ignore`` (N, n) True
+    leaves an entry out of the likelihood, as ``LabelMixture`` leaves it out of the posterior.
+    Rows without a (kept) label are not fitted. Each restart begins from seeded Dirichlet
+    responsibilities and runs until the per-image log-likelihood gains less than ``tol``; the
+    best restart wins. ``smoothing`` is an add-one (Beta(1, 1)) prior on theta and rho, so a
     component that empties out keeps finite parameters (and a prior of about 1 / N).
     """
-    y = np.asarray(labels, dtype=np.float64)  # (N, n)
-    if y.ndim != 2 or len(y) == 0:
-        raise ValueError(f"labels must be a non-empty (N, n) array, got shape {y.shape}")
+    if isinstance(labels, SparseLabels):
+        if ignore is not None:
+            raise ValueError("SparseLabels carry their ignore mask: pass no separate ignore")
+        (e_step, m_step), labelled = _sparse_steps(labels)
+    else:
+        (e_step, m_step), labelled = _dense_steps(labels, ignore)
     if num_scenes < 1:
         raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
-    observed = np.ones_like(y) if ignore is None else 1.0 - np.asarray(ignore, dtype=np.float64)
-    labelled = (y * observed).sum(1) > 0
     if not labelled.any():
         raise ValueError("no image has a label: there is nothing to fit a scene mixture to")
-    y, observed = y[labelled], observed[labelled]
     best: tuple[np.ndarray, np.ndarray, float] | None = None
     scores: list[float] = []
     for restart in range(max(1, restarts)):
         rng = np.random.default_rng([seed, restart])
-        prior, theta = _m_step(y, observed, rng.dirichlet(np.ones(num_scenes), size=len(y)), smoothing)
+        prior, theta = m_step(rng.dirichlet(np.ones(num_scenes), size=int(labelled.sum())), smoothing)
         previous = -np.inf
         for _ in range(max_iters):
-            resp, log_likelihood = _e_step(y, observed, prior, theta)
-            prior, theta = _m_step(y, observed, resp, smoothing)
+            resp, log_likelihood = e_step(prior, theta)
+            prior, theta = m_step(resp, smoothing)
             if log_likelihood - previous < tol:
                 break
             previous = log_likelihood

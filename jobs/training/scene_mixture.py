@@ -28,22 +28,23 @@ def wants_mixture(cfg: Config) -> bool:
 
 
 def fit_run_mixture(data_dir: str, cfg: Config) -> dict[str, Any]:
-    """Fit the mixture to the training labels, their ignore mask honoured (as the posterior does)."""
-    from pipeline.shards import read_label_matrices
+    """Fit the mixture to the training labels, their ignore mask honoured (as the posterior does);
+    the labels are read as sparse rows, so memory stays O(nnz + K n) at any vocabulary."""
+    from pipeline.shards import read_sparse_labels
     from salgl.scenes import fit_label_mixture, supported_scenes
 
     head = cfg.model.head
-    labels, ignore = read_label_matrices(data_dir, "train")
-    fit = fit_label_mixture(labels, head.num_scenes, ignore=ignore, seed=cfg.run.seed, restarts=head.mixture_restarts)
+    labels = read_sparse_labels(data_dir, "train")
+    fit = fit_label_mixture(labels, head.num_scenes, seed=cfg.run.seed, restarts=head.mixture_restarts)
     restarts = min(SELECTION_RESTARTS, head.mixture_restarts)
-    bics = {k: fit_label_mixture(labels, k, ignore=ignore, seed=cfg.run.seed, restarts=restarts).bic for k in range(1, head.num_scenes)}
+    bics = {k: fit_label_mixture(labels, k, seed=cfg.run.seed, restarts=restarts).bic for k in range(1, head.num_scenes)}
     bics[head.num_scenes] = fit.bic
     return {
         "prior": fit.prior.tolist(), "theta": fit.theta.tolist(), "log_likelihood": fit.log_likelihood,
         "restart_log_likelihoods": list(fit.restart_log_likelihoods), "chosen_restart": fit.chosen_restart,
         "effective_scenes": fit.effective_scenes,
         "bic": {str(k): value for k, value in bics.items()}, "supported_scenes": supported_scenes(bics),
-        "images": fit.images, "images_without_labels": int(len(labels) - fit.images),
+        "images": fit.images, "images_without_labels": int(labels.num_images - fit.images),
     }
 
 
