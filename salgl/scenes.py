@@ -168,7 +168,9 @@ def _sparse_m_step(data: _SparseRows, resp: np.ndarray, smoothing: float) -> tup
     return _parameters(resp, hits, seen, smoothing)
 
 
-Steps = tuple[Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, float]], Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]]]
+EStep = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, float]]  # (prior, theta) -> (resp, log-likelihood)
+MStep = Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]]  # (resp, smoothing) -> (prior, theta)
+Steps = tuple[EStep, MStep]
 
 
 def _dense_steps(labels: np.ndarray, ignore: np.ndarray | None) -> tuple[Steps, np.ndarray]:

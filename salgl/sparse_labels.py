@@ -66,8 +66,7 @@ class Csr(NamedTuple):
     def from_lists(lengths: np.ndarray, flat: np.ndarray, num_cols: int) -> Csr:
         """From per-row lists (``lengths`` (N,), their entries back to back): sorted, repeats dropped."""
         rows = np.repeat(np.arange(len(lengths)), lengths)
-        keys = np.unique(rows * num_cols + np.asarray(flat, dtype=np.int64))
-        return Csr.from_keys(keys, len(lengths), num_cols)
+        return Csr.from_keys(_sorted_unique(rows * num_cols + np.asarray(flat, dtype=np.int64)), len(lengths), num_cols)
 
     @staticmethod
     def from_dense(matrix: np.ndarray) -> Csr:
@@ -115,10 +114,13 @@ class SparseLabels(NamedTuple):
         label_keys = labels.keys(num_labels)
         ignore_keys = ignore.keys(num_labels) if ignore is not None else label_keys[:0]
         positives = Csr.from_keys(np.setdiff1d(label_keys, ignore_keys, assume_unique=True), num_rows, num_labels)
-        unlisted = Csr.from_keys(np.union1d(label_keys, ignore_keys), num_rows, num_labels)  # not a negative
+        unlisted_keys = _sorted_unique(np.concatenate([label_keys, ignore_keys]))  # positive or ignored: not a negative
+        unlisted = Csr.from_keys(unlisted_keys, num_rows, num_labels)
         complement = unlisted.lengths <= num_labels / 2  # (N,)
         listed = _complements(unlisted.take(~complement), num_labels)
-        keys = np.sort(np.concatenate([_keys_of(unlisted.take(complement), complement, num_labels), _keys_of(listed, ~complement, num_labels)]))
+        keys = np.concatenate([_keys_of(unlisted.take(complement), complement, num_labels),
+                               _keys_of(listed, ~complement, num_labels)])
+        keys = np.sort(keys, kind="stable")  # two sorted runs: timsort merges them
         return SparseLabels(num_labels, positives, Csr.from_keys(keys, num_rows, num_labels), complement)
 
     @staticmethod
@@ -137,6 +139,15 @@ class SparseLabels(NamedTuple):
             Csr.concatenate([p.negatives for p in parts]),
             np.concatenate([p.complement for p in parts]),
         )
+
+
+def _sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy 2's hashing unique is several times slower on millions of keys),
+    with no sort at all where the keys come sorted, as shards' label lists do."""
+    if len(keys) and not (np.diff(keys) > 0).all():
+        keys = np.sort(keys, kind="stable")  # timsort: merges the sorted runs concatenated lists leave
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+    return keys
 
 
 def _complements(rows: Csr, num_cols: int) -> Csr:
