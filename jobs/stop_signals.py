@@ -4,7 +4,7 @@ A signal the process was started ignoring stays ignored (``nohup`` ignores SIGHU
 outlives its terminal), as Python leaves an ignored SIGINT alone.
 
 All of salgl's signal handling is here: the ``salgl`` command installs ``stop_like_ctrl_c``
-(``handling``), ``jobs.training.driver.init_ray`` keeps it across ``ray.init``
+(``handling``), ``jobs.training.ray_setup.init_ray`` keeps it across ``ray.init``
 (``sigterm_handler_kept``), a training run's ``fit()`` puts its controller abort on Ctrl-C and the
 stop signals alike (``jobs.training.interrupt``), and a sweep hands the stop signals to Tune's
 graceful Ctrl-C handler (``forward_to_sigint_handler``). Handlers live in the main thread only:

@@ -169,22 +169,23 @@ def git_tags(root: Path = PROJECT_ROOT) -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "salgl.git_dirty": str(dirty).lower()}
 
 
-def log_dataset(tracking_uri: str, run_id: str, data_dir: str) -> None:
+def log_dataset(tracking_uri: str, run_id: str, data_dir: str, *, manifest: Mapping[str, Any] | None = None) -> None:
     """The dataset as the run's input (``mlflow.log_input``'s record, logged by run id): named
     after its folder, its digest a hash of the manifest's shard sha256s (a re-prepared dataset
-    with other bytes gets another), its source the folder, and its split sizes as the profile."""
+    with other bytes gets another), its source the folder, and its split sizes as the profile.
+    ``manifest``: the folder's manifest where the caller has read it, else read here."""
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    dataset = manifest_dataset(data_dir)
+    dataset = manifest_dataset(data_dir, manifest=manifest)
     # _to_mlflow_entity: what mlflow.log_input sends; the fluent call needs an active run, and
     # leaving one made active here would end the run FINISHED mid-training.
     entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
     MlflowClient(tracking_uri).log_inputs(run_id, datasets=[entry])
 
 
-def manifest_dataset(data_dir: str) -> Any:
+def manifest_dataset(data_dir: str, *, manifest: Mapping[str, Any] | None = None) -> Any:
     """An ``mlflow.data`` dataset describing a prepared dataset folder by its ``manifest.json``."""
     import warnings
 
@@ -193,7 +194,7 @@ def manifest_dataset(data_dir: str) -> Any:
 
     from pipeline.shards import dataset_location, read_manifest, shards_digest
 
-    manifest = read_manifest(data_dir)
+    manifest = read_manifest(data_dir) if manifest is None else manifest
     profile = {
         "splits": {name: int(split["rows"]) for name, split in manifest["splits"].items()},
         "labels": len(manifest["vocabulary"]),

@@ -55,7 +55,7 @@ shuffle buffer holds a fixed number of rows. Nothing grows with the dataset but 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -87,20 +87,27 @@ SHUFFLE_BUFFER_BATCHES = 2
 # Manifest access (pipeline.shards owns the format)
 
 
-def _manifest(data_dir: str) -> dict[str, Any]:
+# ``manifest``: the dataset's manifest where the caller has read it already (a training run reads
+# it once as it starts), else None: read here.
+
+
+def _manifest(data_dir: str, manifest: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     from pipeline.shards import read_manifest
 
-    return read_manifest(data_dir)
+    return read_manifest(data_dir) if manifest is None else manifest
 
 
-def _shard_paths(data_dir: str, split: str) -> list[str]:
-    from pipeline.shards import shard_paths
+def _shard_paths(data_dir: str, split: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
+    from pipeline.shards import dataset_location, join, shard_paths
 
-    return shard_paths(data_dir, split)
+    if manifest is None or split not in manifest["splits"]:
+        return shard_paths(data_dir, split)  # reads the manifest; a missing split is said with the ones there are
+    base = dataset_location(data_dir)
+    return [join(base, shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
 
-def num_labels(data_dir: str) -> int:
-    return len(_manifest(data_dir)["vocabulary"])
+def num_labels(data_dir: str, manifest: Mapping[str, Any] | None = None) -> int:
+    return len(_manifest(data_dir, manifest)["vocabulary"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,14 +126,16 @@ def _seed_from_context(seed_config: Any) -> int:
 # Chunks: the unit of work, and of shuffling
 
 
-def chunk_table(data_dir: str, split: str, chunk_rows: int = CHUNK_ROWS) -> list[tuple[str, int, int, int]]:
+def chunk_table(
+    data_dir: str, split: str, chunk_rows: int = CHUNK_ROWS, *, manifest: Mapping[str, Any] | None = None,
+) -> list[tuple[str, int, int, int]]:
     """``(shard path, row group, start, stop)`` for every run of at most ``chunk_rows`` rows of
     ``split`` in storage order; a chunk never crosses a row group (the unit parquet reads). A
     shard path is an object-store URI for a dataset in one: the data tasks read it from there."""
     from pipeline.shards import open_parquet
 
     chunks = []
-    for path in _shard_paths(data_dir, split):
+    for path in _shard_paths(data_dir, split, manifest):
         meta = open_parquet(path).metadata
         for group in range(meta.num_row_groups):
             rows = meta.row_group(group).num_rows
@@ -230,6 +239,7 @@ def train_dataset(
     num_cpus: float = 0.5,
     concurrency: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    manifest: Mapping[str, Any] | None = None,
 ) -> "ray.data.Dataset":  # noqa: F821
     """Every pass: the split's chunks in a new random order -> read, decode, augment, lazily.
 
@@ -249,8 +259,11 @@ def train_dataset(
     def reseeded(stream: str) -> EpochSeed:
         return EpochSeed(seed=derive_seed(seed, 0, stream), reseed_after_execution=True, start_epoch=start_epoch)
 
-    chunks = [(*c, True) for c in chunk_table(data_dir, split, chunk_rows)]
-    kwargs = {"order_seed": reseeded("order"), "augment_seed": reseeded("augment"), "cfg": cfg, "num_labels": num_labels(data_dir)}
+    chunks = [(*c, True) for c in chunk_table(data_dir, split, chunk_rows, manifest=manifest)]
+    kwargs = {
+        "order_seed": reseeded("order"), "augment_seed": reseeded("augment"), "cfg": cfg,
+        "num_labels": num_labels(data_dir, manifest),
+    }
     return _chunk_dataset(chunks, udf_kwargs=kwargs, num_cpus=num_cpus, concurrency=concurrency)
 
 
@@ -263,13 +276,14 @@ def eval_dataset(
     num_cpus: float = 0.5,
     concurrency: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    manifest: Mapping[str, Any] | None = None,
 ) -> "ray.data.Dataset":  # noqa: F821
     """The split in storage order -> resize + normalise, padded to a multiple of ``num_workers``.
 
     Padding rows repeat the first rows of the split with ``valid = False``, so that
     ``streaming_split(num_workers, equal=True)`` drops nothing: drop them before scoring.
     """
-    chunks = [(*c, True) for c in chunk_table(data_dir, split, chunk_rows)]
+    chunks = [(*c, True) for c in chunk_table(data_dir, split, chunk_rows, manifest=manifest)]
     pad = -sum(stop - start for _, _, start, stop, _ in chunks) % num_workers
     for path, group, start, stop, _ in list(chunks):  # repeat the first `pad` rows, marked invalid
         if pad <= 0:
@@ -277,7 +291,7 @@ def eval_dataset(
         take = min(pad, stop - start)
         chunks.append((path, group, start, start + take, False))
         pad -= take
-    kwargs = {"order_seed": None, "augment_seed": None, "cfg": cfg, "num_labels": num_labels(data_dir)}
+    kwargs = {"order_seed": None, "augment_seed": None, "cfg": cfg, "num_labels": num_labels(data_dir, manifest)}
     return _chunk_dataset(chunks, udf_kwargs=kwargs, num_cpus=num_cpus, concurrency=concurrency)
 
 

@@ -41,7 +41,7 @@ def ray_local(request: pytest.FixtureRequest):
     """
     import ray
 
-    from jobs.training.driver import local_instance_env, quiet_ray_data
+    from jobs.training.ray_setup import local_instance_env, quiet_ray_data
 
     with mock.patch.dict(os.environ):
         for key in ("RAY_num_workers_soft_limit", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):

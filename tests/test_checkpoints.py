@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobs.training.checkpoints import META_FILE, STATE_FILE, latest_epoch, newest_checkpoint
-from jobs.training.driver import storage_root
+from jobs.training.run_folder import storage_root
 from salgl.config import preset
 from tests._tiny_checkpoint import write_tiny_checkpoint
 

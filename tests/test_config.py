@@ -99,7 +99,8 @@ def test_processes_that_only_build_or_split_data_do_not_import_torch() -> None:
     """Ray Train's controller and dataset manager, the split coordinators and the data tasks
     import these modules in every run; torch and timm there cost seconds per process."""
     code = (
-        "import sys, salgl.config, pipeline.ingest, pipeline.transforms, jobs.training.checkpoints, jobs.training.driver; "
+        "import sys, salgl.config, pipeline.ingest, pipeline.transforms, jobs.training.checkpoints, jobs.training.driver, "
+        "jobs.training.trainer; "
         "print([m for m in ('torch', 'timm', 'transformers', 'mlflow') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -157,13 +158,15 @@ def test_a_trial_process_builds_its_trainer_without_the_training_stack(tmp_path)
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "import jobs.training.driver\n"
+        "import jobs.training.trainer\n"
+        "from jobs.training.dataset import read_dataset\n"
         "from jobs.resources import plan_resources\n"
         "from salgl.config import preset\n"
         f"root = Path({str(tmp_path)!r})\n"
         "cfg = preset('tiny', {'data.path': str(root / 'data'), 'run.workers': 1})\n"
         "from jobs.storage import Folder\n"
-        "jobs.training.driver.build_trainer(cfg, data_dir=str(root / 'data'), run_dir=Folder(str(root / 'run')), run_name='run',\n"
+        "jobs.training.trainer.build_trainer(cfg, dataset=read_dataset(str(root / 'data')), run_dir=Folder(str(root / 'run')),\n"
+        "              run_name='run',\n"
         "              storage=str(root),\n"
         "              tracking_uri=f'sqlite:///{root}/mlflow.db', mlflow_run_id='0', plan=plan_resources(1, {'CPU': 2.0}))\n"
         "print([m for m in ('jobs.training.recipe', 'timm', 'salgl.model', 'transformers') if m in sys.modules])\n"

@@ -140,7 +140,7 @@ def test_an_interrupted_prepare_leaves_no_manifest_and_no_shards(s3_endpoint, bu
 @pytest.mark.timeout(120)
 def test_store_mistakes_are_one_line_errors(s3_mosaic: str, bucket: str) -> None:
     from jobs.cli import main
-    from jobs.training.driver import resolve_data
+    from jobs.training.dataset import resolve_data
     from pipeline.mosaic import convert_mosaic
     from salgl.config import preset
     from salgl.errors import AlreadyExists

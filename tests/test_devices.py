@@ -65,7 +65,7 @@ def test_fp16_is_refused_on_cpus_only() -> None:
 
 
 def test_the_start_line_names_the_device_and_the_precision() -> None:
-    from jobs.training.driver import plan_params, start_line
+    from jobs.training.ray_setup import plan_params, start_line
 
     cfg = preset("tiny", {"optim.precision": "bf16"})
     line = start_line("r1", cfg, plan_resources(1, {"CPU": 2.0}, device="auto"))
@@ -83,11 +83,11 @@ def test_salgl_train_with_cuda_on_a_cluster_without_gpus_exits_2_before_the_run_
     """The CLI path end to end, with the cluster stubbed: one line, exit 2, no run folder, no MLflow store."""
     import ray
 
-    import jobs.training.driver
+    import jobs.training.run_start
     from jobs.cli import main
     from tests._tiny_checkpoint import make_mosaic
 
-    monkeypatch.setattr(jobs.training.driver, "init_ray", lambda address=None: None)
+    monkeypatch.setattr(jobs.training.run_start, "init_ray", lambda address=None: None)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     data = make_mosaic(tmp_path / "data")
     store = tmp_path / "mlflow.db"

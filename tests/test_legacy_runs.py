@@ -26,7 +26,7 @@ from jobs.training.checkpoints import (
     CONFIG_FILE, META_FILE, file_record, load_model_from_checkpoint, newest_checkpoint, read_checkpoint,
     read_checkpoint_config,
 )
-from jobs.training.driver import RUN_FILE
+from jobs.training.run_folder import RUN_FILE
 from salgl.config import SCHEMA_VERSION, Config, ConfigError, to_flat
 from salgl.errors import CorruptFile
 from tests._data_trees import noise_pngs

@@ -41,7 +41,8 @@ def browser():
 def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, dict[int, str]]:
     """(server URI, experiment id, {K: run id}) for two finished runs recorded as ``salgl train`` records them."""
     from jobs.tracking import MlflowLogger, end_run, ensure_experiment, start_run
-    from jobs.training.driver import TrainOutcome, record_final_artifacts
+    from jobs.training.final_artifacts import record_final_artifacts
+    from jobs.training.outcome import TrainOutcome
     from salgl.config import preset, short_params, to_flat
 
     root = tmp_path_factory.mktemp("mlflow")

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from jobs.resources import WORKER_ALLOCATOR_ENV
-from jobs.training.driver import CONTROLLER_POLL_S, controller_env_defaults, local_instance_env, make_tracking_warmup
+from jobs.training.epoch_report import make_tracking_warmup
+from jobs.training.ray_setup import CONTROLLER_POLL_S, controller_env_defaults, local_instance_env
 
 POLL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 SOFT_LIMIT = "RAY_num_workers_soft_limit"

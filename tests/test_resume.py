@@ -67,7 +67,10 @@ def test_a_record_without_checksums_is_checked_against_its_folder_while_there(mo
 
 def test_the_record_names_where_the_run_was_found(mosaic_dir: str, tmp_path: Path) -> None:
     record = _record(str(tmp_path / "gone"), digest=False)
-    moved = moved_record(record, data_dir=mosaic_dir, tracking_uri="sqlite:///here.db", mlflow_run_id="1" * 32)
+    from jobs.training.dataset import read_dataset
+
+    digest = read_dataset(mosaic_dir).digest
+    moved = moved_record(record, data_dir=mosaic_dir, data_digest=digest, tracking_uri="sqlite:///here.db", mlflow_run_id="1" * 32)
     assert moved["data_dir"] == moved["config"]["data.path"] == mosaic_dir
     assert moved["data_digest"] == shards_digest(read_manifest(mosaic_dir))
     assert (moved["tracking_uri"], moved["mlflow_run_id"]) == ("sqlite:///here.db", "1" * 32)
@@ -86,7 +89,7 @@ def test_resuming_on_another_dataset_is_a_usage_error_in_one_line(
     mosaic_dir: str, other_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from jobs.cli import main
-    from jobs.training.driver import RUN_FILE
+    from jobs.training.run_folder import RUN_FILE
 
     recorded = shutil.copytree(mosaic_dir, tmp_path / "data")
     run_dir = tmp_path / "runs" / "travels"

@@ -29,7 +29,7 @@ def test_a_resumed_run_starts_from_its_folders_best_checkpoint(tmp_path) -> None
 
 def test_per_class_ap_is_a_csv_artifact_beside_the_metrics(tmp_path) -> None:
     from jobs.tracking import MlflowLogger, start_run
-    from jobs.training.driver import log_per_class_ap
+    from jobs.training.final_artifacts import log_per_class_ap
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logger = MlflowLogger(uri, start_run(uri, "records", run_name="r", params={}))

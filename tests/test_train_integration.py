@@ -219,7 +219,8 @@ def test_a_run_copied_elsewhere_resumes_on_its_moved_data_under_a_new_mlflow_run
 
     from mlflow.tracking import MlflowClient
 
-    from jobs.training.driver import RUN_FILE, train
+    from jobs.training.driver import train
+    from jobs.training.run_folder import RUN_FILE
     from jobs.training.resume import RESUMED_FROM_TAG
 
     data = Path(shutil.copytree(mosaic_dir, tmp_path / "data"))

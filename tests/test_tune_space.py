@@ -183,7 +183,7 @@ def test_a_trial_asha_stopped_gets_its_scene_pictures_and_weights_from_its_run_f
     from jobs.sweep.tune import close_trial_runs
     from jobs.tracking import start_run
     from jobs.training.checkpoints import load_model_from_checkpoint
-    from jobs.training.driver import RUN_FILE, write_run_file
+    from jobs.training.run_folder import RUN_FILE, write_run_file
     from tests._tiny_checkpoint import tiny_config, write_tiny_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from jobs.inference.evaluate import format_report, log_evaluation, probe_scenes, score_split, summarize, write_json
     from jobs.inference.loading import read_vocabulary
-    from jobs.training.driver import init_ray
+    from jobs.training.ray_setup import init_ray
 
     loaded = load_from_args(args, vocabulary=read_vocabulary(args.data))
     init_ray(args.address)

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from jobs.inference.serve import start_serving, stop_serving
-    from jobs.training.driver import init_ray
+    from jobs.training.ray_setup import init_ray
 
     options = serve_options(args)
     loaded = load_from_args(args)  # in the driver: a bad checkpoint fails here, before Ray starts

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 
-from jobs.training.driver import format_epoch_line
+from jobs.training.epoch_report import format_epoch_line
 from jobs.sweep.search_space import METRIC, trial_label, trial_values
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,9 @@ from jobs.sweep.search_space import (
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
 from jobs.storage import is_object_store
 from jobs.stop_signals import forward_to_sigint_handler, handling
-from jobs.training.driver import init_ray, new_run_name, resolve_data, storage_root
+from jobs.training.dataset import resolve_data
+from jobs.training.ray_setup import init_ray
+from jobs.training.run_folder import new_run_name, storage_root
 from salgl.atomic_file import write_text_atomic
 from salgl.config import Config, from_flat, short_key, to_flat, with_overrides
 
@@ -63,7 +65,8 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.training.driver import RUN_FILE, train
+    from jobs.training.driver import train
+    from jobs.training.run_folder import RUN_FILE
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(config, trial_id, sweep.base)
@@ -418,7 +421,8 @@ def record_stopped_trial(run_dir: str | None) -> None:
     records them for a trial that completes (weights only; no MLflow model). Nothing where no run
     folder is left."""
     from jobs.storage import Folder
-    from jobs.training.driver import recorded_outcome, record_final_artifacts
+    from jobs.training.final_artifacts import record_final_artifacts
+    from jobs.training.outcome import recorded_outcome
 
     found = recorded_outcome(Folder(run_dir)) if run_dir else None
     if found is None:

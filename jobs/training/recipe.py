@@ -2,7 +2,7 @@
 
 Every rank runs the same steps (the same number of batches per epoch, the same collectives and
 the same ``report`` calls); rank 0 alone attaches a checkpoint. Metrics go to MLflow and the
-console from the driver side (``jobs.training.driver.EpochReporter``), so the loop never checks ranks to log;
+console from the driver side (``jobs.training.epoch_report``), so the loop never checks ranks to log;
 within an epoch, rank 0 alone writes a progress line now and then (``jobs.training.progress``).
 Per step: forward (the batch's count delta summed across workers in one collective, inside the
 head), ASL + lambda L_en, backward with DDP's gradient all-reduce, optimiser, schedule, EMA.
@@ -333,8 +333,8 @@ def _quiet_report_log() -> None:
 def _restore_point(spec: WorkerSpec) -> Any:
     """A context giving the checkpoint folder to continue from (None: start afresh).
 
-    The run folder's newest complete checkpoint, the one ``jobs.training.driver``'s data stream starts its
-    epochs from (``jobs.training.checkpoints.newest_checkpoint``); Ray's own restore point only where no
+    The run folder's newest complete checkpoint, the one ``jobs.training.trainer``'s data stream starts
+    its epochs from (``jobs.training.checkpoints.newest_checkpoint``); Ray's own restore point only where no
     run folder is known.
     """
     import ray.train

@@ -77,13 +77,13 @@ def held_run(tracking_uri: str, run_id: str) -> bool:
     return True
 
 
-def moved_record(record: Mapping[str, Any], *, data_dir: str, tracking_uri: str, mlflow_run_id: str) -> dict[str, Any]:
+def moved_record(
+    record: Mapping[str, Any], *, data_dir: str, data_digest: str, tracking_uri: str, mlflow_run_id: str,
+) -> dict[str, Any]:
     """The run record as this resume found the run: its dataset folder (and the digest of its
-    shards, which a record written before held none of), tracking store and MLflow run, so the next
-    resume reads them without being told again."""
-    from pipeline.shards import read_manifest, shards_digest
-
+    shards, ``DatasetFacts.digest``, which a record written before held none of), tracking store
+    and MLflow run, so the next resume reads them without being told again."""
     return {
-        **record, "data_dir": data_dir, "data_digest": shards_digest(read_manifest(data_dir)),
+        **record, "data_dir": data_dir, "data_digest": data_digest,
         "config": {**record["config"], "data.path": data_dir}, "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
     }

@@ -243,7 +243,7 @@ def main() -> None:
 
     import ray
 
-    from jobs.training.driver import local_instance_env
+    from jobs.training.ray_setup import local_instance_env
     from pipeline.mosaic import MosaicConfig, convert_mosaic
 
     mosaic = MosaicConfig(scenes=args.scenes, classes_per_scene=args.classes_per_scene, in_scene=args.in_scene,

@@ -287,7 +287,7 @@ def main() -> None:
     import ray
     from ray.data import DataContext
 
-    from jobs.training.driver import local_instance_env
+    from jobs.training.ray_setup import local_instance_env
     from pipeline.mosaic import MosaicConfig, convert_mosaic
 
     DataContext.get_current().enable_progress_bars = False

@@ -215,7 +215,7 @@ def ray_loop(data_dir: str, workers: int, rows: int, batches_ref: Any = None) ->
     from ray.train.torch import TorchTrainer
 
     from jobs.training.worker_spec import WorkerSpec
-    from jobs.training.driver import cluster_plan
+    from jobs.training.ray_setup import cluster_plan
     from pipeline.ingest import build_datasets, data_config
     from pipeline.shards import read_manifest
     from salgl.label_embeddings import label_embeddings
@@ -260,7 +260,7 @@ def main() -> None:
     from ray.data import DataContext
 
     from jobs.resources import plan_resources
-    from jobs.training.driver import controller_env_defaults, local_instance_env
+    from jobs.training.ray_setup import controller_env_defaults, local_instance_env
     from pipeline.ingest import num_labels
 
     batch_size = OVERRIDES["optim.batch_size"]
