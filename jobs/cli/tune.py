@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"trials before, ASHA's stops told to it as pruned (default {DEFAULT_SEARCH}; --resume keeps "
                         "the sweep's own)")
     p.add_argument("--register-as", default="salgl", help="MLflow registered model name for the best checkpoint")
-    p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep (its folder)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep (its folder: a path or an s3:// gs:// abfs:// URI)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
     p.set_defaults(func=run)
 

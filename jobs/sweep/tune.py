@@ -9,6 +9,7 @@ wrapped with a token CPU request so the trial's Train workers and data tasks get
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,17 +26,17 @@ from jobs.sweep.search_space import (
     METRIC, build_space, check_metric, check_space, describe_domain, expected_trials, trial_label, trial_values,
 )
 from jobs.tracking import MlflowLogger, end_run, resolve_tracking_uri, run_page, start_run
-from jobs.storage import is_object_store
+from jobs.storage import Folder, local_copy, resolve_storage
 from jobs.stop_signals import forward_to_sigint_handler, handling
 from jobs.training.dataset import resolve_data
 from jobs.training.ray_setup import init_ray
 from jobs.training.run_folder import new_run_name, storage_root
-from salgl.atomic_file import write_text_atomic
 from salgl.config import Config, from_flat, short_key, to_flat, with_overrides
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "salgl_sweep.json"
+SUMMARY_FOLDER = "summary"  # the sweep's table and pictures, in its folder
 TRIAL_CPU = 0.01  # a trial's own process only waits on its TorchTrainer (0 is rejected by Tune)
 
 
@@ -71,8 +72,8 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(config, trial_id, sweep.base)
     flat = to_flat(cfg)
-    run_dir = Path(cfg.run.storage) / cfg.run.name
-    resume = cfg.run.name if (run_dir / RUN_FILE).is_file() else None  # a restored sweep continues the trial
+    run_dir = Folder(cfg.run.storage) / cfg.run.name  # a folder every node sees, or in an object store
+    resume = cfg.run.name if run_dir.is_file(RUN_FILE) else None  # a restored sweep continues the trial
     if resume and _report_if_complete(run_dir, cfg.optim.epochs):
         return
     train(
@@ -102,7 +103,7 @@ def trial_config(config: Mapping[str, Any], trial_id: str, base: Mapping[str, An
     return with_overrides(from_flat(base), {**config, "run.name": f"trial-{trial_id}", "run.max_failures": 0})
 
 
-def _report_if_complete(run_dir: Path, epochs: int) -> bool:
+def _report_if_complete(run_dir: Folder, epochs: int) -> bool:
     """A trial whose run ended but that Tune had not marked ended when the sweep was interrupted:
     report its last epoch's metrics again (Tune needs the metric) instead of training nothing."""
     import ray.tune
@@ -173,11 +174,10 @@ def tune_sweep(
     check_schedule(samples, max_epochs, grace_period, reduction_factor)
     check_metric(metric)
     storage = storage_root(cfg)
-    if is_object_store(storage):
-        raise BadValue(f"run.storage={storage}: a sweep keeps its folder (Tune's state, its trials) on a filesystem "
-                       "path every node sees; object storage is for `salgl train` runs")
     name = cfg.run.name or new_run_name("sweep")
-    sweep_dir = Path(storage) / name
+    # Everything of the sweep goes here, a shared folder or an object store (jobs.storage): Tune's
+    # experiment state (scheduler and searcher included), the trials' runs and checkpoints, the summary.
+    sweep_dir = Folder(storage) / name
     if sweep_dir.exists():
         raise AlreadyExists(f"sweep {name!r} exists in {storage}: continue it with `salgl tune --resume {sweep_dir}`")
     space = build_space(space_overrides or {})
@@ -200,11 +200,10 @@ def tune_sweep(
         "preset": cfg.run.preset,
         **{f"space.{short_key(k)}": describe_domain(v) for k, v in space.items()},
     }, tags={"salgl.sweep_dir": str(sweep_dir)})
-    sweep_dir.mkdir(parents=True)
     record = {"name": name, "tracking_uri": tracking_uri, "parent_run_id": parent, "max_epochs": max_epochs,
               "samples": samples, "expected_trials": expected_trials(space, samples), "base": to_flat(base),
               "resource_share": 1.0 / concurrency, "metric": metric, "search": search}
-    write_text_atomic(sweep_dir / SWEEP_FILE, json.dumps(record, indent=1))
+    sweep_dir.write_text(SWEEP_FILE, json.dumps(record, indent=1))
     headline = (f"sweep {name}: {record['expected_trials']} trials ({search} search), ASHA on {metric} over "
                 f"{max_epochs} epochs, {concurrency} at a time; MLflow parent {parent}")
     tuner = tune.Tuner(
@@ -234,14 +233,20 @@ def asha_scheduler(max_epochs: int, grace_period: int, reduction_factor: int) ->
     return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
 
 
-def _run(tuner: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: str, headline: str) -> SweepOutcome:
-    """Fit and finish the sweep; from ``headline`` on, its log goes into its folder too (salgl.log)."""
-    with run_log(sweep_dir):
+def _run(tuner: Any, sweep_dir: Folder, record: Mapping[str, Any], register_as: str, headline: str) -> SweepOutcome:
+    """Fit and finish the sweep; from ``headline`` on, its log goes into its folder too (salgl.log;
+    for a sweep in an object store, written in the local cache and copied there as the sweep ends)."""
+    from jobs.training.run_folder import local_folder, upload_log
+
+    local_dir = local_folder(sweep_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as on_exit, run_log(local_dir):
+        on_exit.callback(upload_log, sweep_dir, local_dir)
         log.info(headline)
         return _finish(_fit(tuner, sweep_dir, record), sweep_dir, record, register_as)
 
 
-def _fit(tuner: Any, sweep_dir: Path, record: Mapping[str, Any]) -> Any:
+def _fit(tuner: Any, sweep_dir: Folder, record: Mapping[str, Any]) -> Any:
     """Tune's results. When the sweep itself breaks, its MLflow parent is marked FAILED instead of
     staying RUNNING for good (Ctrl-C or SIGTERM is not a break: Tune returns, and the parent stays
     open for ``--resume``), and the message says how to continue from Tune's saved state."""
@@ -269,10 +274,10 @@ def check_schedule(samples: int, max_epochs: int, grace_period: int, reduction_f
         raise BadValue(f"the reduction factor must be >= 2, got {reduction_factor}")
 
 
-def sweep_folder(path: str) -> Path:
-    """``--resume DIR``: a sweep's folder (it holds the sweep record)."""
-    folder = Path(path).expanduser().resolve()
-    if not (folder / SWEEP_FILE).is_file():
+def sweep_folder(path: str) -> Folder:
+    """``--resume DIR``: a sweep's folder, a path or an object-store URI (it holds the sweep record)."""
+    folder = Folder(resolve_storage(path))
+    if not folder.is_file(SWEEP_FILE):
         raise NotFound(f"{path} is not a sweep folder (no {SWEEP_FILE}); a sweep's folder is run.storage/<sweep name>, "
                        "printed when the sweep started")
     return folder
@@ -283,10 +288,10 @@ def sweep_context(record: Mapping[str, Any]) -> SweepContext:
     return SweepContext(dict(record["base"]), record["parent_run_id"], float(record.get("resource_share", 1.0)))
 
 
-def _resume(sweep_dir: Path, register_as: str) -> SweepOutcome:
+def _resume(sweep_dir: Folder, register_as: str) -> SweepOutcome:
     from ray import tune
 
-    record = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    record = json.loads(sweep_dir.read_text(SWEEP_FILE))
     tuner = tune.Tuner.restore(
         str(sweep_dir / "tune"), trainable=trial_trainable(sweep_context(record)),
         resume_unfinished=True, resume_errored=True,
@@ -295,7 +300,7 @@ def _resume(sweep_dir: Path, register_as: str) -> SweepOutcome:
     return _run(tuner, sweep_dir, record, register_as, headline)
 
 
-def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_as: str) -> SweepOutcome:
+def _finish(results: Any, sweep_dir: Folder, record: Mapping[str, Any], register_as: str) -> SweepOutcome:
     tracking_uri, parent = record["tracking_uri"], record["parent_run_id"]
     # Tune creates trials lazily, so an early Ctrl-C leaves fewer trials than the sweep has.
     total = max(len(results), record.get("expected_trials", 0))
@@ -308,7 +313,7 @@ def _finish(results: Any, sweep_dir: Path, record: Mapping[str, Any], register_a
         return SweepOutcome(str(sweep_dir), parent, tracking_uri, summary, {}, None, interrupted=True)
     close_trial_runs(tracking_uri, parent, summary)
     logger = MlflowLogger(tracking_uri, parent)
-    write_sweep_artifacts(summary, logger)
+    write_sweep_artifacts(summary, logger, sweep_dir)
     rank = f"best_{metric}"
     finished = [row for row in summary if row.get(rank) is not None]
     best = max(finished, key=lambda r: r[rank]) if finished else {}
@@ -360,8 +365,8 @@ def summarize(results: Any, max_epochs: int, base: Mapping[str, Any], metric: st
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
         best = {key: float(history[key].max()) if history is not None and key in history else None for key in ("ema_mAP", metric)}
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
-        run_dir = Path(flat["run.storage"]) / f"trial-{result.metrics.get('trial_id', '')}"
-        best_ckpt = best_checkpoint_in(run_dir, metric) if run_dir.is_dir() else None
+        run_dir = Folder(flat["run.storage"]) / f"trial-{result.metrics.get('trial_id', '')}"
+        best_ckpt = best_checkpoint_in(run_dir, metric)  # None where the trial left no checkpoint
         rows.append({
             "trial": trial_id,
             "K": int(flat["model.head.num_scenes"]),
@@ -431,8 +436,9 @@ def record_stopped_trial(run_dir: str | None) -> None:
     record_final_artifacts(outcome, cfg, log_model=False, weights_only=True)
 
 
-def write_sweep_artifacts(summary: list[dict[str, Any]], logger: MlflowLogger) -> None:
-    """Summary table (CSV, JSON) and plots of best mAP and scene entropy against K on the parent."""
+def write_sweep_artifacts(summary: list[dict[str, Any]], logger: MlflowLogger, sweep_dir: Folder) -> None:
+    """Summary table (CSV, JSON) and plots of best mAP and scene entropy against K: on the parent
+    run in MLflow, and in the sweep's folder (``summary/``) beside Tune's state."""
     import csv
 
     from jobs.artifacts import write_metric_by_k
@@ -450,6 +456,8 @@ def write_sweep_artifacts(summary: list[dict[str, Any]], logger: MlflowLogger) -
         stopped = [{"trial": r["trial"], "stopped_after_epoch": r["epochs"]} for r in summary if r["stopped_early"]]
         (folder / "asha_stopped.json").write_text(json.dumps(stopped, indent=1))
         logger.log_artifacts(str(folder), "sweep")
+        for path in sorted(folder.iterdir()):
+            sweep_dir.upload(f"{SUMMARY_FOLDER}/{path.name}", path)
 
 
 _COLUMNS = ["trial", "K", "lambda", "T", "epochs", "stopped_early", "best_ema_mAP", "last_ema_mAP", "scene_entropy"]
@@ -461,7 +469,8 @@ def register_checkpoint(checkpoint: str, tracking_uri: str, run_id: str, name: s
 
     from jobs.inference.pyfunc import log_checkpoint_model
 
-    model_uri = log_checkpoint_model(checkpoint, tracking_uri, run_id, artifact_name="best_model")
+    with local_copy(checkpoint) as folder:  # a checkpoint in an object store is read from a local copy
+        model_uri = log_checkpoint_model(str(folder), tracking_uri, run_id, artifact_name="best_model")
     mlflow.set_tracking_uri(tracking_uri)
     version = mlflow.register_model(model_uri, name)
     return f"models:/{name}/{version.version}"

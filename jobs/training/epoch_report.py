@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 from jobs.logs import configure_worker_logging, console_level
+from jobs.storage import Folder, is_object_store
 from jobs.tracking import BestSoFar, MlflowLogger
+from jobs.training.run_folder import upload_log
 
 # The run's own lines keep the logger name they had in salgl.log before the driver was split.
 log = logging.getLogger("jobs.training.driver")
@@ -84,5 +87,9 @@ def make_epoch_reporter(
                 self.best = BestSoFar.from_run_dir(run_dir)
             if run_id:
                 MlflowLogger(tracking_uri, run_id).log_metrics({**m, **self.best.update(m)}, step=int(m.get("epoch", 0)))
+            if log_file and run_dir and is_object_store(run_dir):
+                # The log so far into the run folder each epoch: a run whose process is ended (a
+                # trial Tune stops, a lost head) still leaves it in the store, not only on one node.
+                upload_log(Folder(run_dir), Path(log_file).parent)
 
     return EpochReporter()
