@@ -12,7 +12,9 @@ independent Bernoullis over the label sets,
 
     p(y) = sum_k rho_k prod_i theta_ki^y_i (1 - theta_ki)^(1 - y_i),
 
-fitted once per run to the training labels by EM (the best of a few seeded restarts). Entries
+fitted once per run to the training labels by EM (the best of a few seeded restarts), on dense
+(N, n) labels or, at large vocabularies, on sparse rows (``salgl.sparse_labels``: the same steps in
+O(nnz K) time and O(nnz + (N + n) K) memory, where the dense ones take O(N n K) and O(N n)). Entries
 an image marks ignored (VOC "difficult") are left out of the fit exactly as the posterior leaves
 them out, and images with no label carry no co-occurrence: they are not fitted and get no target. Within a scene the
 labels are independent, so every co-occurrence the data holds is explained by the scene mixture:
