@@ -2,7 +2,10 @@
 # A 2-node Ray cluster on one machine: a head node and a worker node, each with its own CPUs and a
 # custom resource naming it (node_head, node_worker), to try multi-node placement without a cloud.
 #
-#   cluster/local_two_node.sh start | stop | status
+#   cluster/local_two_node.sh start | stop | status | kill-worker
+#
+# kill-worker SIGKILLs every process of the worker node at once (its raylet, agents and Ray
+# workers), as when a machine dies: to try what a run does when it loses a node.
 #
 # Settings (environment):
 #   SALGL_CLUSTER_DIR  state and Ray temp dir (default /tmp/salgl-cluster; keep it short: Ray's
@@ -43,10 +46,12 @@ activate() {
 # `ray start` commands, inherited by the daemons, workers and job drivers they spawn); Ray renames
 # many of them (ray::IDLE, ray-dashboard-...), so command lines alone would miss some.
 own_pids() {
-    "$PYTHON" - "$DIR" <<'PY'
+    "$PYTHON" - "$DIR" "${1:-}" <<'PY'
 import os, sys
 
 marker = ("SALGL_LOCAL_CLUSTER=" + sys.argv[1]).encode()
+# "worker": only the worker node's processes, those naming its temp dir, and their descendants.
+worker_dir = (sys.argv[1] + "/ray-worker").encode() if sys.argv[2] == "worker" else b""
 
 
 def read(pid: str, name: str) -> bytes:
@@ -62,7 +67,7 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
     stat = read(pid, "stat")
     if stat:
         parents[int(pid)] = int(stat.rsplit(b")", 1)[1].split()[1])
-        if marker in read(pid, "environ").split(b"\0"):
+        if marker in read(pid, "environ").split(b"\0") and worker_dir in read(pid, "cmdline"):
             found.add(int(pid))
 grown = True
 while grown:  # and their descendants, whatever their environment
@@ -140,9 +145,22 @@ status() {
     ray status --address "127.0.0.1:$RAY_PORT"
 }
 
+kill_worker() {
+    local pids
+    pids="$(own_pids worker)"
+    if [[ -z "$pids" ]]; then
+        echo "no worker node running under $DIR" >&2
+        return 3
+    fi
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+    echo "killed the worker node under $DIR ($(wc -w <<< "$pids") processes)"
+}
+
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) status ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    kill-worker) kill_worker ;;
+    *) echo "usage: $0 start|stop|status|kill-worker" >&2; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ On 2 cores, two workers at 1 CPU each leave Ray Data nothing and the job hangs w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -101,6 +102,44 @@ def plan_resources(
         torch_threads=max(1, int(cpus // num_workers) if per_worker < 1 else int(per_worker)),
         note=devices.note,
     )
+
+
+def scaling_workers(min_workers: int, num_workers: int, batch_size: int) -> int | tuple[int, int]:
+    """Ray Train's ``ScalingConfig(num_workers=)``: ``num_workers`` for a fixed group, or
+    ``(min, max)`` for an elastic one (``run.min_workers`` > 0), which restarts from the last
+    checkpoint with however many workers the cluster holds then.
+
+    The global batch (``optim.batch_size``) and so the steps per epoch and the LR schedule stay the
+    same at any size only where every size splits the batch evenly: refused otherwise, in one line.
+    """
+    if min_workers <= 0 or min_workers >= num_workers:
+        return num_workers
+    uneven = [size for size in range(min_workers, num_workers + 1) if batch_size % size]
+    if uneven:
+        raise BadValue(
+            f"run.min_workers={min_workers}: optim.batch_size={batch_size} must split evenly over every worker count "
+            f"from {min_workers} to {num_workers} (not {', '.join(map(str, uneven))}), so that a resized run keeps its "
+            "global batch, steps per epoch and LR schedule"
+        )
+    return (min_workers, num_workers)
+
+
+def elastic_plan(plan: ResourcePlan, node_cpus: list[float]) -> ResourcePlan:
+    """An elastic CPU run's plan, its workers sized so that no node holds more of them than the
+    plan puts there: ceil(workers / nodes). Ray Train's elastic policy restarts with as many
+    workers as the nodes left hold by ``resources_per_worker``; sized from the whole cluster,
+    a worker of a 1-CPU node asks for 0.49 CPU and two would land on the node that survives,
+    sharing its CPUs. ``node_cpus``: each alive node's CPUs. GPU runs are sized by their GPUs.
+    """
+    if plan.use_gpu or not node_cpus:
+        return plan
+    per_node = math.ceil(plan.num_workers / len(node_cpus))
+    smallest = min(node_cpus)
+    floor = math.floor(smallest / (per_node + 1) * 100 + 1) / 100  # just above: one more does not fit
+    if plan.cpus_per_worker >= floor or floor * per_node > smallest:
+        return plan
+    return dataclasses.replace(plan, cpus_per_worker=floor,
+                               data_cpus=round(max(0.0, plan.data_cpus - (floor - plan.cpus_per_worker) * plan.num_workers), 2))
 
 
 # glibc's malloc environment for every Ray worker process of a run (read once, at process start).

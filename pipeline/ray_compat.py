@@ -41,6 +41,22 @@ def controller_callback_class() -> type:
     return ControllerCallback
 
 
+def worker_group_callback_class() -> type:
+    """Ray Train's ``WorkerGroupCallback`` base class, whose hooks run in the Train controller as a
+    worker group starts (``after_worker_group_start(worker_group)``, ``worker_group.get_workers()``)
+    and after each poll of its workers (``after_worker_group_poll_status(status)``, ``status.errors``:
+    rank -> exception).
+
+    Checked against Ray 2.60.0 (``ray.train.v2._internal.execution.callback.WorkerGroupCallback``,
+    a ``@DeveloperAPI`` class that ``RunConfig(callbacks=...)`` accepts). If it moves, building a
+    trainer fails with ``ImportError``; if the hooks change, a run no longer says when it lost
+    workers and at what size it continued (``jobs.training.worker_watch``).
+    """
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    return WorkerGroupCallback
+
+
 def train_report_logger_name() -> str | None:
     """The name of the logger that Ray Train uses to log every report's metrics dict, per rank, at
     INFO (named by its file path, so ``LoggingConfig`` does not reach it); None where it is not found.

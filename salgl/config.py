@@ -272,6 +272,9 @@ class RunConfig:
 
     name: str = ""  # "" -> generated, unique
     workers: int = 2
+    # > 0: elastic (Ray Train's min..max workers): a run that loses nodes continues from its last
+    # checkpoint with as few as min_workers, and grows back to run.workers when they return.
+    min_workers: int = 0
     seed: int = 0
     checksum_every: int = 50  # steps between cross-rank count checksums
     keep_checkpoints: int = 2
@@ -291,6 +294,9 @@ class RunConfig:
 
     def validate(self) -> None:
         _at_least("workers", self.workers, 1)
+        _at_least("min_workers", self.min_workers, 0)
+        if self.min_workers > self.workers:
+            raise ConfigError("min_workers", f"must be at most run.workers={self.workers}, got {self.min_workers}")
         _choice("preset", self.preset, tuple(PRESETS))
         _choice("placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         _choice("device", self.device, DEVICES)

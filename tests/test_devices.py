@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.resources import check_precision, plan_devices, plan_resources
+from jobs.resources import check_precision, elastic_plan, plan_devices, plan_resources, scaling_workers
 from salgl.config import HeadConfig, preset
-from salgl.errors import EXIT_USAGE, UsageError
+from salgl.errors import EXIT_USAGE, BadValue, UsageError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +55,39 @@ def test_the_resource_plan_sizes_from_the_device_plan() -> None:
     assert plan.note and plan.data_cpus == 16.0 - 2 * plan.cpus_per_worker
     cpu = plan_resources(2, {"CPU": 2.0, "GPU": 1.0}, device="cpu")
     assert (cpu.num_workers, cpu.use_gpu, cpu.device, cpu.gpus_per_worker, cpu.note) == (2, False, "cpu", 0, "")
+
+
+def test_min_workers_makes_the_worker_count_elastic_where_every_size_splits_the_batch() -> None:
+    assert scaling_workers(0, 4, 48) == 4  # fixed: today's runs
+    assert scaling_workers(4, 4, 48) == 4  # min = max is fixed too
+    assert scaling_workers(2, 4, 48) == (2, 4)
+    assert scaling_workers(1, 2, 16) == (1, 2)
+    with pytest.raises(BadValue, match=r"optim.batch_size=16 must split evenly .* from 2 to 4 \(not 3\)"):
+        scaling_workers(2, 4, 16)
+
+
+@pytest.mark.parametrize("workers, nodes, per_worker", [
+    (2, [1.0, 1.0], 0.51),  # one a node: two would fit in a 1-CPU node at the plan's 0.49
+    (2, [2.0, 2.0], 1.01),
+    (4, [32.0], 6.41),  # four on the one node, a fifth does not fit
+    (4, [8.0, 8.0], 2.67),
+])
+def test_an_elastic_cpu_run_sizes_its_workers_so_no_node_takes_more_than_planned(workers, nodes, per_worker) -> None:
+    plan = elastic_plan(plan_resources(workers, {"CPU": sum(nodes)}), nodes)
+    assert plan.cpus_per_worker == per_worker
+    per_node = -(-workers // len(nodes))
+    assert all(node // plan.cpus_per_worker == per_node for node in nodes)
+    assert plan.data_cpus >= 0 and plan.num_workers == workers
+
+
+def test_an_elastic_gpu_run_keeps_its_plan() -> None:
+    plan = plan_resources(2, {"CPU": 16.0, "GPU": 2.0})
+    assert elastic_plan(plan, [8.0, 8.0]) == plan
+
+
+def test_min_workers_above_workers_is_refused() -> None:
+    with pytest.raises(BadValue, match="run.min_workers: must be at most run.workers=2, got 3"):
+        preset("tiny", {"run.workers": 2, "run.min_workers": 3})
 
 
 def test_fp16_is_refused_on_cpus_only() -> None:

@@ -67,6 +67,37 @@ def test_world_size_one_degrades_to_local() -> None:
     assert gather_objects(7) == [7]
 
 
+def _resize_worker(rank: int, port: int, steps: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        sync, counts = make_count_sync(8), torch.zeros(K, N, N, dtype=torch.float64)
+        for step in range(steps):
+            counts += resolve_delta(sync(*_payload(10 * step + rank, 4)))
+        results[rank] = counts
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_counts_after_a_resize_equal_the_counts_of_the_same_images_in_one_process() -> None:
+    """An elastic run (run.min_workers) that loses a worker: two workers count 3 steps, the
+    checkpoint keeps rank 0's counts, one worker continues from them for 2 more steps (world size
+    1). The counts are those of every image seen, counted in one process."""
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_resize_worker, args=(free_port(), 3, results), nprocs=2, join=True)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)  # every rank holds the sum
+    sync, counts = make_count_sync(8), results[0].clone()  # restored from the checkpoint, now alone
+    for step in range(3, 5):
+        counts += resolve_delta(sync(*_payload(10 * step, 4)))
+    seen = [_payload(10 * step + rank, 4) for step in range(3) for rank in (0, 1)]
+    seen += [_payload(10 * step, 4) for step in range(3, 5)]
+    expected = count_delta(torch.cat([w for w, _ in seen]), torch.cat([t for _, t in seen]))
+    torch.testing.assert_close(counts, expected, rtol=0, atol=0)
+
+
 def _ddp_worker(rank: int, port: int, results: dict) -> None:
     """Two DDP copies of one head: counts riding the gradient all-reduce against the standalone
     collective, over synced steps and a ``no_sync`` (gradient accumulation) step."""

@@ -6,75 +6,35 @@ run.placement_strategy=SPREAD; the test checks the exit code, that the two Train
 the two nodes (Ray's state API), the MLflow run, its artifacts and the checkpoint. The cluster is
 always stopped, by its own marker, never with `ray stop` (other Ray instances may be running).
 On 2 loaded cores: about 1.5 min to start the cluster, 3-5 min for the job.
+
+Last in the module (it kills the worker node): an elastic run (run.min_workers=1) with S3 (the
+moto server on 127.0.0.1) as its only shared store loses the worker node mid-run and finishes on
+the head node with one worker.
 """
 
 from __future__ import annotations
 
-import os
-import random
-import shutil
-import socket
+import json
+import re
 import subprocess
-import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from tests._cluster import ROOT, SALGL, clean_env, cluster_script, cluster_state, local_cluster, submit, submit_command
+from tests.conftest import S3_BUCKET
+
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "cluster" / "local_two_node.sh"
-SALGL = str(Path(sys.executable).parent / "salgl")
 RUN_NAME = "submitted"
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _ports() -> tuple[int, int]:
-    """A GCS port with the next three free (client server, two agents), and a dashboard port.
-
-    Drawn between 21000 and 29000: above Ray's worker ports (10002-19999), below ephemeral ones.
-    """
-    rng = random.Random()
-    for _ in range(200):
-        base, dashboard = rng.randrange(21000, 29000, 8), rng.randrange(21004, 29000, 8)
-        if all(_free(p) for p in (base, base + 1, base + 2, base + 3, dashboard)):
-            return base, dashboard
-    raise RuntimeError("no free ports")
-
-
-def _clean_env(*also: str) -> dict[str, str]:
-    """This process's environment without the Ray variables that would point salgl elsewhere."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", *also))}
-
-
-def _script(action: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SCRIPT), action], env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[dict[str, str]]:
-    # Ray's socket paths must stay under 108 characters: a short folder, not pytest's tmp_path.
-    state = tempfile.mkdtemp(prefix="salgl-it-", dir="/tmp")
-    port, dashboard = _ports()
-    env = _clean_env()
-    env.update(SALGL_CLUSTER_DIR=state, RAY_PORT=str(port), DASHBOARD_PORT=str(dashboard), VENV=sys.prefix)
-    try:
-        started = _script("start", env, timeout=180)
-        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "dir": state}
-    finally:
-        stopped = _script("stop", env, timeout=180)
-        shutil.rmtree(state, ignore_errors=True)
-        assert stopped.returncode == 0, stopped.stderr
+def cluster(s3_endpoint) -> Iterator[dict[str, str]]:
+    # Started after the S3 server: the nodes, and so the jobs, get its environment (the node-loss test).
+    with local_cluster() as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -93,35 +53,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
     return {"data": root / "mosaic", "storage": root / "runs", "tracking_uri": tracking_uri}
 
 
-def _submit(cluster: dict[str, str], *job: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = _clean_env()
-    try:
-        return subprocess.run(
-            [SALGL, "submit", "--address", cluster["address"], "--", *job],
-            env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        )
-    except subprocess.TimeoutExpired as e:  # show what the job was doing, not just that it hung
-        tail = lambda b: (b or b"").decode(errors="replace")[-6000:]  # noqa: E731
-        pytest.fail(f"salgl submit ran past {timeout} s\n--- stdout\n{tail(e.stdout)}\n--- stderr\n{tail(e.stderr)}\n--- cluster\n{_cluster_state(cluster)}")
-
-
-def _cluster_state(cluster: dict[str, str]) -> str:
-    """`ray status` and the live actors/tasks of the cluster, for a hung job's report."""
-    env = {**os.environ, "RAY_ADDRESS": cluster["address"], "RAY_AUTH_MODE": "token"}
-    ray = str(Path(sys.executable).parent / "ray")
-    out = []
-    for cmd in (["status", "--address", cluster["gcs"]], ["list", "actors", "--filter", "state!=DEAD"], ["list", "tasks", "--filter", "state!=FINISHED", "--limit", "30"]):
-        try:
-            done = subprocess.run([ray, *cmd], env=env, capture_output=True, text=True, timeout=60)
-            out.append(f"$ ray {' '.join(cmd)}\n{done.stdout[-3000:]}{done.stderr[-1500:]}")
-        except subprocess.TimeoutExpired:
-            out.append(f"$ ray {' '.join(cmd)}: no answer in 60 s")
-    return "\n".join(out)
-
-
 @pytest.fixture(scope="module")
 def submitted(cluster, workdir) -> subprocess.CompletedProcess[str]:
-    return _submit(
+    return submit(
         cluster, "train", str(ROOT / "jobs" / "configs" / "tiny.yaml"),
         f"data.path={workdir['data']}", f"run.storage={workdir['storage']}",
         f"run.tracking_uri={workdir['tracking_uri']}", "run.placement_strategy=SPREAD", f"run.name={RUN_NAME}",
@@ -209,7 +143,7 @@ def test_jobs_commands_see_the_job(submitted, cluster, capsys: pytest.CaptureFix
 
 @pytest.mark.timeout(900)
 def test_a_failing_job_exits_non_zero_with_its_status(cluster) -> None:
-    failed = _submit(cluster, "train", "tiny", "run.workers=0", timeout=600)
+    failed = submit(cluster, "train", "tiny", "run.workers=0", timeout=600)
     assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
     assert "run.workers: must be >= 1" in failed.stdout + failed.stderr
     assert " FAILED" in failed.stdout.splitlines()[-1]
@@ -219,7 +153,7 @@ def test_a_failing_job_exits_non_zero_with_its_status(cluster) -> None:
 def test_a_missing_or_wrong_token_is_explained(cluster, tmp_path: Path) -> None:
     # Fresh processes, as a user runs them: a process that has called ray.init() keeps Ray's token
     # and sends it on every later request, whatever the environment then says.
-    env = _clean_env("RAY_AUTH_TOKEN")
+    env = clean_env("RAY_AUTH_TOKEN")
     wrong = tmp_path / "wrong_token"
     wrong.write_text("not-the-token")
 
@@ -233,3 +167,55 @@ def test_a_missing_or_wrong_token_is_explained(cluster, tmp_path: Path) -> None:
     missing = jobs_list(HOME=str(tmp_path))  # no ~/.ray/auth_token there
     assert missing.returncode == 2, missing.stdout + missing.stderr
     assert "requires an authentication token and none was found" in missing.stderr
+
+
+def _newest_epoch(s3, prefix: str) -> int:
+    """The highest epoch of a checkpoint meta.json under ``prefix`` in the test bucket (0: none yet)."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+    metas = [obj["Key"] for page in pages for obj in page.get("Contents", []) if obj["Key"].endswith("/meta.json")]
+    return max((json.loads(s3.get_object(Bucket=S3_BUCKET, Key=k)["Body"].read()).get("epoch", 0) for k in metas), default=0)
+
+
+@pytest.mark.timeout(1200)
+def test_an_elastic_run_loses_the_worker_node_and_finishes_on_the_head(cluster, s3_endpoint, workdir, tmp_path) -> None:
+    """Every process of the worker node SIGKILLed after epoch 1's checkpoint: the run continues from
+    it with one worker on the head node and finishes all epochs; the log says what happened and how
+    long the workers were down. The data and the run folder are in the bucket, nothing shared on disk."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.mosaic import MosaicConfig, convert_mosaic
+
+    s3 = s3_endpoint
+    data = f"s3://{S3_BUCKET}/data/node-loss"
+    convert_mosaic(data, MosaicConfig(train=256, test=32, canvas=64), progress=False)
+    job = ["train", "tiny", f"data.path={data}", f"run.storage=s3://{S3_BUCKET}/runs",
+           f"run.tracking_uri={workdir['tracking_uri']}", "run.workers=2", "run.min_workers=1",
+           "run.placement_strategy=SPREAD", "run.max_failures=2", "optim.epochs=3", "run.name=node-loss"]
+    output = tmp_path / "job.out"
+    with open(output, "w") as out:
+        proc = subprocess.Popen(submit_command(cluster, *job), stdout=out, stderr=subprocess.STDOUT, env=clean_env(),
+                                cwd=ROOT, text=True)
+        try:
+            deadline = time.monotonic() + 600
+            while _newest_epoch(s3, "runs/node-loss/") < 1:
+                assert proc.poll() is None, output.read_text()[-6000:]
+                assert time.monotonic() < deadline, f"no epoch in time\n{output.read_text()[-6000:]}\n{cluster_state(cluster)}"
+                time.sleep(1)  # polling the bucket the job writes to, not synchronising the test
+            killed = cluster_script("kill-worker", cluster["env"], timeout=60)
+            assert killed.returncode == 0, killed.stderr
+            code = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                pytest.fail(f"the job did not end after the node loss\n{output.read_text()[-6000:]}\n{cluster_state(cluster)}")
+    text = output.read_text()
+    assert code == 0, text[-6000:]
+    assert "lost worker" in text, text[-6000:]
+    recovered = re.search(r"workers running again: 1 worker of 2, ([0-9.]+) s after the loss", text)
+    assert recovered, text[-6000:]
+    print(f"node loss -> workers running again: {recovered.group(1)} s")  # docs/benchmarks.md, node loss
+    assert "[salgl] epoch 3/3" in text, text[-6000:]
+    assert _newest_epoch(s3, "runs/node-loss/") == 3
+    client = MlflowClient(workdir["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("salgl").experiment_id], "attributes.run_name = 'node-loss'")
+    assert run.info.status == "FINISHED" and run.data.params["run.min_workers"] == "1"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, check_precision, plan_resources
+from jobs.resources import WORKER_ALLOCATOR_ENV, ResourcePlan, check_precision, elastic_plan, plan_resources, scaling_workers
 from jobs.stop_signals import sigterm_handler_kept
 from salgl.config import Config
 
@@ -88,6 +88,10 @@ def run_plan(cfg: Config, share: float = 1.0) -> ResourcePlan:
     precision the cluster cannot give fails here, before the run starts (``salgl.errors``)."""
     plan = cluster_plan(cfg.run.workers, share, device=cfg.run.device)
     check_precision(cfg.optim.precision, use_gpu=plan.use_gpu)
+    if isinstance(scaling_workers(cfg.run.min_workers, plan.num_workers, cfg.optim.batch_size), tuple):  # elastic
+        import ray
+
+        plan = elastic_plan(plan, [node["Resources"].get("CPU", 0.0) * share for node in ray.nodes() if node["Alive"]])
     return plan
 
 
@@ -102,4 +106,6 @@ def start_line(run_name: str, cfg: Config, plan: ResourcePlan) -> str:
     gpus = f" ({plan.gpus_per_worker} GPU each)" if plan.use_gpu else ""
     options = "".join(f", {name}" for name, on in (("channels_last", cfg.run.channels_last), ("compiled backbone", cfg.run.compile)) if on)
     workers = f"{plan.num_workers} worker{'s' if plan.num_workers != 1 else ''}"
+    if isinstance(scaling_workers(cfg.run.min_workers, plan.num_workers, cfg.optim.batch_size), tuple):
+        workers += f" (elastic: at least {cfg.run.min_workers})"
     return f"run {run_name}: {workers} on {plan.device}{gpus}, precision {cfg.optim.precision}{options}"

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from jobs.logs import LOG_FILE, console_level
-from jobs.resources import ResourcePlan
+from jobs.resources import ResourcePlan, scaling_workers
 from jobs.storage import Folder
 from jobs.tracking import end_run
 from jobs.training.dataset import DatasetFacts
 from jobs.training.epoch_report import make_epoch_reporter, make_tracking_warmup, wants_progress_bar
 from jobs.training.progress import STATUS_FILE, ProgressBar
 from jobs.training.ray_setup import controller_env_defaults, quiet_ray_data
+from jobs.training.worker_watch import make_worker_watch
 from jobs.training.run_folder import local_folder
 from salgl.config import Config, to_flat
 from salgl.errors import Interrupted
@@ -34,6 +35,19 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
     from jobs.training.recipe import train_loop_per_worker
 
     train_loop_per_worker(spec_dict)
+
+
+def data_task_request(plan: ResourcePlan, *, elastic: bool) -> tuple[float, int | None]:
+    """(CPUs each decode task asks for, cap on concurrent tasks) of a run's data streams.
+
+    An elastic run restarts with as many workers as the nodes left can hold by their CPUs, which
+    on CPU nodes can be every CPU of them: decode tasks that asked for CPUs would then never be
+    scheduled and the run would wait forever (Ray Data: "Cluster resources are not enough to run
+    any task"). Its tasks ask for none, and as many run at once as the plan's data CPUs hold.
+    """
+    if not elastic:
+        return plan.data_task_cpus, None
+    return 0.0, max(1, int(plan.data_cpus / plan.data_task_cpus))
 
 
 def build_trainer(
@@ -74,6 +88,8 @@ def build_trainer(
         progress_bar=wants_progress_bar(quiet),
     )
     data_dir, manifest = dataset.location, dict(dataset.manifest)  # the streams run in the controller: no re-read there
+    workers = scaling_workers(cfg.run.min_workers, plan.num_workers, cfg.optim.batch_size)  # (min, max): elastic
+    task_cpus, task_limit = data_task_request(plan, elastic=isinstance(workers, tuple))
 
     def train_stream() -> Any:
         # Ray Train calls this each time it (re)starts the worker group: the stream continues from
@@ -83,20 +99,22 @@ def build_trainer(
 
         quiet_ray_data()
         return train_dataset(
-            data_dir, cfg.data, seed=cfg.run.seed, start_epoch=latest_epoch(run_dir), num_cpus=plan.data_task_cpus,
-            manifest=manifest,
+            data_dir, cfg.data, seed=cfg.run.seed, start_epoch=latest_epoch(run_dir), num_cpus=task_cpus,
+            concurrency=task_limit, manifest=manifest,
         )
 
     def test_stream() -> Any:
         quiet_ray_data()
-        return eval_dataset(data_dir, cfg.data, num_workers=plan.num_workers, num_cpus=plan.data_task_cpus, manifest=manifest)
+        return eval_dataset(data_dir, cfg.data, num_workers=plan.num_workers, num_cpus=task_cpus, concurrency=task_limit,
+                            manifest=manifest)
 
     datasets = {"train": train_stream, "test": test_stream}
+    log_file = str(local_folder(run_dir) / LOG_FILE)
     return InterruptibleTorchTrainer(
         train_worker,
         train_loop_config=spec.__dict__,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker={"CPU": plan.cpus_per_worker},
+            num_workers=workers, use_gpu=plan.use_gpu, resources_per_worker={"CPU": plan.cpus_per_worker},
             placement_strategy=cfg.run.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
@@ -111,9 +129,10 @@ def build_trainer(
             callbacks=[
                 make_tracking_warmup(tracking_uri, mlflow_run_id),
                 make_epoch_reporter(
-                    tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=str(local_folder(run_dir) / LOG_FILE),
-                    run_dir=str(run_dir),
+                    tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=log_file, run_dir=str(run_dir),
                 ),
+                # A worker or node lost, and the size the group runs at again (said in the run's log).
+                make_worker_watch(workers, level=logging.WARNING if quiet else console_level(), log_file=log_file),
                 *callbacks,
             ],
             # Train's INFO lines repeat every report's metrics dict per rank; ours is one line an epoch.
