@@ -2,10 +2,11 @@
 # A 2-node Ray cluster on one machine: a head node and a worker node, each with its own CPUs and a
 # custom resource naming it (node_head, node_worker), to try multi-node placement without a cloud.
 #
-#   cluster/local_two_node.sh start | stop | status | kill-worker
+#   cluster/local_two_node.sh start | stop | status | kill-worker | start-worker
 #
 # kill-worker SIGKILLs every process of the worker node at once (its raylet, agents and Ray
-# workers), as when a machine dies: to try what a run does when it loses a node.
+# workers), as when a machine dies: to try what a run does when it loses a node; start-worker
+# brings a fresh worker node up in its place.
 #
 # Settings (environment):
 #   SALGL_CLUSTER_DIR  state and Ray temp dir (default /tmp/salgl-cluster; keep it short: Ray's
@@ -78,6 +79,20 @@ print(" ".join(str(pid) for pid in sorted(found - {os.getpid(), os.getppid()})))
 PY
 }
 
+common_args() {
+    echo --num-cpus "$CPUS_PER_NODE" --num-gpus 0 --object-store-memory "$OBJECT_STORE_BYTES" --disable-usage-stats
+}
+
+# On one machine the worker node needs its own temp dir, as on a real second machine: sharing
+# the head's would share its runtime_resources (the worker node's agent then deletes the job's
+# working directory under the running driver) and its logs (every line streamed twice).
+start_worker_node() {
+    # shellcheck disable=SC2046
+    SALGL_LOCAL_CLUSTER="$DIR" ray start $(common_args) --address "127.0.0.1:$RAY_PORT" \
+        --dashboard-agent-listen-port $((RAY_PORT + 3)) --resources '{"node_worker": 1}' \
+        --temp-dir "$DIR/ray-worker"
+}
+
 start() {
     activate
     if [[ -n "$(own_pids)" ]]; then
@@ -88,21 +103,15 @@ start() {
     if [[ "$RAY_AUTH_MODE" == token ]]; then
         ray get-auth-token --generate >/dev/null 2>&1  # makes ~/.ray/auth_token once
     fi
-    local common=(--num-cpus "$CPUS_PER_NODE" --num-gpus 0
-                  --object-store-memory "$OBJECT_STORE_BYTES" --disable-usage-stats)
-    if ! SALGL_LOCAL_CLUSTER="$DIR" ray start --head "${common[@]}" --port "$RAY_PORT" \
+    # shellcheck disable=SC2046
+    if ! SALGL_LOCAL_CLUSTER="$DIR" ray start --head $(common_args) --port "$RAY_PORT" \
             --ray-client-server-port $((RAY_PORT + 1)) --dashboard-host 127.0.0.1 \
             --dashboard-port "$DASHBOARD_PORT" --dashboard-agent-listen-port $((RAY_PORT + 2)) \
             --resources '{"node_head": 1}' --temp-dir "$DIR/ray"; then
         stop >/dev/null
         exit 1
     fi
-    # On one machine the worker node needs its own temp dir, as on a real second machine: sharing
-    # the head's would share its runtime_resources (the worker node's agent then deletes the job's
-    # working directory under the running driver) and its logs (every line streamed twice).
-    if ! SALGL_LOCAL_CLUSTER="$DIR" ray start "${common[@]}" --address "127.0.0.1:$RAY_PORT" \
-            --dashboard-agent-listen-port $((RAY_PORT + 3)) --resources '{"node_worker": 1}' \
-            --temp-dir "$DIR/ray-worker"; then
+    if ! start_worker_node; then
         stop >/dev/null
         exit 1
     fi
@@ -157,10 +166,21 @@ kill_worker() {
     echo "killed the worker node under $DIR ($(wc -w <<< "$pids") processes)"
 }
 
+start_worker() {
+    activate
+    if [[ -n "$(own_pids worker)" ]]; then
+        echo "the worker node is already running under $DIR" >&2
+        return 1
+    fi
+    rm -rf "$DIR/ray-worker" && mkdir -p "$DIR/ray-worker"  # a new machine: nothing of the dead node's
+    start_worker_node
+}
+
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) status ;;
     kill-worker) kill_worker ;;
-    *) echo "usage: $0 start|stop|status|kill-worker" >&2; exit 2 ;;
+    start-worker) start_worker ;;
+    *) echo "usage: $0 start|stop|status|kill-worker|start-worker" >&2; exit 2 ;;
 esac

@@ -7,9 +7,9 @@ the two nodes (Ray's state API), the MLflow run, its artifacts and the checkpoin
 always stopped, by its own marker, never with `ray stop` (other Ray instances may be running).
 On 2 loaded cores: about 1.5 min to start the cluster, 3-5 min for the job.
 
-Last in the module (it kills the worker node): an elastic run (run.min_workers=1) with S3 (the
+Last in the module (they kill the worker node): an elastic run (run.min_workers=1) with S3 (the
 moto server on 127.0.0.1) as its only shared store loses the worker node mid-run and finishes on
-the head node with one worker.
+the head node with one worker; a sweep's trial that loses it is retried from its checkpoint.
 """
 
 from __future__ import annotations
@@ -176,6 +176,27 @@ def _newest_epoch(s3, prefix: str) -> int:
     return max((json.loads(s3.get_object(Bucket=S3_BUCKET, Key=k)["Body"].read()).get("epoch", 0) for k in metas), default=0)
 
 
+def _lose_the_worker_node_during(cluster, s3, job: list[str], prefix: str, output: Path) -> int:
+    """Submit ``job``, SIGKILL the worker node once the bucket holds an epoch-1 checkpoint under
+    ``prefix``, and return the job's exit code once it ends (each wait bounded)."""
+    with open(output, "w") as out:
+        proc = subprocess.Popen(submit_command(cluster, *job), stdout=out, stderr=subprocess.STDOUT, env=clean_env(),
+                                cwd=ROOT, text=True)
+        try:
+            deadline = time.monotonic() + 600
+            while _newest_epoch(s3, prefix) < 1:
+                assert proc.poll() is None, output.read_text()[-6000:]
+                assert time.monotonic() < deadline, f"no epoch in time\n{output.read_text()[-6000:]}\n{cluster_state(cluster)}"
+                time.sleep(1)  # polling the bucket the job writes to, not synchronising the test
+            killed = cluster_script("kill-worker", cluster["env"], timeout=60)
+            assert killed.returncode == 0, killed.stderr
+            return proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                pytest.fail(f"the job did not end after the node loss\n{output.read_text()[-6000:]}\n{cluster_state(cluster)}")
+
+
 @pytest.mark.timeout(1200)
 def test_an_elastic_run_loses_the_worker_node_and_finishes_on_the_head(cluster, s3_endpoint, workdir, tmp_path) -> None:
     """Every process of the worker node SIGKILLed after epoch 1's checkpoint: the run continues from
@@ -192,22 +213,7 @@ def test_an_elastic_run_loses_the_worker_node_and_finishes_on_the_head(cluster, 
            f"run.tracking_uri={workdir['tracking_uri']}", "run.workers=2", "run.min_workers=1",
            "run.placement_strategy=SPREAD", "run.max_failures=2", "optim.epochs=3", "run.name=node-loss"]
     output = tmp_path / "job.out"
-    with open(output, "w") as out:
-        proc = subprocess.Popen(submit_command(cluster, *job), stdout=out, stderr=subprocess.STDOUT, env=clean_env(),
-                                cwd=ROOT, text=True)
-        try:
-            deadline = time.monotonic() + 600
-            while _newest_epoch(s3, "runs/node-loss/") < 1:
-                assert proc.poll() is None, output.read_text()[-6000:]
-                assert time.monotonic() < deadline, f"no epoch in time\n{output.read_text()[-6000:]}\n{cluster_state(cluster)}"
-                time.sleep(1)  # polling the bucket the job writes to, not synchronising the test
-            killed = cluster_script("kill-worker", cluster["env"], timeout=60)
-            assert killed.returncode == 0, killed.stderr
-            code = proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                pytest.fail(f"the job did not end after the node loss\n{output.read_text()[-6000:]}\n{cluster_state(cluster)}")
+    code = _lose_the_worker_node_during(cluster, s3, job, "runs/node-loss/", output)
     text = output.read_text()
     assert code == 0, text[-6000:]
     assert "lost worker" in text, text[-6000:]
@@ -219,3 +225,25 @@ def test_an_elastic_run_loses_the_worker_node_and_finishes_on_the_head(cluster, 
     client = MlflowClient(workdir["tracking_uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("salgl").experiment_id], "attributes.run_name = 'node-loss'")
     assert run.info.status == "FINISHED" and run.data.params["run.min_workers"] == "1"
+
+
+@pytest.mark.timeout(1200)
+def test_a_sweep_whose_trial_loses_its_node_retries_it_from_its_checkpoint(cluster, s3_endpoint, workdir, tmp_path) -> None:
+    """After the run above the worker node is gone; started again, a sweep's only trial (2 workers,
+    one on each node) loses it after epoch 1: Tune retries the trial, which continues from its
+    checkpoint in the bucket on the head node, and the sweep completes."""
+    s3 = s3_endpoint
+    started = cluster_script("start-worker", cluster["env"], timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    data = f"s3://{S3_BUCKET}/data/node-loss"  # prepared by the test above
+    job = ["tune", "tiny", f"data.path={data}", f"run.storage=s3://{S3_BUCKET}/sweeps", "run.name=sweep-node-loss",
+           f"run.tracking_uri={workdir['tracking_uri']}", "run.workers=2", "run.min_workers=1",
+           "run.placement_strategy=SPREAD", "run.max_failures=2", "K=2", "lambda=1.0", "T=1", "--samples", "1",
+           "--max-epochs", "2"]
+    output = tmp_path / "job.out"
+    code = _lose_the_worker_node_during(cluster, s3, job, "sweeps/sweep-node-loss/trials/", output)
+    text = output.read_text()
+    assert code == 0, text[-6000:]
+    assert "Tune retries it from its last checkpoint" in text and "[1/1 trials done]" in text, text[-6000:]
+    assert _newest_epoch(s3, "sweeps/sweep-node-loss/trials/") == 2
+    assert "registered: models:/salgl/" in text, text[-6000:]
