@@ -302,98 +302,29 @@ class _FusedGatedUpdate(torch.autograd.Function):
         )
 
 
-# Bound on the (B, c, k, d) block of neighbour states gathered at a time by ``sparse_messages``.
-NEIGHBOUR_BLOCK_BYTES = 64 * 2**20
-
-
-def sparse_messages(h: Tensor, graph: SparseGraph, *, transpose: bool, block_bytes: int = NEIGHBOUR_BLOCK_BYTES) -> Tensor:
+def sparse_messages(h: Tensor, graph: SparseGraph, *, transpose: bool) -> Tensor:
     """Eq. 13 on a sparse P^I: m_i = sum_j P_ij h_j, or sum_j P_ji h_j with ``transpose``, over the
     kept entries only. h (B, n, d) -> (B, n, d); differentiable in h and in the graph's weights.
 
     Equals ``graph_dense @ h`` (``transpose``: ``graph_dense^T @ h``) for the dense matrix holding
-    the kept entries. Labels are taken a block at a time, so the gathered neighbour states never
-    exceed ``block_bytes``: memory O(B n k + B n d), time O(B n k d).
+    the kept entries. Each row's message is a weighted bag of rows of h, which is what
+    ``embedding_bag`` computes without gathering the (B, n, k, d) neighbour states, forward or
+    backward: memory O(B n k + B n d), time O(B n k d).
     """
-    return _SparseMessages.apply(h, graph.weight, graph.index, transpose, block_bytes)
-
-
-class _SparseMessages(torch.autograd.Function):
-    """``sparse_messages`` with its backward: the transpose of a gather is a scatter-add over the
-    same entries (and the other way round), and the weights' gradient is a dot product per entry.
-
-    Why not autograd on index_select + bmm: it would keep every block's gathered (B, c, k, d)
-    neighbours for the backward, O(B n k d) in all, which is what the blocks are there to avoid.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, index: Tensor, transpose: bool, block_bytes: int) -> Tensor:
-        ctx.save_for_backward(h, weight, index)
-        ctx.transpose, ctx.block_bytes = transpose, block_bytes
-        h = h.contiguous()
-        if transpose:
-            return _scatter_weighted(h, weight, index, block_bytes)
-        return _gather_weighted(h, weight, index, block_bytes)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        h, weight, index = ctx.saved_tensors
-        grad, h = grad.contiguous(), h.contiguous()
-        d_h = d_weight = None
-        if ctx.needs_input_grad[0]:
-            spread = _gather_weighted if ctx.transpose else _scatter_weighted
-            d_h = spread(grad, weight, index, ctx.block_bytes)
-        if ctx.needs_input_grad[1]:
-            # out_i = sum_e w_ie h_idx(ie): dw_ie = g_i . h_idx(ie); transposed, out_idx(ie) += w_ie h_i: dw_ie = g_idx(ie) . h_i.
-            at_index, at_row = (grad, h) if ctx.transpose else (h, grad)
-            d_weight = _entry_dots(at_index, at_row, index, ctx.block_bytes).to(weight.dtype)
-        return d_h, d_weight, None, None, None
-
-
-def _label_blocks(x: Tensor, index: Tensor, block_bytes: int) -> Iterator[tuple[int, int, Tensor]]:
-    """(r0, r1, flat) over blocks of rows i: flat (B, c, k) indexes x viewed as (B n, d) rows."""
-    batch, n, dim = x.shape
-    k = index.shape[-1]
-    rows = max(1, block_bytes // max(1, batch * k * dim * x.element_size()))
-    offsets = (torch.arange(batch, device=x.device) * n).view(batch, 1, 1)  # (B, 1, 1)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        yield r0, r1, index[:, r0:r1] + offsets  # (B, c, k)
-
-
-def _gather_weighted(x: Tensor, weight: Tensor, index: Tensor, block_bytes: int) -> Tensor:
-    """out[b, i] = sum_e weight[b, i, e] x[b, index[b, i, e]]: x (B, n, d) -> (B, n, d)."""
-    batch, n, dim = x.shape
-    rows_of_x = x.view(batch * n, dim)
-    out = x.new_empty(batch, n, dim)
-    for r0, r1, flat in _label_blocks(x, index, block_bytes):
-        neighbours = rows_of_x.index_select(0, flat.reshape(-1)).view(batch * (r1 - r0), -1, dim)  # (B c, k, d)
-        w = weight[:, r0:r1].reshape(batch * (r1 - r0), 1, -1).to(x.dtype)  # (B c, 1, k)
-        out[:, r0:r1] = torch.bmm(w, neighbours).view(batch, r1 - r0, dim)
-    return out
-
-
-def _scatter_weighted(x: Tensor, weight: Tensor, index: Tensor, block_bytes: int) -> Tensor:
-    """out[b, index[b, i, e]] += weight[b, i, e] x[b, i]: x (B, n, d) -> (B, n, d), the transpose of ``_gather_weighted``."""
-    batch, n, dim = x.shape
-    out = x.new_zeros(batch * n, dim)  # (B n, d)
-    for r0, r1, flat in _label_blocks(x, index, block_bytes):
-        contributions = weight[:, r0:r1].unsqueeze(-1).to(x.dtype) * x[:, r0:r1].unsqueeze(2)  # (B, c, k, d)
-        out.index_add_(0, flat.reshape(-1), contributions.view(-1, dim))
+    batch, n, dim = h.shape
+    k = graph.index.shape[-1]
+    rows = h.reshape(batch * n, dim)  # (B n, d): image b's label j is row b n + j
+    flat = (graph.index + torch.arange(batch, device=h.device).view(batch, 1, 1) * n).reshape(-1)  # (B n k,)
+    weight = graph.weight.reshape(-1).to(h.dtype)  # (B n k,)
+    if not transpose:  # row i's bag: its k neighbours
+        out = nn.functional.embedding_bag(flat.view(batch * n, k), rows, mode="sum", per_sample_weights=weight.view(batch * n, k))
+        return out.view(batch, n, dim)
+    # Transposed, row j's bag holds the entries pointing at j: the entries sorted by column (CSR of P^T).
+    order = flat.argsort(stable=True)  # (B n k,)
+    sizes = torch.bincount(flat, minlength=batch * n)  # (B n,) entries per column
+    offsets = sizes.cumsum(0) - sizes
+    out = nn.functional.embedding_bag(order // k, rows, offsets, mode="sum", per_sample_weights=weight[order])
     return out.view(batch, n, dim)
-
-
-def _entry_dots(at_index: Tensor, at_row: Tensor, index: Tensor, block_bytes: int) -> Tensor:
-    """dots[b, i, e] = at_index[b, index[b, i, e]] . at_row[b, i]: both (B, n, d) -> (B, n, k)."""
-    batch, n, dim = at_index.shape
-    rows_of_x = at_index.view(batch * n, dim)
-    dots = at_index.new_empty(batch, n, index.shape[-1])  # (B, n, k)
-    for r0, r1, flat in _label_blocks(at_index, index, block_bytes):
-        c = r1 - r0
-        neighbours = rows_of_x.index_select(0, flat.reshape(-1)).view(batch * c, -1, dim)  # (B c, k, d)
-        own = at_row[:, r0:r1].reshape(batch * c, dim, 1)  # (B c, d, 1)
-        dots[:, r0:r1] = torch.bmm(neighbours, own).view(batch, c, -1)
-    return dots
 
 
 class PerLabelClassifier(nn.Module):
