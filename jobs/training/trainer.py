@@ -132,7 +132,8 @@ def build_trainer(
                     tracking_uri, mlflow_run_id, cfg.optim.epochs, quiet=quiet, log_file=log_file, run_dir=str(run_dir),
                 ),
                 # A worker or node lost, and the size the group runs at again (said in the run's log).
-                make_worker_watch(workers, level=logging.WARNING if quiet else console_level(), log_file=log_file),
+                make_worker_watch(workers, max_failures=cfg.run.max_failures, level=logging.WARNING if quiet else console_level(),
+                                  log_file=log_file),
                 *callbacks,
             ],
             # Train's INFO lines repeat every report's metrics dict per rank; ours is one line an epoch.

@@ -19,10 +19,11 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
-def make_worker_watch(workers: int | tuple[int, int], *, level: int, log_file: str | None = None) -> Any:
+def make_worker_watch(workers: int | tuple[int, int], *, max_failures: int, level: int, log_file: str | None = None) -> Any:
     """A Train controller callback for ``RunConfig(callbacks=)``. ``workers`` is the run's
-    ``ScalingConfig(num_workers=)``: a count, or (min, max) for an elastic run; ``level`` the
-    console level of the run's lines (they always go to ``log_file``)."""
+    ``ScalingConfig(num_workers=)``: a count, or (min, max) for an elastic run; ``max_failures``
+    its ``FailureConfig``'s (restarts allowed); ``level`` the console level of the run's lines
+    (they always go to ``log_file``)."""
     from pipeline.ray_compat import worker_group_callback_class
 
     elastic = isinstance(workers, tuple)
@@ -31,6 +32,7 @@ def make_worker_watch(workers: int | tuple[int, int], *, level: int, log_file: s
     class WorkerWatch(worker_group_callback_class()):  # type: ignore[misc]
         lost_at: float | None = None
         logging_ready = False
+        failures = 0
 
         def _ready(self) -> None:
             if not self.logging_ready:
@@ -43,10 +45,15 @@ def make_worker_watch(workers: int | tuple[int, int], *, level: int, log_file: s
                 return
             self._ready()
             self.lost_at = time.monotonic()
+            self.failures += 1
             ranks = ", ".join(str(rank) for rank in sorted(errors))
             some = first_line(next(iter(errors.values())))
-            then = (f"continuing from the last checkpoint with {workers[0]} to {most} workers, as the cluster allows"
-                    if elastic else f"restarting {most} workers from the last checkpoint (run.max_failures allowing)")
+            if self.failures > max_failures:
+                then = f"no restart left (run.max_failures={max_failures}): the run stops"
+            elif elastic:
+                then = f"continuing from the last checkpoint with {workers[0]} to {most} workers, as the cluster allows"
+            else:
+                then = f"restarting {most} workers from the last checkpoint"
             log.warning(f"lost worker{'s' if len(errors) > 1 else ''} {ranks} ({some}); {then}")
 
         def after_worker_group_start(self, worker_group: Any) -> None:
