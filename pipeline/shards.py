@@ -372,9 +372,10 @@ def shards_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256("".join(shas).encode()).hexdigest()
 
 
-def shard_paths(root: str | os.PathLike[str], split: str) -> list[str]:
-    """Absolute paths (object-store URIs for a dataset in one) of the shards of ``split``, in row order."""
-    manifest = read_manifest(root)
+def shard_paths(root: str | os.PathLike[str], split: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
+    """Absolute paths (object-store URIs for a dataset in one) of the shards of ``split``, in row
+    order (``manifest``: the dataset's, where the caller has read it already)."""
+    manifest = manifest or read_manifest(root)
     if split not in manifest["splits"]:
         raise NotFound(f"split {split!r} not in {dataset_location(root)}; it has {sorted(manifest['splits'])}")
     base = dataset_location(root)
@@ -404,13 +405,14 @@ def read_label_matrices(
     return tuple(_multi_hot(table.column(name), num_labels) for name in columns)
 
 
-def read_sparse_labels(root: str | os.PathLike[str], split: str) -> SparseLabels:
+def read_sparse_labels(root: str | os.PathLike[str], split: str, manifest: Mapping[str, Any] | None = None) -> SparseLabels:
     """The labels and ignore mask of ``split`` as sparse rows (``salgl.sparse_labels``), in row
     order: read a row group at a time, so memory is O(nnz + row group x n), never N x n."""
-    num_labels = len(read_manifest(root)["vocabulary"])
+    manifest = manifest or read_manifest(root)
+    num_labels = len(manifest["vocabulary"])
     parts = [
         SparseLabels.build(_csr(batch.column("labels"), num_labels), _csr(batch.column("ignore"), num_labels), num_labels)
-        for path in shard_paths(root, split)
+        for path in shard_paths(root, split, manifest)
         for batch in open_parquet(path).iter_batches(batch_size=ROW_GROUP_ROWS, columns=["labels", "ignore"])
     ]
     if not parts:

@@ -55,5 +55,8 @@ def test_a_new_run_reads_its_manifest_once_and_its_streams_not_again(
     readers.clear()
     given = {split: chunk_table(mosaic_dir, split, manifest=run.dataset.manifest) for split in ("train", "test")}
     assert num_labels(mosaic_dir, run.dataset.manifest) == run.dataset.num_labels
-    assert readers == []
+    from jobs.training.scene_mixture import fit_run_mixture
+
+    fit_run_mixture(mosaic_dir, preset("tiny", {"K": 2, "model.head.mixture_restarts": 1}), run.dataset.manifest)
+    assert readers == []  # the streams and the label mixture take the run's manifest
     assert given == {split: chunk_table(mosaic_dir, split) for split in ("train", "test")}

@@ -66,7 +66,8 @@ def train(
     with contextlib.ExitStack() as on_exit, run_log(local_dir):
         on_exit.callback(upload_log, run.run_dir, local_dir)
         say_notes(run)
-        mixture = run_mixture(run.run_dir, run.dataset.location, run.cfg, MlflowLogger(run.tracking_uri, run.mlflow_run_id))
+        mixture = run_mixture(run.run_dir, run.dataset.location, run.cfg, MlflowLogger(run.tracking_uri, run.mlflow_run_id),
+                              run.dataset.manifest)
         trainer = build_trainer(
             run.cfg, dataset=run.dataset, run_dir=run.run_dir, run_name=run.run_name, storage=run.storage,
             tracking_uri=run.tracking_uri, mlflow_run_id=run.mlflow_run_id, plan=run.plan, callbacks=callbacks, quiet=quiet,

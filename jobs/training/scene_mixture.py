@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 from jobs.storage import Folder
 from jobs.tracking import MlflowLogger
@@ -27,14 +27,15 @@ def wants_mixture(cfg: Config) -> bool:
     return cfg.model.head.scene_targets == "labels" and cfg.model.head.num_scenes > 1
 
 
-def fit_run_mixture(data_dir: str, cfg: Config) -> dict[str, Any]:
+def fit_run_mixture(data_dir: str, cfg: Config, manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Fit the mixture to the training labels, their ignore mask honoured (as the posterior does);
-    the labels are read as sparse rows, so memory stays O(nnz + K n) at any vocabulary."""
+    the labels are read as sparse rows, so memory stays O(nnz + K n) at any vocabulary
+    (``manifest``: the dataset's, where the run has read it already)."""
     from pipeline.shards import read_sparse_labels
     from salgl.scenes import fit_label_mixture, supported_scenes
 
     head = cfg.model.head
-    labels = read_sparse_labels(data_dir, "train")
+    labels = read_sparse_labels(data_dir, "train", manifest)
     fit = fit_label_mixture(labels, head.num_scenes, seed=cfg.run.seed, restarts=head.mixture_restarts)
     restarts = min(SELECTION_RESTARTS, head.mixture_restarts)
     bics = {k: fit_label_mixture(labels, k, seed=cfg.run.seed, restarts=restarts).bic for k in range(1, head.num_scenes)}
@@ -48,7 +49,9 @@ def fit_run_mixture(data_dir: str, cfg: Config) -> dict[str, Any]:
     }
 
 
-def run_mixture(run_dir: Folder, data_dir: str, cfg: Config, logger: MlflowLogger) -> dict[str, Any] | None:
+def run_mixture(
+    run_dir: Folder, data_dir: str, cfg: Config, logger: MlflowLogger, manifest: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The run's mixture: the one its folder holds (a resumed run), else a new fit, written there
     and reported; None where the recipe trains without scene targets."""
     if not wants_mixture(cfg):
@@ -57,7 +60,7 @@ def run_mixture(run_dir: Folder, data_dir: str, cfg: Config, logger: MlflowLogge
         mixture = json.loads(run_dir.read_text(MIXTURE_FILE))
         log.info(f"scene mixture: kept from the run folder ({describe(mixture)})")
         return mixture
-    mixture = fit_run_mixture(data_dir, cfg)
+    mixture = fit_run_mixture(data_dir, cfg, manifest)
     run_dir.write_text(MIXTURE_FILE, json.dumps(mixture))
     log.info(f"scene mixture: {describe(mixture)}")
     if (warning := too_many_scenes(mixture, cfg.model.head.num_scenes)) is not None:
