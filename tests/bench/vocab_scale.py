@@ -21,7 +21,8 @@ many non-zero entries as the pool's co-occurrence gives, not n. The step is head
 (``tests.bench.head_step.run_step``): training mode, forward with targets, a fixed random linear
 loss of logits and scene probabilities, backward into every parameter.
 
-Every (n, variant) runs in a fresh process with a wall-clock cap (``--cap-s``, counting the
+Times: wall clock, and the process's CPU time over all its threads (on a machine other jobs
+share, the CPU time moves much less than the wall time). Every (n, variant) runs in a fresh process with a wall-clock cap (``--cap-s``, counting the
 build) and an address-space limit of ``--mem-gib`` above what the idle process maps (RLIMIT_AS;
 torch's libraries map about 3 GiB before any tensor exists). A variant that runs out of either
 is recorded as such and not tried at larger n. Memory is head_step's: "process peak" the peak
@@ -157,7 +158,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 def worker(name: str, n: int, scale: Scale, args: argparse.Namespace, result_path: Path) -> None:
     start = time.perf_counter()
     limit_memory(args.mem_gib)
-    out: dict[str, Any] = {"variant": name, "labels": n, "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"variant": name, "labels": n, "threads": torch.get_num_threads(), "load_average_1min": [os.getloadavg()[0]]}
     try:
         variant = build_variant(name, n, scale, args.seed)
         variant.deterministic_training_mode()
@@ -167,6 +168,7 @@ def worker(name: str, n: int, scale: Scale, args: argparse.Namespace, result_pat
         out["build_s"] = time.perf_counter() - start
         out["steps"] = run_steps(variant, clock, inputs, initial, start, args)
         out["status"] = "ok"
+        out["load_average_1min"].append(os.getloadavg()[0])  # other processes on the machine
     except (RuntimeError, MemoryError) as err:
         if not is_out_of_memory(err):
             raise
@@ -179,7 +181,9 @@ def run_steps(variant: Variant, clock: PartClock, inputs: dict[str, torch.Tensor
     """A warm-up step and up to ``repeats`` more while the cap allows; each step's time, parts and memory."""
     steps = []
     for i in range(1 + args.repeats):
+        cpu = time.process_time()
         step = run_step(variant, inputs, initial)
+        step["cpu_s"] = time.process_time() - cpu  # every thread of this process: steadier than wall time on a busy machine
         step.pop("outputs")
         step["parts"] = clock.breakdown(*step.pop("marks"))
         step["warm_up"] = i == 0
@@ -198,7 +202,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     steps = result["steps"]
     timed = [s for s in steps if not s["warm_up"]] or steps
     best = min(timed, key=lambda s: s["time"])
-    return {**result, "time": best["time"], "timed_steps": len([s for s in steps if not s["warm_up"]]),
+    return {**result, "time": best["time"], "cpu_s": min(s["cpu_s"] for s in timed),
+            "timed_steps": len([s for s in steps if not s["warm_up"]]),
             "parts": {p: v["total"] for p, v in best["parts"].items()},
             "step_peak_mib": max(s["step_peak_mib"] for s in steps),
             "process_peak_mib": max(s["process_peak_mib"] for s in steps)}
@@ -263,6 +268,7 @@ def run_all(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
             print_row(row, args.variants)
     return {"scale": asdict(scale), "issue_scale": asdict(ISSUE), "cap_s": args.cap_s, "mem_gib": args.mem_gib,
             "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_average_1min_end": os.getloadavg()[0],
             "first_n_not_fitting": failed, "rows": rows, "growth": growth(rows)}
 
 
@@ -278,7 +284,7 @@ def growth(rows: list[dict[str, Any]], low: int = 1000, high: int = 10000) -> di
 def _cell(result: dict[str, Any]) -> str:
     if result.get("status") != "ok":
         return result.get("status", "?")
-    return f"{result['time']:.2f} s, {result['process_peak_mib'] / 1024:.2f} GiB"
+    return f"{result['time']:.2f} s (cpu {result['cpu_s']:.2f} s), {result['process_peak_mib'] / 1024:.2f} GiB"
 
 
 def print_row(row: dict[str, Any], variants: list[str]) -> None:
