@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -72,39 +71,3 @@ def test_interrupted_sweep_resumes(mosaic_dir, tmp_path) -> None:
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4, "a finished trial must not be run again (nor logged twice) after resuming"
-
-
-
-def optuna_trials(tune_dir) -> list[tuple[str, dict]]:
-    """The trials (state, params) of the Optuna study in the sweep's newest saved searcher state."""
-    newest = max(tune_dir.glob("searcher-state-*.pkl"))  # named by the session's start time
-    study = pickle.loads(newest.read_bytes())["_ot_study"]
-    return [(t.state.name, t.params) for t in study.get_trials(deepcopy=False)]
-
-
-@pytest.mark.timeout(600)
-def test_an_interrupted_optuna_sweep_resumes_with_its_study(mosaic_dir, tmp_path) -> None:
-    """`--search optuna`: the resumed sweep's searcher is the saved one, holding the trial told to
-    it before the interrupt (a fresh study would hold the later trial alone), and asks no more."""
-    overrides = {**sweep_overrides(mosaic_dir, tmp_path), "run.name": "sweep-o"}
-    args = [f"{k}={v}" for k, v in {**overrides, "K": "1,2", "lambda": "1.0", "T": "1"}.items()]
-    cmd = [sys.executable, "-m", "jobs.cli", "tune", "tiny", *args, "--samples", "2", "--max-epochs", "1", "--search", "optuna"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sweep_dir = tmp_path / "runs" / "sweep-o"
-    stopped = interrupt_after_a_trial(cmd, sweep_dir / "trials", 1, env, tmp_path)
-    assert stopped.returncode == 130 and "(optuna search)" in stopped.stdout, stopped.stdout[-3000:]
-    record = json.loads((sweep_dir / "salgl_sweep.json").read_text())
-    assert record["search"] == "optuna"
-
-    resumed = subprocess.run([sys.executable, "-m", "jobs.cli", "tune", "--resume", str(sweep_dir)],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming sweep sweep-o (optuna search)" in resumed.stderr and "[2/2 trials done]" in resumed.stderr
-    told = optuna_trials(sweep_dir / "tune")
-    assert [state for state, _ in told] == ["COMPLETE", "COMPLETE"], told  # max_t = 1: nothing for ASHA to stop
-    trial_values = sorted(json.loads(p.read_text())["model.head.num_scenes"] for p in (sweep_dir / "tune").glob("*/params.json"))
-    assert sorted(params["model.head.num_scenes"] for _, params in told) == trial_values
-
-    from mlflow.tracking import MlflowClient
-
-    assert MlflowClient(overrides["run.tracking_uri"]).get_run(record["parent_run_id"]).data.params["sweep.search"] == "optuna"

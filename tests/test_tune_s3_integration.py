@@ -3,14 +3,17 @@ S3-compatible server on 127.0.0.1 (moto's server mode), through a real `salgl tu
 
 Stopped with SIGTERM once a trial has finished, continued with ``--resume s3://...``: Tune's state
 (scheduler and searcher), every trial's run and checkpoints, the sweep record, summary and log are
-in the bucket, and nothing of the sweep but logs lies on the local disk. A module of its own: the
-sweep's subprocess starts its own Ray instance, and no other may be up (tests/test_tune_resume_integration.py).
+in the bucket, nothing of the sweep but logs lies on the local disk, and the resumed Optuna search
+is the saved study (a random sweep resumed from a local folder: tests/test_tune_resume_integration.py).
+A module of its own: the sweep's subprocess starts its own Ray instance, and no other may be up
+(see tests/test_tune_resume_integration.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -86,6 +89,19 @@ def test_a_sweep_in_s3_is_interrupted_and_resumes_from_the_bucket(s3_endpoint, m
     summary = json.loads(s3.get_object(Bucket=BUCKET, Key=prefix + "summary/summary.json")["Body"].read())
     assert sorted(row["K"] for row in summary) == [1, 2]
     assert all(row["best_checkpoint"].startswith(f"s3://{BUCKET}/{prefix}trials/") for row in summary)
+
+    # The resumed searcher is the saved study, holding the trial told to it before the interrupt (a
+    # fresh study would hold the later trial alone), and it asked no more.
+    newest = max(k for k in keys if k.startswith("tune/searcher-state"))  # named by the session's start time
+    study = pickle.loads(s3.get_object(Bucket=BUCKET, Key=prefix + newest)["Body"].read())["_ot_study"]
+    told = [(t.state.name, t.params) for t in study.get_trials(deepcopy=False)]
+    assert [state for state, _ in told] == ["COMPLETE", "COMPLETE"], told  # max_t = 1: nothing for ASHA to stop
+    assert sorted(params["model.head.num_scenes"] for _, params in told) == [1, 2]
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads(s3.get_object(Bucket=BUCKET, Key=prefix + "salgl_sweep.json")["Body"].read())
+    assert record["search"] == "optuna"
+    assert MlflowClient(overrides["run.tracking_uri"]).get_run(record["parent_run_id"]).data.params["sweep.search"] == "optuna"
 
     # On the local disk: the MLflow store and the data this test made, the log cache, nothing of the sweep.
     assert _local_files(work) == []
