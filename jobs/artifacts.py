@@ -58,11 +58,13 @@ def write_scene_heatmaps(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = choose_labels(counts, vocabulary, labels)
-    probs = conditional_probabilities(counts.double().cpu(), self_loops=self_loops, row_normalize=False).numpy()
+    # Eq. 8 on the chosen labels' block only (the same entries, without P^k's K n^2 at large n).
+    chosen = torch.tensor(index, dtype=torch.long, device=counts.device)
+    block = counts.index_select(1, chosen).index_select(2, chosen).double().cpu()  # (K, c, c)
+    probs = conditional_probabilities(block, self_loops=self_loops, row_normalize=False).numpy()
     names = [vocabulary[i] for i in index]
     paths = []
-    for k, matrix in enumerate(probs):
-        sub = matrix[np.ix_(index, index)]
+    for k, sub in enumerate(probs):
         size = 2.5 + 0.35 * len(index)
         fig, ax = plt.subplots(figsize=(size, size))
         image = ax.imshow(sub, vmin=0.0, vmax=1.0, cmap="viridis")

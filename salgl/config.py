@@ -130,6 +130,9 @@ class HeadConfig:
     # Sparse scene graphs: each row of P^k keeps its graph_top_k largest entries (memory O(K n k),
     # propagation O(T B n k d)); 0, or at least n, keeps the dense graph.
     graph_top_k: int = 0
+    # Storage of the (K, n, n) counts and their EMA copy: "float32" halves them (2.2 GiB each at
+    # K = 6, n = 10,000) and counts exactly up to 2^24 = 16,777,216 per entry (a warning past it).
+    count_dtype: str = "float64"
     phi_c: str = "mlp"  # "mlp": Linear-ReLU-Linear; "linear_tanh": Linear(2d, d) + Tanh (released)
     classifier_bias: bool = False  # released: per-label bias
     # Training targets for the scene classifier: "labels" = the posterior of a Bernoulli mixture
@@ -156,6 +159,7 @@ class HeadConfig:
         _at_least("graph_top_k", self.graph_top_k, 0)
         _choice("selection", self.selection, ("soft", "hard"))
         _choice("counting", self.counting, ("hard", "soft"))
+        _choice("count_dtype", self.count_dtype, ("float64", "float32"))
         _choice("message", self.message, ("out", "in", "both"))
         _choice("phi_c", self.phi_c, ("mlp", "linear_tanh"))
         _choice("scene_targets", self.scene_targets, ("labels", "none"))

@@ -1,29 +1,36 @@
 """Scene co-occurrence counts and the label graphs built from them (SALGL eq. 7-8, 12).
 
 Notation: B batch, n labels, K scenes, k neighbours kept per label in a sparse graph. Counts are
-float64 state (exact integers up to 2^53 and EMA-able), updated under no_grad and never part of
-the autograd graph.
+float64 state by default (exact integers up to 2^53 and EMA-able; ``model.head.count_dtype``
+float32 halves them), updated under no_grad and never part of the autograd graph. A batch's delta
+is built dense while that is small and as blocks over the labels that occur beyond
+(``batch_count_delta``), so counting costs O(B m^2) for m labels per image, not O(B K n^2).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, NamedTuple, Union
 
 import torch
 from torch import Tensor
 
-# A collective in flight: called, it waits for it and returns the summed (K, n, n) delta.
-PendingDelta = Callable[[], Tensor]
+# Eq. 7's summed delta: the dense (K, n, n) tensor, or ``BlockDelta`` (only the labels that occur).
+Delta = Union[Tensor, "BlockDelta"]
+# A collective in flight: called, it waits for it and returns the summed delta.
+PendingDelta = Callable[[], Delta]
 # Sums a batch's count delta over all workers. Takes the batch payload -- scene weights (B, K) and
-# multi-hot targets (B, n), both float64 -- and returns the (K, n, n) delta summed over workers, or
-# a ``PendingDelta`` for a collective it has only started: the head starts the sync as soon as the
-# scene probabilities exist and waits only where the counts are next read, so the collective runs
-# behind the attention (and, counting after use, the propagation and classifier). Passing the
-# payload rather than the delta lets a distributed implementation choose the cheaper collective
-# (gather the payload, or all-reduce the K n n delta; SPEC section 3).
-CountSync = Callable[[Tensor, Tensor], Union[Tensor, PendingDelta]]
+# multi-hot targets (B, n), both float64 -- and returns the delta summed over workers (a (K, n, n)
+# tensor or a ``BlockDelta``), or a ``PendingDelta`` for a collective it has only started: the head
+# starts the sync as soon as the scene probabilities exist and waits only where the counts are next
+# read, so the collective runs behind the attention (and, counting after use, the propagation and
+# classifier). Passing the payload rather than the delta lets a distributed implementation choose
+# the cheaper collective (gather the payload, or all-reduce the K n n delta; SPEC section 3).
+CountSync = Callable[[Tensor, Tensor], Union[Delta, PendingDelta]]
 
 DIAG_EPS = 1e-8  # released: P = C / (diag + 1e-8), so an unseen label's row is all zeros
+# Above this size of the dense (K, n, n) float64 delta, a batch's delta is built as ``BlockDelta``.
+DENSE_DELTA_BYTES = 16 * 2**20
 
 
 def count_delta(scene_weights: Tensor, targets: Tensor) -> Tensor:
@@ -38,14 +45,102 @@ def count_delta(scene_weights: Tensor, targets: Tensor) -> Tensor:
     return torch.einsum("bk,bi,bj->kij", w, y, y)  # (K, n, n)
 
 
-def local_count_delta(scene_weights: Tensor, targets: Tensor) -> Tensor:
+class CountBlock(NamedTuple):
+    """Part of eq. 7's delta: ``values[a, i, j]`` adds to C^{scenes[a]}[labels[i], labels[j]]."""
+
+    scenes: Tensor  # (s,) int64
+    labels: Tensor  # (l,) int64, distinct
+    values: Tensor  # (s, l, l) float64
+
+
+class BlockDelta(NamedTuple):
+    """Eq. 7's delta held as dense blocks over the labels that occur, so that its size follows the
+    batch (O(B m^2) for m labels per image when counting hard), not the vocabulary (K n^2).
+
+    Hard counting (0 / 1 scene weights) gives one block per scene that has images: the product of
+    that scene's label rows, with no factor K from a one-hot. Soft counting gives one block for every
+    weighted scene over the union of the batch's labels. Every index of a block is distinct, so
+    adding it to the counts is a plain gather and put: the same on every replica and every device.
+    """
+
+    blocks: tuple[CountBlock, ...]
+
+    def add_to(self, counts: Tensor) -> None:
+        """counts (K, n, n) += this delta, in place."""
+        for block in self.blocks:
+            scenes, labels = block.scenes.to(counts.device), block.labels.to(counts.device)
+            index = (scenes[:, None, None], labels[None, :, None], labels[None, None, :])
+            counts.index_put_(index, counts[index] + block.values.to(counts))
+
+    def dense(self, num_scenes: int, num_labels: int) -> Tensor:
+        """The (K, n, n) float64 tensor ``count_delta`` gives for the same batch."""
+        out = torch.zeros(num_scenes, num_labels, num_labels, dtype=torch.float64)
+        self.add_to(out)
+        return out
+
+
+def count_delta_blocks(scene_weights: Tensor, targets: Tensor) -> BlockDelta:
+    """Eq. 7 as ``BlockDelta``; equals ``count_delta`` (exactly for 0 / 1 weights and labels)."""
+    w = scene_weights.to(torch.float64)  # (B, K)
+    y = targets.to(torch.float64)  # (B, n)
+    if bool(((w == 0) | (w == 1)).all()):  # hard: each scene counts its own images' label rows
+        blocks = []
+        for scene in w.any(0).nonzero().flatten():
+            rows = y[w[:, scene] == 1]  # (b_k, n)
+            labels = rows.any(0).nonzero().flatten()  # (l_k,)
+            block = rows[:, labels]  # (b_k, l_k)
+            blocks.append(CountBlock(scene.reshape(1), labels, (block.T @ block).unsqueeze(0)))
+        return BlockDelta(tuple(blocks))
+    scenes = w.any(0).nonzero().flatten()  # (s,)
+    labels = (y * w.any(1, keepdim=True)).any(0).nonzero().flatten()  # (l,)
+    block = y[:, labels]  # (B, l)
+    values = torch.einsum("bk,bi,bj->kij", w[:, scenes], block, block)  # (s, l, l)
+    return BlockDelta((CountBlock(scenes, labels, values),))
+
+
+def batch_count_delta(scene_weights: Tensor, targets: Tensor) -> Delta:
+    """Eq. 7's delta in the cheaper form for its size: the dense (K, n, n) tensor while it is
+    small (``DENSE_DELTA_BYTES``; bit for bit what earlier versions counted), else ``BlockDelta``."""
+    num_scenes, num_labels = scene_weights.shape[-1], targets.shape[-1]
+    if 8 * num_scenes * num_labels * num_labels <= DENSE_DELTA_BYTES:
+        return count_delta(scene_weights, targets)
+    return count_delta_blocks(scene_weights, targets)
+
+
+def local_count_delta(scene_weights: Tensor, targets: Tensor) -> Delta:
     """The single-process ``CountSync``: nothing to sum across, the delta is the batch's own."""
-    return count_delta(scene_weights, targets)
+    return batch_count_delta(scene_weights, targets)
 
 
-def resolve_delta(delta: Tensor | PendingDelta) -> Tensor:
+def resolve_delta(delta: Delta | PendingDelta) -> Delta:
     """What a ``CountSync`` returned -> the summed delta (waiting for a pending collective)."""
-    return delta if isinstance(delta, Tensor) else delta()
+    return delta if isinstance(delta, (Tensor, BlockDelta)) else delta()
+
+
+FLOAT32_EXACT = 2**24  # float32 holds every integer up to here; past it, adding 1 may change nothing
+
+
+def warn_if_counts_inexact(counts: Tensor) -> bool:
+    """Warn (and return True) when float32 counts reach 2^24, past which counting stops being exact.
+
+    Reads the diagonal only (O(K n)): for y y^T counting C^k_ii is the largest entry of its row.
+    """
+    largest = float(torch.diagonal(counts, dim1=-2, dim2=-1).max()) if counts.numel() else 0.0
+    if largest < FLOAT32_EXACT:
+        return False
+    warnings.warn(
+        f"a float32 co-occurrence count reached {largest:.0f} >= 2^24: further counts may be rounded off; "
+        "set model.head.count_dtype=float64 for exact counts", RuntimeWarning, stacklevel=3,
+    )
+    return True
+
+
+def add_delta(counts: Tensor, delta: Delta) -> None:
+    """counts (K, n, n) += a summed delta in either form, in place."""
+    if isinstance(delta, BlockDelta):
+        delta.add_to(counts)
+    else:
+        counts.add_(delta.to(counts.device))
 
 
 def scene_weights_for_counting(scene_probs: Tensor, mode: str) -> Tensor:
@@ -66,7 +161,7 @@ def conditional_probabilities(
     """
     # Counting y y^T keeps C symmetric, so C_ji = C_ij; reading C^T as released keeps a loaded
     # checkpoint's (possibly asymmetric) counts giving exactly the released graph.
-    counts_t = counts.transpose(-2, -1)  # (K, n, n)
+    counts_t = counts.transpose(-2, -1).to(torch.float64)  # (K, n, n); no copy when already float64
     diag = torch.diagonal(counts_t, dim1=-2, dim2=-1).unsqueeze(-1)  # (K, n, 1)
     probs = counts_t / (diag + eps)  # (K, n, n)
     if not self_loops:

@@ -18,7 +18,10 @@ from torch import Tensor, nn
 from salgl.config import HeadConfig
 from salgl.graph import (
     CountSync,
+    Delta,
     PendingDelta,
+    add_delta,
+    warn_if_counts_inexact,
     SparseGraph,
     conditional_probabilities,
     local_count_delta,
@@ -54,7 +57,8 @@ def _settle_before_saving(head: "SALGLHead", prefix: str, keep_vars: bool) -> No
 class SALGLHead(nn.Module):
     """Semantic attention, scene detection, per-scene counts, gated propagation, classifier.
 
-    The label embeddings (n, d_L) and the counts (K, n, n, float64) are persistent buffers: both
+    The label embeddings (n, d_L) and the counts (K, n, n; float64, or float32 with
+    ``count_dtype``) are persistent buffers: both
     are saved in checkpoints, neither takes gradients. Fill the embeddings with
     ``salgl.model.load_label_embeddings`` (never done here, so construction stays cheap and pure).
     """
@@ -64,11 +68,12 @@ class SALGLHead(nn.Module):
         self.cfg = cfg
         self.register_buffer("label_embeddings", torch.zeros(num_labels, label_dim))  # (n, d_L)
         self.register_buffer(
-            "counts", torch.zeros(cfg.num_scenes, num_labels, num_labels, dtype=torch.float64)
+            "counts", torch.zeros(cfg.num_scenes, num_labels, num_labels, dtype=getattr(torch, cfg.count_dtype))
         )  # (K, n, n)
         # A count update left pending by ``forward(..., defer_count_update=True)``; every reader of
         # the counts here settles it first (``settle_counts``), and so does ``state_dict``.
-        self._pending_update: Tensor | PendingDelta | None = None
+        self._pending_update: Delta | PendingDelta | None = None
+        self._warned_inexact = False  # count_dtype float32 past 2^24: warned once
         # Neighbours kept per row of P^k (eq. 8); 0 = the dense graph (also for graph_top_k >= n).
         self.graph_top_k = cfg.graph_top_k if cfg.graph_top_k < num_labels else 0
         self.register_state_dict_pre_hook(_settle_before_saving)
@@ -142,7 +147,7 @@ class SALGLHead(nn.Module):
                 self.apply_count_update(pending)
         return HeadOutput(logits, scene_probs, alpha, graph)
 
-    def _detect_scenes(self, tokens: Tensor, targets: Tensor | None, sync: CountSync) -> tuple[Tensor, Tensor | PendingDelta | None]:
+    def _detect_scenes(self, tokens: Tensor, targets: Tensor | None, sync: CountSync) -> tuple[Tensor, Delta | PendingDelta | None]:
         """pi (B, K) (eq. 4-6) and the batch's count sync (eq. 7), started.
 
         The sync is waited for where the counts are next read: a distributed sync's collective runs
@@ -171,7 +176,7 @@ class SALGLHead(nn.Module):
         self.apply_count_update(self.start_count_update(scene_probs, targets, sync))
 
     @torch.no_grad()
-    def start_count_update(self, scene_probs: Tensor, targets: Tensor, sync: CountSync = local_count_delta) -> Tensor | PendingDelta:
+    def start_count_update(self, scene_probs: Tensor, targets: Tensor, sync: CountSync = local_count_delta) -> Delta | PendingDelta:
         """Eq. 7's batch payload -> ``sync`` (which may only start its collective)."""
         weights = scene_weights_for_counting(scene_probs, self.cfg.counting)  # (B, K) float64
         return sync(weights, targets.detach().to(torch.float64))
@@ -184,6 +189,9 @@ class SALGLHead(nn.Module):
             self.apply_count_update(pending)
 
     @torch.no_grad()
-    def apply_count_update(self, delta: Tensor | PendingDelta) -> None:
-        """C += the summed (K, n, n) delta, waiting for its collective if it is still in flight."""
-        self.counts.add_(resolve_delta(delta).to(self.counts.device))
+    def apply_count_update(self, delta: Delta | PendingDelta) -> None:
+        """C += the summed delta (dense, or blocks over the labels that occur), waiting for its
+        collective if it is still in flight."""
+        add_delta(self.counts, resolve_delta(delta))
+        if self.counts.dtype == torch.float32 and not self._warned_inexact:
+            self._warned_inexact = warn_if_counts_inexact(self.counts)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from salgl.graph import CountSync, PendingDelta, count_delta, resolve_delta
+from salgl.graph import CountSync, Delta, PendingDelta, batch_count_delta, count_delta, local_count_delta, resolve_delta
 
 
 class CountDivergenceError(RuntimeError):
@@ -48,10 +48,11 @@ def padded_payload(weights: Tensor, targets: Tensor, max_batch: int) -> Tensor:
     return payload
 
 
-def delta_from_payloads(flat: Tensor, num_scenes: int, num_labels: int) -> Tensor:
-    """Eq. 7's delta from every rank's ``padded_payload``, concatenated and flattened."""
+def delta_from_payloads(flat: Tensor, num_scenes: int, num_labels: int) -> Delta:
+    """Eq. 7's delta from every rank's ``padded_payload``, concatenated and flattened: dense while
+    small, else blocks over the labels that occur (``salgl.graph.batch_count_delta``)."""
     rows = flat.to(torch.float64).reshape(-1, num_scenes + num_labels)
-    return count_delta(rows[:, :num_scenes], rows[:, num_scenes:])
+    return batch_count_delta(rows[:, :num_scenes], rows[:, num_scenes:])
 
 
 def make_count_sync(max_batch: int) -> CountSync:
@@ -63,7 +64,7 @@ def make_count_sync(max_batch: int) -> CountSync:
     equal shapes, so short batches are padded with zero-weight rows, which count nothing.
     """
     if world().size == 1:
-        return count_delta
+        return local_count_delta
 
     def sync(weights: Tensor, targets: Tensor) -> PendingDelta:
         size = world().size
@@ -73,7 +74,7 @@ def make_count_sync(max_batch: int) -> CountSync:
             gathered = torch.empty(size * payload.numel(), dtype=payload.dtype, device=payload.device)
             work = dist.all_gather_single(gathered, payload.reshape(-1), async_op=True)
 
-            def summed_from_payloads() -> Tensor:
+            def summed_from_payloads() -> Delta:
                 work.wait()
                 return delta_from_payloads(gathered, num_scenes, num_labels)
 
@@ -118,7 +119,7 @@ class CountPiggyback:
         self._outgoing: Tensor | None = None  # this rank's slot of the block, flat
         self._summed: Tensor | None = None  # the block summed over ranks, after the backward
 
-    def sync(self, weights: Tensor, targets: Tensor) -> Tensor | PendingDelta:
+    def sync(self, weights: Tensor, targets: Tensor) -> Delta | PendingDelta:
         if not self.model.require_backward_grad_sync:  # inside DDP's no_sync()
             return self.standalone(weights, targets)
         w = world()
@@ -128,7 +129,7 @@ class CountPiggyback:
         block[w.rank] = payload
         self._outgoing, self._summed = block.reshape(-1), None
 
-        def summed_from_bucket() -> Tensor:
+        def summed_from_bucket() -> Delta:
             summed, self._outgoing, self._summed = self._summed, None, None
             if summed is None:  # no bucket was reduced this step
                 return resolve_delta(self.standalone(weights, targets))
@@ -174,11 +175,24 @@ def _all_gather_flat(tensor: Tensor) -> Tensor:
     return out
 
 
-def counts_fingerprint(counts: Tensor) -> Tensor:
-    """Two numbers that change with any entry: the plain sum and a position-weighted sum."""
-    flat = counts.detach().reshape(-1).to(torch.float64)
-    positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-    return torch.stack([flat.sum(), (flat * positions.remainder(9973).add(1)).sum()])
+# Entries of the counts read per block by ``counts_fingerprint`` (16 MiB of float64).
+FINGERPRINT_BLOCK = 2**21
+
+
+def counts_fingerprint(counts: Tensor, block: int = FINGERPRINT_BLOCK) -> Tensor:
+    """Two numbers that change with any entry: the plain sum and a position-weighted sum.
+
+    Read block by block, so the check needs O(block) memory besides the counts, not copies of all
+    K n^2 of them (at n = 10,000 and K = 6 those would be gigabytes). Every rank reads the same
+    blocks in the same order, so equal counts give bit-equal fingerprints.
+    """
+    flat = counts.detach().reshape(-1)
+    total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), block):
+        part = flat[start : start + block].to(torch.float64)
+        positions = torch.arange(start + 1, start + 1 + part.numel(), dtype=torch.float64, device=flat.device)
+        total += torch.stack([part.sum(), (part * positions.remainder(9973).add(1)).sum()])
+    return total
 
 
 @torch.no_grad()
