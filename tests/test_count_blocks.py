@@ -84,6 +84,7 @@ def test_the_fingerprint_reads_in_blocks_and_sees_any_entry() -> None:
     counts = torch.randint(0, 50, (K, N, N)).double()
     whole = counts_fingerprint(counts, block=counts.numel())
     assert torch.equal(counts_fingerprint(counts, block=37), whole)  # small integers: exact in any order
+    assert whole[0] == counts.sum()
     for index in [(0, 0, 0), (K - 1, N - 1, N - 1), (1, 5, 6)]:
         moved = counts.clone()
         moved[index] += 1

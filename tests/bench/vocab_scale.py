@@ -1,7 +1,7 @@
 """Vocabulary scale: the head's forward + backward from n = 80 to 10,000 labels (issue #28).
 
     .venv/bin/python -m tests.bench.vocab_scale [--out bench_out/vocab_scale.json] [--labels 80 500 ...]
-        [--top-k 16] [--batch 8] [--token-dim 512] [--cap-s 300] [--mem-gib 16] [--quick]
+        [--top-k 16] [--batch 8] [--token-dim 512] [--count-dtype float64] [--cap-s 300] [--mem-gib 16] [--quick]
 
 Three variants at each n, the `official` preset's head (token encoder, messages "both", hard
 selection and counting, count before use, row-normalised P, self loops):
@@ -72,6 +72,7 @@ class Scale:
     top_k: int = 16  # k, the sparse variant's graph_top_k
     labels_per_image: int = 4
     images: int = 2000  # counted before the step
+    count_dtype: str = "float64"  # model.head.count_dtype of ours (dense and sparse)
 
 
 ISSUE = Scale(batch=32, token_dim=2048, label_dim=768, attn_dim=1024, ffn=2048)
@@ -131,7 +132,8 @@ def build_variant(name: str, n: int, scale: Scale, seed: int) -> Variant:
     from salgl.head import SALGLHead
 
     cfg = replace(preset("official").model.head, num_scenes=scale.scenes, steps=scale.steps, attn_dim=scale.attn_dim,
-                  attn_hidden=scale.attn_dim, encoder_ffn=scale.ffn, graph_top_k=scale.top_k if name == "sparse" else 0)
+                  attn_hidden=scale.attn_dim, encoder_ffn=scale.ffn, graph_top_k=scale.top_k if name == "sparse" else 0,
+                  count_dtype=scale.count_dtype)
     head = SALGLHead(cfg, num_labels=n, token_dim=scale.token_dim, label_dim=scale.label_dim)
     head.label_embeddings.normal_()
     head.counts.copy_(counts)
@@ -235,7 +237,7 @@ def computed(n: int, scale: Scale) -> dict[str, float]:
     """Sizes that need no run: count state and sync, the released attention tensor, the dense graph."""
     k = scale.scenes
     return {
-        "counts_gib": 8 * k * n * n / 2**30,  # float64 counts (the EMA copy as much again)
+        "counts_gib": (4 if scale.count_dtype == "float32" else 8) * k * n * n / 2**30,  # counts (the EMA copy as much again)
         "dense_delta_allreduce_mib": 8 * k * n * n / 2**20,
         "payload_gather_mib_per_worker": 8 * scale.batch * (k + n) / 2**20,
         "payload_gather_mib_per_worker_issue_b": 8 * ISSUE.batch * (k + n) / 2**20,
@@ -304,6 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, help=f"the sparse variant's k (default {Scale.top_k})")
     parser.add_argument("--batch", type=int, help=f"B (default {Scale.batch})")
     parser.add_argument("--token-dim", type=int, help=f"d (default {Scale.token_dim})")
+    parser.add_argument("--count-dtype", choices=("float64", "float32"), help="ours: model.head.count_dtype (default float64)")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps after the warm-up, as the cap allows")
     parser.add_argument("--cap-s", type=float, default=300.0, help="wall-clock cap per (n, variant), build included")
     parser.add_argument("--mem-gib", type=float, default=16.0, help="address space allowed above the idle process")
@@ -322,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         worker(args.worker, args.n, Scale(**json.loads(args.scale)), args, Path(args.result))
         return {}
     scale = QUICK if args.quick else Scale()
-    scale = replace(scale, **{k: v for k, v in (("top_k", args.top_k), ("batch", args.batch), ("token_dim", args.token_dim)) if v})
+    scale = replace(scale, **{k: v for k, v in (("top_k", args.top_k), ("batch", args.batch), ("token_dim", args.token_dim),
+                                                       ("count_dtype", args.count_dtype)) if v})
     print(f"sizes: {scale}", file=sys.stderr, flush=True)
     rep = run_all(args, scale)
     if rep["growth"]:
