@@ -91,7 +91,11 @@ class SALGLHead(nn.Module):
             token_dim, label_dim, attn_dim=cfg.attn_dim, hidden_dim=cfg.attn_hidden, chunk_mb=cfg.attn_chunk_mb
         )
         # T = 0 builds no propagation: weights that take no part in the loss would stop DDP.
-        self.propagation = GatedPropagation(token_dim, steps=cfg.steps, message=cfg.message) if cfg.steps > 0 else None
+        self.propagation = (
+            GatedPropagation(token_dim, steps=cfg.steps, message=cfg.message, recompute=cfg.recompute_propagation)
+            if cfg.steps > 0
+            else None
+        )
         # With T = 0 there is no h^T to concatenate (released: Phi_c then takes f alone).
         self.phi_c = build_phi_c(2 * token_dim if cfg.steps > 0 else token_dim, token_dim, cfg.phi_c)
         self.classifier = PerLabelClassifier(num_labels, token_dim, bias=cfg.classifier_bias)

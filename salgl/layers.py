@@ -11,6 +11,7 @@ import math
 from typing import Any, Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -200,10 +201,13 @@ class GatedPropagation(nn.Module):
     W1..W3 run as one (in, 3d) matmul and U1, U2 as one (d, 2d) matmul: same maths, fewer passes.
     """
 
-    def __init__(self, dim: int, *, steps: int, message: str) -> None:
+    def __init__(self, dim: int, *, steps: int, message: str, recompute: bool = False) -> None:
         super().__init__()
         self.steps = steps
         self.message = message
+        # Activation checkpointing per step: the backward keeps each h^t and recomputes that step's
+        # messages and gates, instead of keeping all T steps' (about ten (B, n, d) tensors each).
+        self.recompute = recompute
         in_dim = 2 * dim if message == "both" else dim
         self.input_proj = nn.Linear(in_dim, 3 * dim)  # [W1; W2; W3]
         self.hidden_gates = nn.Linear(dim, 2 * dim)  # [U1; U2]
@@ -211,9 +215,17 @@ class GatedPropagation(nn.Module):
 
     def forward(self, h: Tensor, graph: Tensor | SparseGraph) -> Tensor:
         """h (B, n, d), graph (B, n, n) or its sparse form (``SparseGraph``) -> h^T (B, n, d)."""
+        recompute = self.recompute and torch.is_grad_enabled()
         for _ in range(self.steps):
-            h = self.update(self.gather(h, graph), h)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(self.step, h, graph, use_reentrant=False)
+            else:
+                h = self.step(h, graph)
         return h
+
+    def step(self, h: Tensor, graph: Tensor | SparseGraph) -> Tensor:
+        """One step of eq. 13-14: h^{t-1} (B, n, d) -> h^t (B, n, d)."""
+        return self.update(self.gather(h, graph), h)
 
     def gather(self, h: Tensor, graph: Tensor | SparseGraph) -> Tensor:
         if isinstance(graph, SparseGraph):

@@ -1,7 +1,7 @@
 """Vocabulary scale: the head's forward + backward from n = 80 to 10,000 labels (issue #28).
 
     .venv/bin/python -m tests.bench.vocab_scale [--out bench_out/vocab_scale.json] [--labels 80 500 ...]
-        [--top-k 16] [--batch 8] [--token-dim 512] [--count-dtype float64] [--cap-s 300] [--mem-gib 16] [--quick]
+        [--top-k 16] [--batch 8] [--token-dim 512] [--count-dtype float64] [--recompute] [--cap-s 300] [--mem-gib 16] [--quick]
 
 Three variants at each n, the `official` preset's head (token encoder, messages "both", hard
 selection and counting, count before use, row-normalised P, self loops):
@@ -73,6 +73,7 @@ class Scale:
     labels_per_image: int = 4
     images: int = 2000  # counted before the step
     count_dtype: str = "float64"  # model.head.count_dtype of ours (dense and sparse)
+    recompute: bool = False  # model.head.recompute_propagation of ours
 
 
 ISSUE = Scale(batch=32, token_dim=2048, label_dim=768, attn_dim=1024, ffn=2048)
@@ -133,7 +134,7 @@ def build_variant(name: str, n: int, scale: Scale, seed: int) -> Variant:
 
     cfg = replace(preset("official").model.head, num_scenes=scale.scenes, steps=scale.steps, attn_dim=scale.attn_dim,
                   attn_hidden=scale.attn_dim, encoder_ffn=scale.ffn, graph_top_k=scale.top_k if name == "sparse" else 0,
-                  count_dtype=scale.count_dtype)
+                  count_dtype=scale.count_dtype, recompute_propagation=scale.recompute)
     head = SALGLHead(cfg, num_labels=n, token_dim=scale.token_dim, label_dim=scale.label_dim)
     head.label_embeddings.normal_()
     head.counts.copy_(counts)
@@ -307,6 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help=f"B (default {Scale.batch})")
     parser.add_argument("--token-dim", type=int, help=f"d (default {Scale.token_dim})")
     parser.add_argument("--count-dtype", choices=("float64", "float32"), help="ours: model.head.count_dtype (default float64)")
+    parser.add_argument("--recompute", action="store_true", help="ours: model.head.recompute_propagation=true")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps after the warm-up, as the cap allows")
     parser.add_argument("--cap-s", type=float, default=300.0, help="wall-clock cap per (n, variant), build included")
     parser.add_argument("--mem-gib", type=float, default=16.0, help="address space allowed above the idle process")
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     scale = QUICK if args.quick else Scale()
     scale = replace(scale, **{k: v for k, v in (("top_k", args.top_k), ("batch", args.batch), ("token_dim", args.token_dim),
-                                                       ("count_dtype", args.count_dtype)) if v})
+                                                       ("count_dtype", args.count_dtype), ("recompute", args.recompute)) if v})
     print(f"sizes: {scale}", file=sys.stderr, flush=True)
     rep = run_all(args, scale)
     if rep["growth"]:
