@@ -134,7 +134,7 @@ class HeadConfig:
     # K = 6, n = 10,000) and counts exactly up to 2^24 = 16,777,216 per entry (a warning past it).
     count_dtype: str = "float64"
     # Activation checkpointing of the propagation (eq. 13-14): the backward keeps only h^t per step
-    # and recomputes the step's messages and gates, for about one more propagation forward of time.
+    # and recomputes the step's messages and gates (less memory, more time: docs/training.md).
     recompute_propagation: bool = False
     phi_c: str = "mlp"  # "mlp": Linear-ReLU-Linear; "linear_tanh": Linear(2d, d) + Tanh (released)
     classifier_bias: bool = False  # released: per-label bias
