@@ -332,11 +332,28 @@ def sparse_messages(h: Tensor, graph: SparseGraph, *, transpose: bool) -> Tensor
         out = nn.functional.embedding_bag(flat.view(batch * n, k), rows, mode="sum", per_sample_weights=weight.view(batch * n, k))
         return out.view(batch, n, dim)
     # Transposed, row j's bag holds the entries pointing at j: the entries sorted by column (CSR of P^T).
-    order = flat.argsort(stable=True)  # (B n k,)
-    sizes = torch.bincount(flat, minlength=batch * n)  # (B n,) entries per column
+    order, sizes = _column_order(graph.index, batch, n)  # (B n k,), (B n,) entries per column
     offsets = sizes.cumsum(0) - sizes
     out = nn.functional.embedding_bag(order // k, rows, offsets, mode="sum", per_sample_weights=weight[order])
     return out.view(batch, n, dim)
+
+
+def _column_order(index: Tensor, batch: int, n: int) -> tuple[Tensor, Tensor]:
+    """The entries of a (B, n, k) sparse index sorted by (image, column), stably, and the number of
+    entries per (image, column): the CSR of P^T that ``sparse_messages`` sends messages along.
+
+    An index shared by the batch (an expanded view, as soft selection gives) is sorted once, not B
+    times: image b's entries sort as image 0's, offset by b n k.
+    """
+    k = index.shape[-1]
+    if batch > 1 and index.stride(0) == 0:
+        shared = index[0].reshape(-1)  # (n k,)
+        order = shared.argsort(stable=True)  # (n k,)
+        steps = torch.arange(batch, device=index.device).view(batch, 1)
+        sizes = torch.bincount(shared, minlength=n)  # (n,)
+        return (order.unsqueeze(0) + steps * (n * k)).reshape(-1), sizes.repeat(batch)
+    flat = (index + torch.arange(batch, device=index.device).view(batch, 1, 1) * n).reshape(-1)  # (B n k,)
+    return flat.argsort(stable=True), torch.bincount(flat, minlength=batch * n)
 
 
 class PerLabelClassifier(nn.Module):

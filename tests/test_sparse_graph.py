@@ -174,3 +174,12 @@ def test_default_and_k_at_least_n_keep_the_dense_graph() -> None:
 def test_negative_top_k_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="graph_top_k"):
         validate(HeadConfig(graph_top_k=-1))
+
+
+def test_a_shared_index_is_sorted_once_and_gives_the_per_image_order() -> None:
+    from salgl.layers import _column_order
+
+    shared = torch.randint(0, N, (N, 7)).expand(4, N, 7)  # soft selection's index: one view for the batch
+    order, sizes = _column_order(shared, 4, N)
+    expected_order, expected_sizes = _column_order(shared.contiguous(), 4, N)
+    assert torch.equal(order, expected_order) and torch.equal(sizes, expected_sizes)
