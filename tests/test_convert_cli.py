@@ -73,6 +73,13 @@ def test_prepare_generic_named_splits(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
+def _terminal_signals() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_a_stopped_prepare_leaves_no_temporary_folder(stop: str, tmp_path: Path) -> None:
     """SIGTERM (timeout, schedulers), SIGHUP and Ctrl-C all remove the staging folder, and exit 130."""
@@ -87,9 +94,9 @@ def test_a_stopped_prepare_leaves_no_temporary_folder(stop: str, tmp_path: Path)
         [sys.executable, "-m", "jobs.cli", "prepare", "mosaic", "--out", str(data / "m"), "--fashion-mnist", str(fake),
          "--train", "100000", "--test", "10", "--canvas", "32", "--shard-rows", "16", "--no-progress"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # Ctrl-C as in a terminal: a test run in the background hands its children SIGINT ignored,
-        # and Python keeps an ignored SIGINT ignored.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        # Ctrl-C and hang-up as in a terminal: a test run in the background hands its children
+        # SIGINT ignored (and under nohup SIGHUP too), and an ignored signal stays ignored.
+        preexec_fn=_terminal_signals,
     )
     while not list(data.glob(".m.tmp-*/train/*")):  # stop it once it is writing shards
         assert proc.poll() is None, proc.communicate()
