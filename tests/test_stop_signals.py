@@ -18,7 +18,11 @@ STOPS = pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["s
 
 @pytest.fixture(autouse=True)
 def handlers_restored():
+    """Each test starts with SIGHUP at its default, as in a terminal (a suite run under nohup
+    inherits it ignored, and an ignored signal is kept ignored by design), and leaves the handlers
+    as it found them."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
