@@ -326,9 +326,9 @@ def sparse_messages(h: Tensor, graph: SparseGraph, *, transpose: bool) -> Tensor
     batch, n, dim = h.shape
     k = graph.index.shape[-1]
     rows = h.reshape(batch * n, dim)  # (B n, d): image b's label j is row b n + j
-    flat = (graph.index + torch.arange(batch, device=h.device).view(batch, 1, 1) * n).reshape(-1)  # (B n k,)
     weight = graph.weight.reshape(-1).to(h.dtype)  # (B n k,)
     if not transpose:  # row i's bag: its k neighbours
+        flat = (graph.index + torch.arange(batch, device=h.device).view(batch, 1, 1) * n).reshape(-1)  # (B n k,)
         out = nn.functional.embedding_bag(flat.view(batch * n, k), rows, mode="sum", per_sample_weights=weight.view(batch * n, k))
         return out.view(batch, n, dim)
     # Transposed, row j's bag holds the entries pointing at j: the entries sorted by column (CSR of P^T).
