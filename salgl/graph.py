@@ -94,7 +94,7 @@ def count_delta_blocks(scene_weights: Tensor, targets: Tensor) -> BlockDelta:
     scenes = w.any(0).nonzero().flatten()  # (s,)
     labels = (y * w.any(1, keepdim=True)).any(0).nonzero().flatten()  # (l,)
     block = y[:, labels]  # (B, l)
-    values = torch.einsum("bk,bi,bj->kij", w[:, scenes], block, block)  # (s, l, l)
+    values = count_delta(w[:, scenes], block)  # (s, l, l): eq. 7 on the weighted scenes and occurring labels
     return BlockDelta((CountBlock(scenes, labels, values),))
 
 
